@@ -1,0 +1,272 @@
+//! `GlobalRetentionPolicy`: repository-wide retention that runs on its own schedule, independent
+//! of any ResticBackup: one `restic forget` per policy (snapshots selected by tags and hostname),
+//! then optionally one `restic prune`. Status carries the last run, sizes before and after, and
+//! the number of snapshots removed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    ActiveRun, Condition, GroupBy, KeepPolicy, Notifications, RepositoryReference, RunResult,
+    SCHEDULE_MESSAGE, SCHEDULE_RULE, default_group_by, group_by_args,
+};
+
+/// Repository-wide retention on a schedule.
+// Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "backup.resticbackup.io",
+    version = "v1alpha1",
+    kind = "GlobalRetentionPolicy",
+    namespaced,
+    status = "GlobalRetentionPolicyStatus",
+    shortname = "grp",
+    category = "restic",
+    doc = "Retention for a whole repository on its own schedule: restic forget per policy (snapshots selected by tags and hostname), then optionally prune.",
+    printcolumn(
+        name = "Schedule",
+        type_ = "string",
+        json_path = ".spec.schedule",
+        description = "Cron schedule"
+    ),
+    printcolumn(
+        name = "Last Result",
+        type_ = "string",
+        json_path = ".status.lastRunResult",
+        description = "Result of the last run"
+    ),
+    printcolumn(
+        name = "Last Run",
+        type_ = "date",
+        json_path = ".status.lastRun",
+        description = "When the last run started",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Removed",
+        type_ = "integer",
+        json_path = ".status.snapshotsRemoved",
+        description = "Snapshots the last run removed",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Next Run",
+        type_ = "string",
+        json_path = ".status.nextRun",
+        description = "When the next scheduled run starts"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRetentionPolicySpec {
+    /// The ResticRepository to apply retention to. It may be in another namespace if it allows
+    /// this one (`spec.allowedNamespaces` of the repository).
+    pub repository_ref: RepositoryReference,
+    /// When retention runs, as a five-field cron expression, e.g. `20 1 * * 0` (Sundays at
+    /// 1:20 AM), or a macro such as `@weekly`.
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new(SCHEDULE_RULE).message(SCHEDULE_MESSAGE))]
+    pub schedule: String,
+    /// IANA time zone the schedule is read in, e.g. `Europe/Berlin`. Default: UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Retention rules, each applied with its own `restic forget` to the snapshots its selector
+    /// matches. Snapshots no policy selects are left alone.
+    #[schemars(length(min = 1))]
+    pub policies: Vec<RetentionPolicyRule>,
+    /// Snapshot properties each policy is applied per group of (`restic forget --group-by`):
+    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`.
+    #[serde(default = "default_group_by")]
+    pub group_by: Vec<GroupBy>,
+    /// Run `restic prune` after all forget operations to free space. Default: false.
+    #[serde(default)]
+    pub prune: bool,
+    /// Where to report each run's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
+    /// Suspend scheduling. Manual triggers still run. Default: false.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Run retention now: set to any new value (a timestamp works well) and the operator runs
+    /// once outside the schedule, then records the value in `status.lastManualTrigger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual_trigger: Option<String>,
+}
+
+/// One retention rule: which snapshots, and how many of them to keep.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionPolicyRule {
+    /// Which snapshots this rule applies to. An empty selector selects every snapshot.
+    #[serde(default)]
+    pub selector: SnapshotFilter,
+    /// How many of the selected snapshots to keep (restic forget `--keep-*`).
+    pub retention: KeepPolicy,
+}
+
+/// Selects snapshots by tags and hostname (restic `--tag` and `--host`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotFilter {
+    /// Only snapshots that have all of these tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Only snapshots of this hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl SnapshotFilter {
+    /// restic snapshot filter arguments: `--tag a,b` (all tags) and `--host h`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if !self.tags.is_empty() {
+            args.extend(["--tag".to_owned(), self.tags.join(",")]);
+        }
+        if let Some(host) = self.hostname.as_ref().filter(|h| !h.is_empty()) {
+            args.extend(["--host".to_owned(), host.clone()]);
+        }
+        args
+    }
+}
+
+impl RetentionPolicyRule {
+    /// `restic forget` arguments for this rule: snapshot filter, keep options, `--group-by`.
+    pub fn to_forget_args(&self, group_by: &[GroupBy]) -> Vec<String> {
+        let mut args = self.selector.to_args();
+        args.extend(self.retention.to_forget_args());
+        args.extend(group_by_args(group_by));
+        args
+    }
+}
+
+/// Observed state of a GlobalRetentionPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRetentionPolicyStatus {
+    /// Conditions: `Ready` (last run succeeded), `RepositoryReady`, `Progressing` (a run is in
+    /// flight), `Degraded` (last run failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// `metadata.generation` of the spec this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the last run started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<Time>,
+    /// Result of the last run: `Succeeded`, `Failed` or `PartiallyFailed` (some policies
+    /// failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_result: Option<RunResult>,
+    /// How long the last run took, e.g. `15m30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_duration: Option<String>,
+    /// What happened in the last run, for a person (the error on failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Repository size before the last run, for people, e.g. `150.2 GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_size_before: Option<String>,
+    /// Repository size before the last run, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_size_before_bytes: Option<i64>,
+    /// Repository size after the last run, for people, e.g. `142.8 GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_size_after: Option<String>,
+    /// Repository size after the last run, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_size_after_bytes: Option<i64>,
+    /// Snapshots the last run removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots_removed: Option<i64>,
+    /// Snapshots left in the repository after the last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots_after_retention: Option<i64>,
+    /// When the next scheduled run starts (absent while suspended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<Time>,
+    /// The scheduled time of the most recent scheduled run the operator started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+    /// The `spec.manualTrigger` value the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_manual_trigger: Option<String>,
+    /// The run in flight, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_run: Option<ActiveRun>,
+}
+
+impl GlobalRetentionPolicy {
+    /// `restic forget` arguments, one list per policy, in the order written.
+    pub fn forget_invocations(&self) -> Vec<Vec<String>> {
+        self.spec
+            .policies
+            .iter()
+            .map(|p| p.to_forget_args(&self.spec.group_by))
+            .collect()
+    }
+
+    /// The `spec.manualTrigger` value that still has to be run, if any.
+    pub fn pending_manual_trigger(&self) -> Option<&str> {
+        let wanted = self.spec.manual_trigger.as_deref().filter(|t| !t.is_empty())?;
+        let handled = self
+            .status
+            .as_ref()
+            .and_then(|s| s.last_manual_trigger.as_deref());
+        (handled != Some(wanted)).then_some(wanted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_policy_becomes_one_forget_with_its_filter_and_the_shared_grouping() {
+        let spec: GlobalRetentionPolicySpec = serde_yaml::from_str(
+            "
+repositoryRef: {name: repo}
+schedule: '20 1 * * 0'
+policies:
+  - selector: {tags: [emby]}
+    retention: {keepDaily: 7, keepLast: 4, keepMonthly: 0}
+  - selector: {tags: [a, b], hostname: mariadb}
+    retention: {keepWeekly: 2}
+",
+        )
+        .unwrap();
+        let policy = GlobalRetentionPolicy::new("weekly-cleanup", spec);
+        assert_eq!(
+            policy.forget_invocations(),
+            vec![
+                vec![
+                    "--tag",
+                    "emby",
+                    "--keep-last",
+                    "4",
+                    "--keep-daily",
+                    "7",
+                    "--group-by",
+                    "host,tags"
+                ],
+                vec![
+                    "--tag",
+                    "a,b",
+                    "--host",
+                    "mariadb",
+                    "--keep-weekly",
+                    "2",
+                    "--group-by",
+                    "host,tags"
+                ],
+            ]
+        );
+        assert!(!policy.spec.prune);
+        assert_eq!(policy.pending_manual_trigger(), None);
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages the build and tests need, from Debian. Skips apt entirely when present.
+set -euo pipefail
+need=()
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v python3 >/dev/null || need+=(python3)
+command -v protoc >/dev/null || need+=(protobuf-compiler)   # tonic/prost code generation
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[install-deps] installing ${need[*]} from Debian" >&2
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+fi
+# Go builds the test infrastructure from the module proxy; Kubernetes 1.34 needs Go >= 1.24
+# (a newer toolchain is fetched from the proxy by GOTOOLCHAIN=auto when the go.mod asks for it).
+if ! command -v go >/dev/null; then
+  echo "[install-deps] Go >= 1.21 is required to build the test infrastructure (found none)" >&2
+  exit 1
+fi

@@ -1,0 +1,92 @@
+//! A real S3 server on loopback: Versity's S3 gateway over a POSIX directory, the same binary
+//! people run in production in front of file systems.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::process::{Process, free_port};
+use crate::tools::tool;
+
+/// Credentials and address of a running S3 server.
+#[derive(Clone, Debug)]
+pub struct S3Endpoint {
+    /// `http://127.0.0.1:<port>`
+    pub url: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+}
+
+impl S3Endpoint {
+    /// A restic repository URL for `bucket`/`prefix` on this server (restic creates the bucket).
+    pub fn repository(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3:{}/{bucket}/{prefix}", self.url)
+    }
+
+    /// The environment restic reads for S3 credentials.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
+            ("AWS_DEFAULT_REGION".into(), self.region.clone()),
+        ]
+    }
+}
+
+pub struct S3Server {
+    pub endpoint: S3Endpoint,
+    pub root: PathBuf,
+    _process: Process,
+}
+
+impl S3Server {
+    pub fn start(dir: &Path) -> Result<Self> {
+        let root = dir.join("s3-data");
+        let sidecar = dir.join("s3-metadata");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&sidecar)?;
+        let port = free_port()?;
+        let endpoint = S3Endpoint {
+            url: format!("http://127.0.0.1:{port}"),
+            access_key: "e2e-access-key".into(),
+            secret_key: format!("e2e-secret-{}", std::process::id()),
+            region: "us-east-1".into(),
+        };
+        let args: Vec<String> = vec![
+            "--port".into(),
+            format!("127.0.0.1:{port}"),
+            "--access".into(),
+            endpoint.access_key.clone(),
+            "--secret".into(),
+            endpoint.secret_key.clone(),
+            "--region".into(),
+            endpoint.region.clone(),
+            "--quiet".into(),
+            "posix".into(),
+            // Metadata beside the data instead of in xattrs: not every file system under a
+            // temp dir supports user xattrs.
+            "--sidecar".into(),
+            sidecar.display().to_string(),
+            root.display().to_string(),
+        ];
+        let mut process = Process::spawn("versitygw", &tool("versitygw")?, &args, dir)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            process.check_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "S3 server did not listen on {port} within 30s:\n{}",
+                    process.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            endpoint,
+            root,
+            _process: process,
+        })
+    }
+}
