@@ -14,6 +14,7 @@
 
 pub mod certs;
 pub mod controlplane;
+pub mod fixtures;
 pub mod process;
 pub mod s3;
 pub mod tools;
@@ -33,6 +34,21 @@ use kube::{Api, Client, Config};
 use crate::controlplane::ControlPlane;
 use crate::s3::{S3Endpoint, S3Server};
 
+/// A restic repository in its own bucket on the shared S3 server, for tests without a cluster.
+pub fn s3_repository(bucket: &str, name: &str) -> ResticRepo {
+    let s3 = shared_s3().endpoint.clone();
+    ResticRepo {
+        url: s3.repository(bucket, name),
+        password: format!("password-of-{bucket}-{name}"),
+        s3,
+    }
+}
+
+/// A unique, DNS-safe id (`e-<name>-<pid>-<n>`), valid as a namespace and a bucket name.
+pub fn unique_name(name: &str) -> String {
+    unique_id(name)
+}
+
 /// Environment variable naming a kubeconfig of an existing cluster to test against.
 pub const EXTERNAL_KUBECONFIG_ENV: &str = "RESTIC_OPERATOR_E2E_KUBECONFIG";
 /// Label on every namespace a test creates.
@@ -44,9 +60,32 @@ pub struct TestEnv {
     pub kubeconfig: PathBuf,
     /// The local control plane, unless an external cluster is used.
     pub control_plane: Option<ControlPlane>,
-    pub s3: S3Server,
+    pub s3: &'static S3Server,
     /// Scratch space of this test binary (logs of the control plane and S3 server live here).
     pub state_dir: PathBuf,
+}
+
+/// Scratch space of this test binary: `/tmp/restic-operator-e2e/<pid>`, with the state of
+/// earlier runs whose process is gone removed.
+pub fn state_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::env::temp_dir().join("restic-operator-e2e");
+        remove_stale_state(&base);
+        let dir = base.join(std::process::id().to_string());
+        std::fs::create_dir_all(&dir).expect("create the test state dir");
+        dir
+    })
+}
+
+/// The S3 server shared by the tests of this binary (without a control plane: the agent's
+/// tests need only this). Panics with the reason if it cannot start.
+pub fn shared_s3() -> &'static S3Server {
+    static S3: OnceLock<std::result::Result<S3Server, String>> = OnceLock::new();
+    match S3.get_or_init(|| S3Server::start(state_dir()).map_err(|e| format!("{e:#}"))) {
+        Ok(s3) => s3,
+        Err(e) => panic!("the S3 server could not start: {e}"),
+    }
 }
 
 impl TestEnv {
@@ -60,11 +99,8 @@ impl TestEnv {
     }
 
     fn start() -> Result<Self> {
-        let base = std::env::temp_dir().join("restic-operator-e2e");
-        remove_stale_state(&base);
-        let state_dir = base.join(std::process::id().to_string());
-        std::fs::create_dir_all(&state_dir)?;
-        let s3 = S3Server::start(&state_dir).context("start the S3 server")?;
+        let state_dir = state_dir().to_path_buf();
+        let s3 = shared_s3();
         let (kubeconfig, control_plane) = match std::env::var_os(EXTERNAL_KUBECONFIG_ENV) {
             Some(path) => (PathBuf::from(path), None),
             None => {

@@ -1,9 +1,6 @@
 //! The test environment itself behaves like a real cluster: CRDs, garbage collection, RBAC,
 //! and restic against the S3 server.
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -15,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, DynamicObject, ObjectMeta, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Api, Resource, ResourceExt};
+use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree};
 use restic_operator_e2e::{TestContext, eventually, install_crds};
 
 #[tokio::test]
@@ -245,65 +243,4 @@ fn run(cmd: &mut std::process::Command) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Files with distinct contents, modes and mtimes, an empty file, a subdirectory and a symlink.
-fn make_tree(root: &Path) -> Result<()> {
-    std::fs::create_dir_all(root.join("sub"))?;
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(root.join("big.bin"), &big)?;
-    std::fs::write(root.join("empty"), b"")?;
-    std::fs::write(root.join("sub/script.sh"), b"#!/bin/sh\necho hi\n")?;
-    std::fs::set_permissions(root.join("sub/script.sh"), std::fs::Permissions::from_mode(0o750))?;
-    std::fs::write(root.join("sub/private"), b"secret")?;
-    std::fs::set_permissions(root.join("sub/private"), std::fs::Permissions::from_mode(0o600))?;
-    symlink("sub/script.sh", root.join("link"))?;
-    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    std::fs::File::options()
-        .write(true)
-        .open(root.join("big.bin"))?
-        .set_modified(old)?;
-    Ok(())
-}
-
-/// Compares content, mode, mtime and symlink targets of two trees.
-fn assert_trees_equal(a: &Path, b: &Path) -> Result<()> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, i64, Vec<u8>)>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            let rel = path.strip_prefix(root)?.display().to_string();
-            let content = if meta.file_type().is_symlink() {
-                std::fs::read_link(&path)?.into_os_string().into_encoded_bytes()
-            } else if meta.is_file() {
-                std::fs::read(&path)?
-            } else {
-                Vec::new()
-            };
-            let mtime = if meta.is_dir() { 0 } else { meta.mtime() };
-            out.insert(rel, (meta.mode(), mtime, content));
-            if meta.is_dir() {
-                walk(root, &path, out)?;
-            }
-        }
-        Ok(())
-    }
-    let (mut ta, mut tb) = (BTreeMap::new(), BTreeMap::new());
-    walk(a, a, &mut ta)?;
-    walk(b, b, &mut tb)?;
-    ensure!(
-        ta.keys().eq(tb.keys()),
-        "different files: {:?} vs {:?}",
-        ta.keys(),
-        tb.keys()
-    );
-    for (k, va) in &ta {
-        let vb = &tb[k];
-        ensure!(va.0 == vb.0, "{k}: mode {:o} vs {:o}", va.0, vb.0);
-        ensure!(va.1 == vb.1, "{k}: mtime {} vs {}", va.1, vb.1);
-        ensure!(va.2 == vb.2, "{k}: content differs");
-    }
-    Ok(())
 }

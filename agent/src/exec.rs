@@ -1,0 +1,315 @@
+//! Running one restic process: in its sandbox and cgroup, with the repository's credentials in
+//! its environment only, its `--json` output turned into throttled typed events, and cancel or
+//! shutdown stopping it with SIGTERM and then SIGKILL after a grace period.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use restic_operator_proto::v1::{self as pb, run_event::Event};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::cgroup::Cgroups;
+use crate::restic::{self, ErrorMessage, Message, Summary};
+use crate::runs::Run;
+use crate::sandbox::{Bind, CACHE_IN_SANDBOX, Spec};
+
+/// Largest stdout kept for commands whose output is one JSON document (snapshots, forget).
+const MAX_STDOUT: usize = 64 << 20;
+/// stderr lines kept to explain a failure.
+const STDERR_TAIL: usize = 40;
+
+/// What the agent needs to run restic; fixed at start-up.
+pub struct Executor {
+    pub restic: PathBuf,
+    /// This binary, started again as `sandbox` for each restic process.
+    pub agent_exe: PathBuf,
+    pub cgroups: Cgroups,
+    pub default_memory_limit: u64,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub grace: Duration,
+    pub progress_interval: Duration,
+}
+
+/// One restic invocation.
+pub struct Invocation<'a> {
+    pub run: &'a Run,
+    pub repo: &'a pb::Repository,
+    pub options: &'a pb::RunOptions,
+    /// Subcommand and its arguments (`backup --host x /data`).
+    pub args: Vec<String>,
+    /// Volumes to bind into the sandbox.
+    pub volumes: Vec<Bind>,
+    /// Parse stdout line by line into events (backup, restore) rather than collecting it.
+    pub stream: bool,
+    /// A label for the cgroup and scratch names (`<run-id>-<step>`).
+    pub step: &'a str,
+}
+
+/// How the process ended and what it said.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub summary: Option<Summary>,
+    pub errors: Vec<ErrorMessage>,
+    pub stderr: String,
+    pub oom_killed: bool,
+    pub cancelled: bool,
+    /// Stopped because it ran longer than the request's timeout.
+    pub timed_out: bool,
+    pub peak_memory: u64,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+impl Executor {
+    /// Runs restic and waits for it. Errors are the agent's own (cannot start the sandbox);
+    /// restic's failures are in the `Output`.
+    pub async fn run(&self, inv: Invocation<'_>) -> anyhow::Result<Output> {
+        let secrets = restic::secrets_of(inv.repo);
+        let scratch = self
+            .state_dir
+            .join("scratch")
+            .join(format!("{}-{}", inv.run.id, inv.step));
+        let root = scratch.join("root");
+        let tmp = scratch.join("tmp");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&tmp)?;
+        let _cleanup = Scratch {
+            dir: scratch.clone(),
+            root: root.clone(),
+            tmp: tmp.clone(),
+        };
+
+        let cache = self.cache_dir.join(cache_key(&inv.repo.url));
+        let use_cache = inv.options.restic.as_ref().is_some_and(|o| o.use_cache);
+        if use_cache {
+            std::fs::create_dir_all(&cache)?;
+        }
+        let mut volumes = inv.volumes;
+        if let Some(local) = local_repository(&inv.repo.url) {
+            // A local repository (e.g. a hostPath on this node) must be visible in the sandbox.
+            let dir = if local.exists() {
+                local.clone()
+            } else {
+                local.parent().unwrap_or(Path::new("/")).to_path_buf()
+            };
+            volumes.push(Bind {
+                source: dir.clone(),
+                target: dir,
+                read_only: false,
+            });
+        }
+        let mut spec = Spec::standard(
+            root,
+            &self.restic,
+            use_cache.then_some(cache.as_path()),
+            &tmp,
+            volumes,
+        );
+        let memory = match inv.options.memory_limit_bytes {
+            0 => self.default_memory_limit,
+            n => n,
+        };
+        // The pid keeps names apart when several agents (or movers) share a parent cgroup.
+        let cgroup_name = format!("{}-{}-{}", inv.run.id, inv.step, std::process::id());
+        let cgroup = self.cgroups.create(&cgroup_name, memory)?;
+        spec.cgroup_procs = cgroup.as_ref().map(|c| c.procs_file());
+        if let Some(uid) = inv.options.run_as_user {
+            let gid = inv.options.run_as_group.unwrap_or(uid);
+            spec.run_as = Some((uid, gid));
+            // restic writes its temporary packs and cache as that user.
+            let owner = (
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            );
+            nix::unistd::chown(&tmp, owner.0, owner.1)?;
+            if use_cache {
+                nix::unistd::chown(&cache, owner.0, owner.1)?;
+            }
+        }
+        let default_opts = pb::ResticOptions::default();
+        let opts = inv.options.restic.as_ref().unwrap_or(&default_opts);
+        spec.args = restic::common_args(opts, use_cache.then_some(CACHE_IN_SANDBOX));
+        spec.args.extend(inv.args.iter().cloned());
+
+        let mut cmd = Command::new(&self.agent_exe);
+        cmd.arg("sandbox")
+            .arg(serde_json::to_string(&spec)?)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/tmp")
+            .env("TMPDIR", "/tmp")
+            .env("RESTIC_REPOSITORY", &inv.repo.url)
+            .env("RESTIC_PASSWORD", &inv.repo.password)
+            .env("RESTIC_PROGRESS_FPS", "2")
+            .envs(&inv.repo.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = cmd.spawn()?;
+        let pid = child.id().map(|p| Pid::from_raw(p as i32));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+
+        let run = inv.run;
+        let stream = inv.stream;
+        let interval = self.progress_interval;
+        let read_stdout = async {
+            let mut out = Output::default();
+            let mut lines = BufReader::new(stdout).lines();
+            let mut last_progress: Option<Instant> = None;
+            let mut pending: Option<pb::Progress> = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if !stream {
+                    if out.stdout.len() + line.len() < MAX_STDOUT {
+                        out.stdout.push_str(&line);
+                        out.stdout.push('\n');
+                    }
+                    continue;
+                }
+                match restic::parse_line(&line) {
+                    Some(Message::Status(s)) => {
+                        let p = s.to_progress();
+                        if last_progress.is_none_or(|t| t.elapsed() >= interval) {
+                            run.emit(Event::Progress(p));
+                            last_progress = Some(Instant::now());
+                            pending = None;
+                        } else {
+                            pending = Some(p);
+                        }
+                    }
+                    Some(Message::Summary(s)) => out.summary = Some(*s),
+                    Some(Message::Error(e)) => {
+                        emit_warning(run, &e, &secrets);
+                        out.errors.push(e);
+                    }
+                    Some(_) => {}
+                    None => run.emit(Event::Log(pb::LogLine {
+                        line: restic::redact(&line, &secrets),
+                    })),
+                }
+            }
+            if let Some(p) = pending {
+                run.emit(Event::Progress(p));
+            }
+            out
+        };
+        let read_stderr = async {
+            let mut tail: Vec<String> = Vec::new();
+            let mut errors = Vec::new();
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let line = restic::redact(&line, &secrets);
+                if let Some(Message::Error(e)) = restic::parse_line(&line) {
+                    emit_warning(run, &e, &secrets);
+                    errors.push(e);
+                    continue;
+                }
+                run.emit(Event::Log(pb::LogLine { line: line.clone() }));
+                tail.push(line);
+                if tail.len() > STDERR_TAIL {
+                    tail.remove(0);
+                }
+            }
+            (tail.join("\n"), errors)
+        };
+        let grace = self.grace;
+        let timeout = match inv.options.timeout_seconds {
+            0 => Duration::from_secs(u64::MAX / 4),
+            n => Duration::from_secs(u64::from(n)),
+        };
+        let mut timed_out = false;
+        let wait = async {
+            tokio::select! {
+                status = child.wait() => (status, false),
+                _ = async {
+                    tokio::select! {
+                        _ = run.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(timeout) => timed_out = true,
+                    }
+                } => {
+                    if let Some(pid) = pid {
+                        let _ = kill(pid, Signal::SIGTERM);
+                    }
+                    match tokio::time::timeout(grace, child.wait()).await {
+                        Ok(status) => (status, true),
+                        Err(_) => {
+                            tracing::warn!(run_id = %run.id, "restic ignored SIGTERM for {grace:?}; killing it");
+                            let _ = child.start_kill();
+                            (child.wait().await, true)
+                        }
+                    }
+                }
+            }
+        };
+        let (mut out, (stderr_tail, mut stderr_errors), (status, cancelled)) =
+            tokio::join!(read_stdout, read_stderr, wait);
+        let status = status?;
+        out.errors.append(&mut stderr_errors);
+        out.stderr = stderr_tail;
+        out.exit_code = status.code();
+        out.signal = std::os::unix::process::ExitStatusExt::signal(&status);
+        out.cancelled = cancelled && !timed_out;
+        out.timed_out = timed_out;
+        if let Some(cg) = &cgroup {
+            out.oom_killed = cg.oom_killed();
+            out.peak_memory = cg.peak_memory();
+        }
+        tracing::debug!(run_id = %run.id, step = inv.step, code = ?out.exit_code, elapsed = ?started.elapsed(), "restic exited");
+        Ok(out)
+    }
+}
+
+fn emit_warning(run: &Run, e: &ErrorMessage, secrets: &[String]) {
+    run.emit(Event::Warning(pb::Warning {
+        path: e.item.clone(),
+        message: restic::redact(&e.error.message, secrets),
+    }));
+}
+
+/// A directory name for a repository's cache that does not leak the URL's credentials.
+fn cache_key(url: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    url.hash(&mut h);
+    format!("repo-{:016x}", h.finish())
+}
+
+/// The path of a local repository (`/srv/repo` or `local:/srv/repo`), if it is one.
+pub fn local_repository(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("local:").unwrap_or(url);
+    path.starts_with('/').then(|| PathBuf::from(path))
+}
+
+/// The per-process scratch space on the host. The sandbox root is only ever a mount point
+/// inside restic's own namespace, so on the host it is an empty directory: it is removed with
+/// `remove_dir`, never recursively, so that a mount that somehow leaked could not take a
+/// volume's data with it.
+struct Scratch {
+    dir: PathBuf,
+    root: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
+        if let Err(e) = std::fs::remove_dir(&self.root) {
+            tracing::error!(root = %self.root.display(), error = %e, "sandbox root is not empty on the host; leaving it");
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

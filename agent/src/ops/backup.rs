@@ -1,0 +1,221 @@
+//! Backup of one pod volume: resolve the volume, choose the parent snapshot explicitly, run
+//! `restic backup` with the volume at its stable path, and judge the result honestly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_event::Event};
+
+use super::{check_common, failed, failure_of};
+use crate::exec::{Executor, Invocation};
+use crate::restic;
+use crate::runs::Run;
+use crate::sandbox::Bind;
+use crate::volumes;
+
+/// A validated backup, ready to run.
+pub struct Prepared {
+    pub req: pb::BackupRequest,
+    pub host_path: PathBuf,
+    pub snapshot_path: PathBuf,
+    /// Paths to back up, as restic sees them (under the snapshot path).
+    pub paths: Vec<String>,
+    /// The same paths on the host, to tell an empty volume from a failed read.
+    pub host_paths: Vec<PathBuf>,
+}
+
+pub fn prepare(
+    req: pb::BackupRequest,
+    resolve: impl Fn(&pb::VolumeRef) -> Result<PathBuf, String>,
+) -> Result<Prepared, String> {
+    check_common(req.options.as_ref(), req.repository.as_ref())?;
+    if req.host.trim().is_empty() {
+        return Err("host is required (the operator uses the ResticBackup's name by default)".into());
+    }
+    restic::check_excludes(&req.excludes)?;
+    let volume = req.volume.as_ref().ok_or("volume is required")?;
+    let host_path = resolve(volume)?;
+    let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
+    let subpaths = if req.paths.is_empty() {
+        vec!["/".to_string()]
+    } else {
+        req.paths.clone()
+    };
+    let mut paths = Vec::new();
+    let mut host_paths = Vec::new();
+    for p in &subpaths {
+        let rel = volumes::subpath(&host_path, p).map_err(|e| e.to_string())?;
+        // join("") would add a trailing slash, which --path filters do not match.
+        let inside = if rel.as_os_str().is_empty() {
+            snapshot_path.clone()
+        } else {
+            snapshot_path.join(&rel)
+        };
+        paths.push(inside.display().to_string());
+        host_paths.push(host_path.join(&rel));
+    }
+    Ok(Prepared {
+        req,
+        host_path,
+        snapshot_path,
+        paths,
+        host_paths,
+    })
+}
+
+pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result {
+    let req = &p.req;
+    let repo = req.repository.as_ref().expect("checked in prepare");
+    let options = req.options.as_ref().expect("checked in prepare");
+    let bind = vec![Bind {
+        source: p.host_path.clone(),
+        target: p.snapshot_path.clone(),
+        read_only: true,
+    }];
+
+    // The parent: the latest snapshot of this host, tags and paths. restic would otherwise pick
+    // by host and paths only, and a tagless lookup could pick another backup's snapshot.
+    let mut find = vec![
+        "snapshots".to_string(),
+        "--latest".into(),
+        "1".into(),
+        "--host".into(),
+        req.host.clone(),
+    ];
+    if !req.tags.is_empty() {
+        find.extend(["--tag".into(), req.tags.join(",")]);
+    }
+    for path in &p.paths {
+        find.extend(["--path".into(), path.clone()]);
+    }
+    let inv = Invocation {
+        run: &run,
+        repo,
+        options,
+        args: find,
+        volumes: vec![],
+        stream: false,
+        step: "parent",
+    };
+    let out = match exec.run(inv).await {
+        Ok(out) => out,
+        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+    };
+    if !out.success() {
+        return failure_of(&out, "looking up the parent snapshot");
+    }
+    let parent = serde_json::from_str::<Vec<restic::SnapshotJson>>(out.stdout.trim())
+        .ok()
+        .and_then(|mut v| v.pop())
+        .map(|s| s.id);
+
+    let mut args = vec!["backup".to_string(), "--host".into(), req.host.clone()];
+    for t in &req.tags {
+        args.extend(["--tag".into(), t.clone()]);
+    }
+    for e in &req.excludes {
+        args.extend(["--exclude".into(), e.clone()]);
+    }
+    match &parent {
+        Some(id) => args.extend(["--parent".into(), id.clone()]),
+        // None: the first backup of this host, tags and paths. --force keeps restic from picking
+        // a parent of its own by host and paths alone.
+        None => args.push("--force".into()),
+    }
+    if req.dry_run {
+        args.push("--dry-run".into());
+    }
+    if let Some(o) = &options.restic {
+        if o.read_concurrency > 0 {
+            args.extend(["--read-concurrency".into(), o.read_concurrency.to_string()]);
+        }
+        args.extend(o.extra_args.iter().cloned());
+    }
+    args.push("--".into());
+    args.extend(p.paths.iter().cloned());
+    run.emit(Event::Started(pb::Started {
+        kind: RunKind::Backup as i32,
+        command: display_command(&args),
+        attached: false,
+    }));
+
+    let inv = Invocation {
+        run: &run,
+        repo,
+        options,
+        args,
+        volumes: bind,
+        stream: true,
+        step: "backup",
+    };
+    let out = match exec.run(inv).await {
+        Ok(out) => out,
+        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+    };
+    // Exit 3: the snapshot was made but some files could not be read.
+    let partial = out.exit_code == Some(3);
+    if !(out.success() || partial) || out.cancelled {
+        let mut r = failure_of(&out, "backup");
+        r.failed_paths = out
+            .errors
+            .iter()
+            .map(|e| e.item.clone())
+            .filter(|p| !p.is_empty())
+            .collect();
+        return r;
+    }
+    let Some(summary) = out.summary else {
+        return failed(FailureKind::Restic, "restic exited without a summary");
+    };
+    let backup = pb::BackupSummary {
+        files_new: summary.files_new,
+        files_changed: summary.files_changed,
+        files_unmodified: summary.files_unmodified,
+        dirs_new: summary.dirs_new,
+        dirs_changed: summary.dirs_changed,
+        dirs_unmodified: summary.dirs_unmodified,
+        data_added: summary.data_added,
+        data_added_packed: summary.data_added_packed,
+        total_files_processed: summary.total_files_processed,
+        total_bytes_processed: summary.total_bytes_processed,
+        parent_snapshot_id: parent.unwrap_or_default(),
+    };
+    let mut result = pb::Result {
+        outcome: Outcome::Succeeded as i32,
+        snapshot_id: summary.snapshot_id.unwrap_or_default(),
+        backup: Some(backup),
+        exit_code: out.exit_code.unwrap_or_default(),
+        ..Default::default()
+    };
+    if summary.total_files_processed == 0 && p.host_paths.iter().any(|h| has_entries(h)) {
+        result.outcome = Outcome::Failed as i32;
+        result.failure = FailureKind::EmptySnapshot as i32;
+        result.reason =
+            "restic stored no files although the volume is not empty; the snapshot cannot be trusted".into();
+        return result;
+    }
+    if partial {
+        result.outcome = Outcome::PartiallyFailed as i32;
+        result.failed_paths = out
+            .errors
+            .iter()
+            .map(|e| e.item.clone())
+            .filter(|p| !p.is_empty())
+            .collect();
+        result.reason = format!("{} file(s) could not be read", result.failed_paths.len().max(1));
+    }
+    result
+}
+
+fn has_entries(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
+        .unwrap_or(false)
+}
+
+/// The command line for people (never includes credentials: those are in the environment).
+pub fn display_command(args: &[String]) -> Vec<String> {
+    std::iter::once("restic".to_string())
+        .chain(args.iter().cloned())
+        .collect()
+}

@@ -1,0 +1,88 @@
+//! The operations the agent runs, one module each. Every operation is split the same way:
+//! `prepare` validates the request and resolves what it needs on this node before a run exists
+//! (so a bad request is a gRPC error, not a failed run), and `run` executes it as a run.
+
+pub mod backup;
+pub mod repository;
+pub mod restore;
+
+use restic_operator_proto::v1::{self as pb, FailureKind, Outcome};
+
+use crate::exec::Output;
+use crate::restic;
+
+/// A failed result with a reason.
+pub fn failed(kind: FailureKind, reason: impl Into<String>) -> pb::Result {
+    pb::Result {
+        outcome: Outcome::Failed as i32,
+        failure: kind as i32,
+        reason: reason.into(),
+        ..Default::default()
+    }
+}
+
+pub fn succeeded() -> pb::Result {
+    pb::Result {
+        outcome: Outcome::Succeeded as i32,
+        ..Default::default()
+    }
+}
+
+/// The result of a restic process that did not succeed: cancelled, OOM-killed, or restic's
+/// own failure, classified.
+pub fn failure_of(out: &Output, what: &str) -> pb::Result {
+    if out.cancelled {
+        return crate::runs::cancelled_result(&format!("{what} was cancelled"));
+    }
+    if out.oom_killed {
+        return failed(
+            FailureKind::OutOfMemory,
+            format!(
+                "{what}: restic was killed for exceeding its memory limit (peak {} MiB)",
+                out.peak_memory >> 20
+            ),
+        );
+    }
+    if let Some(sig) = out.signal {
+        return failed(
+            FailureKind::Restic,
+            format!("{what}: restic was killed by signal {sig}"),
+        );
+    }
+    let (kind, reason) = restic::classify_failure(out.exit_code, &out.stderr);
+    if out.timed_out {
+        return failed(
+            kind,
+            format!("{what} did not finish within its timeout and was stopped; last: {reason}"),
+        );
+    }
+    let mut r = failed(kind, format!("{what} failed: {reason}"));
+    r.exit_code = out.exit_code.unwrap_or(-1);
+    r
+}
+
+/// Checks the parts every request shares: run options and repository.
+pub fn check_common(options: Option<&pb::RunOptions>, repo: Option<&pb::Repository>) -> Result<(), String> {
+    let options = options.ok_or("options (with run_id) are required")?;
+    crate::runs::validate_run_id(&options.run_id)?;
+    if let Some(r) = &options.restic {
+        restic::check_extra_args(&r.extra_args)?;
+        if !matches!(r.compression.as_str(), "" | "auto" | "off" | "max") {
+            return Err(format!(
+                "compression {:?} is not one of auto, off, max",
+                r.compression
+            ));
+        }
+    }
+    let repo = repo.ok_or("repository is required")?;
+    if repo.url.trim().is_empty() {
+        return Err("repository.url is required".into());
+    }
+    if repo.password.is_empty() {
+        return Err("repository.password is required".into());
+    }
+    for name in repo.env.keys() {
+        restic::check_env_name(name)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Restore of a snapshot into one pod volume: safe by default (an empty target), or overwrite,
+//! or mirror (delete what the snapshot does not have), optionally into a subdirectory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RestoreMode, RunKind, run_event::Event};
+
+use super::backup::display_command;
+use super::{check_common, failed, failure_of};
+use crate::exec::{Executor, Invocation};
+use crate::runs::Run;
+use crate::sandbox::Bind;
+use crate::volumes;
+
+/// Where the target volume appears inside the sandbox.
+const TARGET_IN_SANDBOX: &str = "/.restic/target";
+
+pub struct Prepared {
+    pub req: pb::RestoreRequest,
+    pub host_path: PathBuf,
+    /// The directory inside the volume to restore into, relative.
+    pub subpath: PathBuf,
+    pub snapshot_path: PathBuf,
+}
+
+pub fn prepare(
+    req: pb::RestoreRequest,
+    resolve: impl Fn(&pb::VolumeRef) -> Result<PathBuf, String>,
+) -> Result<Prepared, String> {
+    check_common(req.options.as_ref(), req.repository.as_ref())?;
+    let volume = req.volume.as_ref().ok_or("volume is required")?;
+    let host_path = resolve(volume)?;
+    let subpath = volumes::subpath(&host_path, &req.target_subpath).map_err(|e| e.to_string())?;
+    let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
+    if req.snapshot_id.is_empty() {
+        return Err("snapshot_id is required (an id, or \"latest\" with host/tags)".into());
+    }
+    if !req.snapshot_id.chars().all(|c| c.is_ascii_hexdigit()) && req.snapshot_id != "latest" {
+        return Err(format!(
+            "snapshot_id {:?} is neither a snapshot id nor \"latest\"",
+            req.snapshot_id
+        ));
+    }
+    RestoreMode::try_from(req.mode).map_err(|_| format!("unknown restore mode {}", req.mode))?;
+    Ok(Prepared {
+        req,
+        host_path,
+        subpath,
+        snapshot_path,
+    })
+}
+
+pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result {
+    let req = &p.req;
+    let repo = req.repository.as_ref().expect("checked in prepare");
+    let options = req.options.as_ref().expect("checked in prepare");
+    let target_host = p.host_path.join(&p.subpath);
+    let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::IfEmpty);
+    if mode == RestoreMode::IfEmpty && non_empty(&target_host) {
+        return failed(
+            FailureKind::InvalidRequest,
+            format!(
+                "the target {} is not empty; choose mode Overwrite or Mirror, or restore into an empty subdirectory",
+                if p.subpath.as_os_str().is_empty() {
+                    "volume".to_string()
+                } else {
+                    format!("directory /{}", p.subpath.display())
+                }
+            ),
+        );
+    }
+    let target_in = PathBuf::from(TARGET_IN_SANDBOX).join(&p.subpath);
+    let mut args = vec![
+        "restore".to_string(),
+        format!("{}:{}", req.snapshot_id, p.snapshot_path.display()),
+        "--target".into(),
+        target_in.display().to_string(),
+    ];
+    if req.snapshot_id == "latest" {
+        if !req.host.is_empty() {
+            args.extend(["--host".into(), req.host.clone()]);
+        }
+        if !req.tags.is_empty() {
+            args.extend(["--tag".into(), req.tags.join(",")]);
+        }
+    }
+    for i in &req.include_paths {
+        args.extend(["--include".into(), i.clone()]);
+    }
+    for e in &req.exclude_paths {
+        args.extend(["--exclude".into(), e.clone()]);
+    }
+    match mode {
+        RestoreMode::IfEmpty => {}
+        RestoreMode::Overwrite => args.extend(["--overwrite".into(), "always".into()]),
+        RestoreMode::Mirror => args.extend(["--overwrite".into(), "always".into(), "--delete".into()]),
+    }
+    if req.verify {
+        args.push("--verify".into());
+    }
+    if let Some(o) = &options.restic {
+        args.extend(o.extra_args.iter().cloned());
+    }
+    run.emit(Event::Started(pb::Started {
+        kind: RunKind::Restore as i32,
+        command: display_command(&args),
+        attached: false,
+    }));
+    std::fs::create_dir_all(&target_host).ok();
+    let bind = vec![Bind {
+        source: p.host_path.clone(),
+        target: TARGET_IN_SANDBOX.into(),
+        read_only: false,
+    }];
+    let inv = Invocation {
+        run: &run,
+        repo,
+        options,
+        args,
+        volumes: bind,
+        stream: true,
+        step: "restore",
+    };
+    let out = match exec.run(inv).await {
+        Ok(out) => out,
+        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+    };
+    if !out.success() || out.cancelled {
+        let mut r = failure_of(&out, "restore");
+        r.failed_paths = out
+            .errors
+            .iter()
+            .map(|e| e.item.clone())
+            .filter(|p| !p.is_empty())
+            .collect();
+        return r;
+    }
+    let s = out.summary.unwrap_or_default();
+    let mut result = pb::Result {
+        outcome: Outcome::Succeeded as i32,
+        snapshot_id: req.snapshot_id.clone(),
+        restore: Some(pb::RestoreSummary {
+            files_restored: s.files_restored,
+            files_skipped: s.files_skipped,
+            files_deleted: s.files_deleted,
+            bytes_restored: s.bytes_restored,
+            total_files: s.total_files,
+            total_bytes: s.total_bytes,
+        }),
+        ..Default::default()
+    };
+    if !out.errors.is_empty() {
+        result.outcome = Outcome::PartiallyFailed as i32;
+        result.failed_paths = out.errors.iter().map(|e| e.item.clone()).collect();
+        result.reason = format!("{} file(s) could not be restored", result.failed_paths.len());
+    }
+    result
+}
+
+fn non_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
+        .unwrap_or(false)
+}

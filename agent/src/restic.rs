@@ -1,0 +1,556 @@
+//! restic's command line and its `--json` output: building argument lists from requests,
+//! parsing the messages restic prints, and classifying how a run ended.
+//!
+//! Pure functions only; `exec` runs the process.
+
+use std::collections::BTreeMap;
+
+use restic_operator_proto::v1::{self as pb, FailureKind};
+use serde::Deserialize;
+
+/// Arguments that would point restic at another repository or password; never accepted
+/// from a request's extra args.
+const FORBIDDEN_ARGS: &[&str] = &[
+    "-r",
+    "--repo",
+    "--repository",
+    "--repository-file",
+    "-p",
+    "--password-file",
+    "--password-command",
+    "--insecure-no-password",
+    "--key-hint",
+    "--from-repo",
+    "--from-repository-file",
+    "--from-password-file",
+    "--from-password-command",
+    "--cache-dir",
+    "--no-cache",
+    "--json",
+];
+
+/// Environment variables a request may pass to restic: backend credentials and options, never
+/// anything that changes what runs (PATH, LD_*) or where the repository is.
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    const PREFIXES: &[&str] = &[
+        "AWS_",
+        "B2_",
+        "AZURE_",
+        "GOOGLE_",
+        "OS_",
+        "ST_",
+        "RCLONE_",
+        "RESTIC_REST_",
+        "GODEBUG",
+    ];
+    const FORBIDDEN: &[&str] = &[
+        "RESTIC_REPOSITORY",
+        "RESTIC_REPOSITORY_FILE",
+        "RESTIC_PASSWORD",
+        "RESTIC_PASSWORD_FILE",
+        "RESTIC_PASSWORD_COMMAND",
+    ];
+    if FORBIDDEN.contains(&name) {
+        return Err(format!(
+            "{name} must be given as the repository URL or password, not as env"
+        ));
+    }
+    if PREFIXES.iter().any(|p| name.starts_with(p))
+        || name == "RESTIC_COMPRESSION"
+        || name == "RESTIC_PACK_SIZE"
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "environment variable {name} is not a restic backend setting"
+    ))
+}
+
+/// Refuses extra args that would change the repository or password (or that the agent
+/// manages itself, like the cache and JSON output).
+pub fn check_extra_args(args: &[String]) -> Result<(), String> {
+    for arg in args {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        if FORBIDDEN_ARGS.contains(&flag) || (flag.starts_with("-r") && !flag.starts_with("--")) {
+            return Err(format!(
+                "extra argument {arg:?} is not allowed: the agent sets the repository, password and cache itself"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates exclude patterns as globs before restic sees them, so a typo is a clear error
+/// instead of a silently wider backup.
+pub fn check_excludes(patterns: &[String]) -> Result<(), String> {
+    for p in patterns {
+        if p.is_empty() {
+            return Err("an exclude pattern is empty".into());
+        }
+        globset::Glob::new(p)
+            .map_err(|e| format!("exclude pattern {p:?} is not a valid glob: {}", e.kind()))?;
+    }
+    Ok(())
+}
+
+/// Common options of every invocation.
+pub fn common_args(opts: &pb::ResticOptions, cache_dir: Option<&str>) -> Vec<String> {
+    let mut args = vec!["--json".to_string()];
+    match cache_dir {
+        Some(dir) if opts.use_cache => args.extend(["--cache-dir".into(), dir.into()]),
+        _ => args.push("--no-cache".into()),
+    }
+    if !opts.compression.is_empty() {
+        args.extend(["--compression".into(), opts.compression.clone()]);
+    }
+    args
+}
+
+/// `restic forget` arguments for a keep policy.
+pub fn forget_args(req: &pb::ForgetRequest) -> Vec<String> {
+    let mut args = vec!["forget".to_string()];
+    if let Some(p) = &req.policy {
+        for (flag, n) in [
+            ("--keep-last", p.last),
+            ("--keep-hourly", p.hourly),
+            ("--keep-daily", p.daily),
+            ("--keep-weekly", p.weekly),
+            ("--keep-monthly", p.monthly),
+            ("--keep-yearly", p.yearly),
+        ] {
+            if n > 0 {
+                args.extend([flag.to_string(), n.to_string()]);
+            }
+        }
+        if !p.within.is_empty() {
+            args.extend(["--keep-within".into(), p.within.clone()]);
+        }
+        for t in &p.tags {
+            args.extend(["--keep-tag".into(), t.clone()]);
+        }
+    }
+    if !req.group_by.is_empty() {
+        args.extend(["--group-by".into(), req.group_by.join(",")]);
+    }
+    if !req.host.is_empty() {
+        args.extend(["--host".into(), req.host.clone()]);
+    }
+    if !req.tags.is_empty() {
+        args.extend(["--tag".into(), req.tags.join(",")]);
+    }
+    if req.dry_run {
+        args.push("--dry-run".into());
+    }
+    args
+}
+
+/// A keep policy that keeps nothing would make `forget` delete every snapshot of the group.
+pub fn check_keep_policy(policy: Option<&pb::KeepPolicy>) -> Result<(), String> {
+    let keeps = policy.is_some_and(|p| {
+        p.last + p.hourly + p.daily + p.weekly + p.monthly + p.yearly > 0
+            || !p.within.is_empty()
+            || !p.tags.is_empty()
+    });
+    if keeps {
+        Ok(())
+    } else {
+        Err("the keep policy keeps nothing; refusing to forget every snapshot".into())
+    }
+}
+
+/// One line of restic's `--json` output during backup or restore.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "message_type", rename_all = "snake_case")]
+pub enum Message {
+    Status(Status),
+    Summary(Box<Summary>),
+    Error(ErrorMessage),
+    /// verbose_status, initialized, exit_error, ...: not needed for events.
+    #[serde(other)]
+    Other,
+}
+
+/// Progress: backup and restore use different counters, so all are optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    pub seconds_elapsed: u64,
+    pub seconds_remaining: u64,
+    pub percent_done: f64,
+    pub total_files: u64,
+    pub files_done: u64,
+    pub files_restored: u64,
+    pub total_bytes: u64,
+    pub bytes_done: u64,
+    pub bytes_restored: u64,
+    pub error_count: u64,
+    pub current_files: Vec<String>,
+}
+
+impl Status {
+    pub fn to_progress(&self) -> pb::Progress {
+        pb::Progress {
+            percent_done: self.percent_done * 100.0,
+            files_done: self.files_done.max(self.files_restored),
+            total_files: self.total_files,
+            bytes_done: self.bytes_done.max(self.bytes_restored),
+            total_bytes: self.total_bytes,
+            current_files: self.current_files.clone(),
+            seconds_elapsed: self.seconds_elapsed,
+            seconds_remaining: self.seconds_remaining,
+            error_count: self.error_count,
+        }
+    }
+}
+
+/// The final line of a backup or restore.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    // backup
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub dirs_new: u64,
+    pub dirs_changed: u64,
+    pub dirs_unmodified: u64,
+    pub data_added: u64,
+    pub data_added_packed: u64,
+    pub total_files_processed: u64,
+    pub total_bytes_processed: u64,
+    pub snapshot_id: Option<String>,
+    pub dry_run: bool,
+    // restore
+    pub total_files: u64,
+    pub files_restored: u64,
+    pub files_skipped: u64,
+    pub files_deleted: u64,
+    pub total_bytes: u64,
+    pub bytes_restored: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ErrorMessage {
+    pub error: ErrorBody,
+    pub during: String,
+    pub item: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ErrorBody {
+    pub message: String,
+}
+
+/// Parses one stdout line; `None` for lines that are not restic JSON messages.
+pub fn parse_line(line: &str) -> Option<Message> {
+    let line = line.trim();
+    if !line.starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(line).ok()
+}
+
+/// `restic snapshots --json` entries.
+#[derive(Debug, Deserialize)]
+pub struct SnapshotJson {
+    pub id: String,
+    #[serde(default)]
+    pub short_id: String,
+    pub time: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub summary: Option<SnapshotSummaryJson>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct SnapshotSummaryJson {
+    pub total_files_processed: u64,
+    pub total_bytes_processed: u64,
+}
+
+impl SnapshotJson {
+    pub fn to_proto(&self) -> pb::Snapshot {
+        pb::Snapshot {
+            id: self.id.clone(),
+            short_id: self.short_id.clone(),
+            time_unix_ms: parse_rfc3339_ms(&self.time).unwrap_or_default(),
+            hostname: self.hostname.clone(),
+            tags: self.tags.clone().unwrap_or_default(),
+            paths: self.paths.clone(),
+            parent: self.parent.clone().unwrap_or_default(),
+            files: self
+                .summary
+                .as_ref()
+                .map(|s| s.total_files_processed)
+                .unwrap_or_default(),
+            bytes: self
+                .summary
+                .as_ref()
+                .map(|s| s.total_bytes_processed)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// `restic forget --json`: one group per host/paths/tags.
+#[derive(Debug, Deserialize)]
+pub struct ForgetGroupJson {
+    #[serde(default)]
+    pub keep: Option<Vec<SnapshotJson>>,
+    #[serde(default)]
+    pub remove: Option<Vec<SnapshotJson>>,
+}
+
+pub fn forget_summary(stdout: &str) -> Result<pb::ForgetSummary, String> {
+    let json = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with('['))
+        .unwrap_or("[]");
+    let groups: Vec<ForgetGroupJson> =
+        serde_json::from_str(json).map_err(|e| format!("unexpected restic forget output: {e}"))?;
+    let mut out = pb::ForgetSummary::default();
+    for g in groups {
+        out.kept
+            .extend(g.keep.unwrap_or_default().into_iter().map(|s| s.id));
+        out.removed
+            .extend(g.remove.unwrap_or_default().into_iter().map(|s| s.id));
+    }
+    Ok(out)
+}
+
+/// `restic stats --json` (either mode).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StatsJson {
+    pub total_size: u64,
+    pub total_uncompressed_size: u64,
+    pub total_file_count: u64,
+    pub snapshots_count: u64,
+    pub total_blob_count: u64,
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time as restic prints it.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// How a failed restic run should be reported, from its exit code and stderr.
+pub fn classify_failure(exit_code: Option<i32>, stderr: &str) -> (FailureKind, String) {
+    let reason = failure_reason(stderr);
+    let lower = stderr.to_ascii_lowercase();
+    let kind = match exit_code {
+        Some(10) => FailureKind::RepositoryNotFound,
+        Some(11) => FailureKind::Locked,
+        Some(12) => FailureKind::WrongPassword,
+        _ if lower.contains("wrong password") || lower.contains("no key found") => FailureKind::WrongPassword,
+        _ if lower.contains("repository is already locked") || lower.contains("unable to create lock") => {
+            FailureKind::Locked
+        }
+        _ if lower.contains("config file already exists") || lower.contains("already initialized") => {
+            FailureKind::RepositoryExists
+        }
+        _ if [
+            "connection refused",
+            "no such host",
+            "dial tcp",
+            "i/o timeout",
+            "network is unreachable",
+            "tls handshake",
+            "context deadline exceeded",
+            "the access key id you provided does not exist",
+            "signaturedoesnotmatch",
+            "invalidaccesskeyid",
+        ]
+        .iter()
+        .any(|s| lower.contains(s)) =>
+        {
+            FailureKind::RepositoryUnreachable
+        }
+        // After network errors: restic asks this question for unreachable backends too.
+        _ if lower.contains("is there a repository at the following location") => {
+            FailureKind::RepositoryNotFound
+        }
+        _ => FailureKind::Restic,
+    };
+    (kind, reason)
+}
+
+/// The most useful sentence of restic's stderr: its `Fatal:` line, else the last line.
+pub fn failure_reason(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let fatal = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("Fatal:") || l.contains("\"message_type\":\"exit_error\""));
+    let line = fatal
+        .or(lines.last())
+        .copied()
+        .unwrap_or("restic failed without a message");
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+        && let Some(m) = v.get("message").and_then(|m| m.as_str())
+    {
+        return m.to_string();
+    }
+    line.strip_prefix("Fatal: ").unwrap_or(line).to_string()
+}
+
+/// Replaces every secret value in `text` with `***`, so neither logs nor results carry them.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+/// The secret values of a repository (password and every env value that looks like a key).
+pub fn secrets_of(repo: &pb::Repository) -> Vec<String> {
+    let mut out = vec![repo.password.clone()];
+    let env: BTreeMap<_, _> = repo.env.iter().collect();
+    for (k, v) in env {
+        if k.contains("SECRET") || k.contains("KEY") || k.contains("TOKEN") || k.contains("PASSWORD") {
+            out.push(v.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_args_that_change_the_repository_or_password_are_refused() {
+        for bad in [
+            "-r",
+            "--repo=x",
+            "--password-file",
+            "--password-command=cat",
+            "-rs3:x",
+            "--no-cache",
+        ] {
+            assert!(check_extra_args(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let ok = [
+            "--exclude-caches",
+            "--one-file-system",
+            "--read-concurrency=4",
+            "--limit-upload=100",
+        ];
+        assert!(check_extra_args(&ok.map(String::from)).is_ok());
+    }
+
+    #[test]
+    fn env_accepts_backend_credentials_only() {
+        assert!(check_env_name("AWS_ACCESS_KEY_ID").is_ok());
+        assert!(check_env_name("B2_ACCOUNT_KEY").is_ok());
+        assert!(check_env_name("RESTIC_PASSWORD").is_err());
+        assert!(check_env_name("LD_PRELOAD").is_err());
+        assert!(check_env_name("PATH").is_err());
+    }
+
+    #[test]
+    fn bad_exclude_globs_are_clear_errors() {
+        assert!(check_excludes(&["*.log".into(), "cache/**".into()]).is_ok());
+        let err = check_excludes(&["foo/[a".into()]).unwrap_err();
+        assert!(err.contains("foo/[a"), "{err}");
+    }
+
+    #[test]
+    fn forget_args_carry_the_whole_policy_and_scope() {
+        let req = pb::ForgetRequest {
+            policy: Some(pb::KeepPolicy {
+                last: 4,
+                hourly: 48,
+                daily: 7,
+                weekly: 0,
+                ..Default::default()
+            }),
+            group_by: vec!["host".into(), "tags".into()],
+            host: "emby".into(),
+            tags: vec!["emby".into(), "media".into()],
+            dry_run: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            forget_args(&req).join(" "),
+            "forget --keep-last 4 --keep-hourly 48 --keep-daily 7 --group-by host,tags --host emby --tag emby,media --dry-run"
+        );
+        assert!(check_keep_policy(req.policy.as_ref()).is_ok());
+        assert!(check_keep_policy(Some(&pb::KeepPolicy::default())).is_err());
+    }
+
+    #[test]
+    fn backup_status_and_summary_lines_parse() {
+        let status = r#"{"message_type":"status","seconds_elapsed":2,"seconds_remaining":3,"percent_done":0.4,"total_files":10,"files_done":4,"total_bytes":1000,"bytes_done":400,"current_files":["/data/a"]}"#;
+        let Some(Message::Status(s)) = parse_line(status) else {
+            panic!()
+        };
+        let p = s.to_progress();
+        assert_eq!((p.files_done, p.total_bytes, p.seconds_remaining), (4, 1000, 3));
+        assert!((p.percent_done - 40.0).abs() < 1e-9);
+        let summary = r#"{"message_type":"summary","files_new":1,"files_changed":0,"files_unmodified":2,"dirs_new":1,"dirs_changed":0,"dirs_unmodified":0,"data_blobs":1,"tree_blobs":1,"data_added":10,"data_added_packed":8,"total_files_processed":3,"total_bytes_processed":30,"total_duration":0.1,"snapshot_id":"abc"}"#;
+        let Some(Message::Summary(s)) = parse_line(summary) else {
+            panic!()
+        };
+        assert_eq!((s.files_new, s.snapshot_id.as_deref()), (1, Some("abc")));
+        let err = r#"{"message_type":"error","error":{"message":"open /data/x: permission denied"},"during":"archival","item":"/data/x"}"#;
+        let Some(Message::Error(e)) = parse_line(err) else {
+            panic!()
+        };
+        assert_eq!(e.item, "/data/x");
+        assert!(parse_line("not json").is_none());
+    }
+
+    #[test]
+    fn failures_are_classified_by_exit_code_and_message() {
+        assert_eq!(
+            classify_failure(Some(12), "Fatal: wrong password or no key found").0,
+            FailureKind::WrongPassword
+        );
+        assert_eq!(classify_failure(Some(10), "").0, FailureKind::RepositoryNotFound);
+        assert_eq!(classify_failure(Some(11), "").0, FailureKind::Locked);
+        let (kind, reason) = classify_failure(
+            Some(1),
+            "some noise\nFatal: unable to open config file: Stat: Get \"http://127.0.0.1:1/b/?location=\": dial tcp 127.0.0.1:1: connect: connection refused",
+        );
+        assert_eq!(kind, FailureKind::RepositoryUnreachable);
+        assert!(reason.starts_with("unable to open config file"), "{reason}");
+    }
+
+    #[test]
+    fn secrets_never_survive_redaction() {
+        let repo = pb::Repository {
+            url: "s3:x".into(),
+            password: "hunter22".into(),
+            env: [("AWS_SECRET_ACCESS_KEY".to_string(), "s3cr3t".to_string())].into(),
+        };
+        let text = "password hunter22 and key s3cr3t";
+        assert_eq!(redact(text, &secrets_of(&repo)), "password *** and key ***");
+    }
+
+    #[test]
+    fn restic_times_convert_to_unix_milliseconds() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2024-01-15T02:00:00.5+01:00"),
+            Some(1_705_280_400_500)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-01-15T01:00:00.123456789Z"),
+            Some(1_705_280_400_123)
+        );
+    }
+}

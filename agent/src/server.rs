@@ -1,0 +1,282 @@
+//! The gRPC service. Each RPC attaches to a known run id, or validates the request, resolves
+//! its volume on this node and starts the run; the response streams the run's events. Runs
+//! outlive their streams: a caller that went away re-attaches with `Attach` or the same request.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use restic_operator_proto::v1::agent_server::Agent;
+use restic_operator_proto::v1::{self as pb, RunKind};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::exec::Executor;
+use crate::ops::{backup, repository, restore};
+use crate::runs::{Run, Runs, validate_run_id};
+use crate::volumes::{KubeletRoot, VolumeError};
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+/// Where volumes come from: a node's kubelet pod directories, or, in a mover pod, the one
+/// volume mounted into it.
+#[derive(Clone, Debug)]
+pub enum Volumes {
+    Kubelet(KubeletRoot),
+    Mover(PathBuf),
+}
+
+impl Volumes {
+    pub fn resolve(&self, v: &pb::VolumeRef) -> Result<PathBuf, Status> {
+        match self {
+            Volumes::Kubelet(root) => {
+                let pv = (!v.pv_name.is_empty()).then_some(v.pv_name.as_str());
+                root.resolve(&v.pod_uid, &v.volume_name, pv)
+                    .map(|r| r.host_path)
+                    .map_err(volume_status)
+            }
+            Volumes::Mover(path) if v.pod_uid.is_empty() => Ok(path.clone()),
+            Volumes::Mover(_) => Err(Status::invalid_argument(
+                "this agent is a mover serving one volume; send the request without a pod UID",
+            )),
+        }
+    }
+}
+
+fn volume_status(e: VolumeError) -> Status {
+    let msg = e.to_string();
+    match e {
+        VolumeError::InvalidName { .. } | VolumeError::InvalidSubpath(..) => Status::invalid_argument(msg),
+        VolumeError::PodNotFound(_) | VolumeError::VolumeNotFound { .. } => Status::not_found(msg),
+        VolumeError::BlockVolume(_) => Status::failed_precondition(msg),
+        VolumeError::Escapes { .. } => Status::permission_denied(msg),
+        VolumeError::Io { .. } => Status::internal(msg),
+    }
+}
+
+pub struct AgentService {
+    pub runs: Arc<Runs>,
+    pub exec: Arc<Executor>,
+    pub volumes: Volumes,
+}
+
+fn run_id(options: Option<&pb::RunOptions>) -> Result<String, Status> {
+    let id = options.map(|o| o.run_id.clone()).unwrap_or_default();
+    validate_run_id(&id).map_err(Status::invalid_argument)?;
+    Ok(id)
+}
+
+/// The response for a run: its events, and whether the call attached to an existing run.
+fn respond(run: Arc<Run>, attached: bool) -> Response<EventStream> {
+    let stream: EventStream = Box::pin(run.subscribe().map(Ok));
+    let mut resp = Response::new(stream);
+    resp.metadata_mut().insert(
+        "x-run-attached",
+        if attached { "true" } else { "false" }.parse().unwrap(),
+    );
+    resp
+}
+
+impl AgentService {
+    /// Attaches if the run exists; otherwise `start` validates and starts it.
+    fn attach_or<F>(&self, id: &str, start: F) -> Result<Response<EventStream>, Status>
+    where
+        F: FnOnce() -> Result<(Arc<Run>, bool), Status>,
+    {
+        if let Some(run) = self.runs.get(id) {
+            return Ok(respond(run, true));
+        }
+        let (run, attached) = start()?;
+        Ok(respond(run, attached))
+    }
+
+    fn repository_op(
+        &self,
+        options: Option<pb::RunOptions>,
+        repo: Option<pb::Repository>,
+        op: repository::Op,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = run_id(options.as_ref())?;
+        self.attach_or(&id, || {
+            repository::prepare(options.as_ref(), repo.as_ref(), &op).map_err(Status::invalid_argument)?;
+            let (options, repo) = (options.unwrap_or_default(), repo.unwrap_or_default());
+            let exec = Arc::clone(&self.exec);
+            let url = repo.url.clone();
+            Ok(self.runs.start_or_attach(&id, op.kind(), &url, None, move |run| {
+                repository::run(exec, run, options, repo, op)
+            }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type BackupStream = EventStream;
+    type RestoreStream = EventStream;
+    type InitStream = EventStream;
+    type SnapshotsStream = EventStream;
+    type ForgetStream = EventStream;
+    type PruneStream = EventStream;
+    type CheckStream = EventStream;
+    type StatsStream = EventStream;
+    type UnlockStream = EventStream;
+    type AttachStream = EventStream;
+
+    async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let id = run_id(req.options.as_ref())?;
+        self.attach_or(&id, || {
+            let volume = req
+                .volume
+                .clone()
+                .ok_or_else(|| Status::invalid_argument("volume is required"))?;
+            let host_path = self.volumes.resolve(&volume)?;
+            let url = req.repository.as_ref().map(|r| r.url.clone()).unwrap_or_default();
+            let prepared =
+                backup::prepare(req, |_| Ok(host_path.clone())).map_err(Status::invalid_argument)?;
+            let exec = Arc::clone(&self.exec);
+            Ok(self
+                .runs
+                .start_or_attach(&id, RunKind::Backup, &url, Some(volume), move |run| {
+                    backup::run(exec, run, prepared)
+                }))
+        })
+    }
+
+    async fn restore(&self, request: Request<pb::RestoreRequest>) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let id = run_id(req.options.as_ref())?;
+        self.attach_or(&id, || {
+            let volume = req
+                .volume
+                .clone()
+                .ok_or_else(|| Status::invalid_argument("volume is required"))?;
+            let host_path = self.volumes.resolve(&volume)?;
+            let url = req.repository.as_ref().map(|r| r.url.clone()).unwrap_or_default();
+            let prepared =
+                restore::prepare(req, |_| Ok(host_path.clone())).map_err(Status::invalid_argument)?;
+            let exec = Arc::clone(&self.exec);
+            Ok(self
+                .runs
+                .start_or_attach(&id, RunKind::Restore, &url, Some(volume), move |run| {
+                    restore::run(exec, run, prepared)
+                }))
+        })
+    }
+
+    async fn init(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        self.repository_op(r.options, r.repository, repository::Op::Init)
+    }
+
+    async fn snapshots(
+        &self,
+        request: Request<pb::SnapshotsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let op = repository::Op::Snapshots {
+            host: r.host,
+            tags: r.tags,
+            paths: r.paths,
+        };
+        self.repository_op(r.options, r.repository, op)
+    }
+
+    async fn forget(&self, request: Request<pb::ForgetRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let (options, repo) = (r.options.clone(), r.repository.clone());
+        self.repository_op(options, repo, repository::Op::Forget(Box::new(r)))
+    }
+
+    async fn prune(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        self.repository_op(r.options, r.repository, repository::Op::Prune)
+    }
+
+    async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let op = repository::Op::Check {
+            read_data_subset: r.read_data_subset,
+        };
+        self.repository_op(r.options, r.repository, op)
+    }
+
+    async fn stats(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        self.repository_op(r.options, r.repository, repository::Op::Stats)
+    }
+
+    async fn unlock(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        self.repository_op(r.options, r.repository, repository::Op::Unlock)
+    }
+
+    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<EventStream>, Status> {
+        let id = request.into_inner().run_id;
+        validate_run_id(&id).map_err(Status::invalid_argument)?;
+        match self.runs.get(&id) {
+            Some(run) => Ok(respond(run, true)),
+            None => Err(Status::not_found(format!(
+                "no run {id} on this agent (never started here, or finished longer ago than the retention time)"
+            ))),
+        }
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = request.into_inner().run_id;
+        let run = self
+            .runs
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no run {id} on this agent")))?;
+        let cancelled = !run.is_finished();
+        run.cancel.cancel();
+        tracing::info!(run_id = %id, cancelled, "cancel requested");
+        Ok(Response::new(pb::CancelResponse { cancelled }))
+    }
+
+    async fn list_runs(
+        &self,
+        _: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        Ok(Response::new(pb::ListRunsResponse {
+            runs: self.runs.list(),
+        }))
+    }
+
+    async fn resolve_volumes(
+        &self,
+        request: Request<pb::ResolveVolumesRequest>,
+    ) -> Result<Response<pb::ResolveVolumesResponse>, Status> {
+        let uid = request.into_inner().pod_uid;
+        let volumes = match &self.volumes {
+            Volumes::Mover(path) => vec![pb::ResolvedVolume {
+                name: "mover".into(),
+                plugin: "mover".into(),
+                host_path: path.display().to_string(),
+                problem: String::new(),
+            }],
+            Volumes::Kubelet(root) => root
+                .list(&uid)
+                .map_err(volume_status)?
+                .into_iter()
+                .map(|v| {
+                    // Report what a backup of it would hit, without failing the listing.
+                    let problem = match root.resolve(&uid, &v.name, None) {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    };
+                    pb::ResolvedVolume {
+                        name: v.name,
+                        plugin: v.plugin,
+                        host_path: v.host_path.display().to_string(),
+                        problem,
+                    }
+                })
+                .collect(),
+        };
+        Ok(Response::new(pb::ResolveVolumesResponse { volumes }))
+    }
+}

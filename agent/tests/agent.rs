@@ -1,0 +1,682 @@
+//! The real agent binary against real restic 0.18.1 and a real S3 server, with a
+//! kubelet-shaped directory tree standing in for the node.
+
+mod support;
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
+use restic_operator_e2e::{s3_repository, tools::tool, unique_name};
+use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RestoreMode, run_event::Event};
+use support::{Agent, backup, collect, init, options, pod_uid, repository, restic_snapshots};
+use tokio_stream::StreamExt;
+
+const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
+const CSI: &str = "kubernetes.io~csi";
+
+fn outcome(r: &pb::Result) -> Outcome {
+    Outcome::try_from(r.outcome).unwrap_or(Outcome::Unspecified)
+}
+
+#[tokio::test]
+async fn backup_then_restore_reproduces_the_volume_byte_for_byte() -> Result<()> {
+    let agent = Agent::start("roundtrip")?;
+    let repo = s3_repository(&unique_name("roundtrip"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init-1").await?;
+
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, CSI, "pvc-data")?;
+    make_tree(&data)?;
+    let mut req = backup("backup-1", &repo, &uid, "data");
+    req.volume.as_mut().unwrap().pv_name = "pvc-data".into();
+    let (_, result) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&result) == Outcome::Succeeded, "backup: {result:?}");
+    ensure!(result.backup.as_ref().unwrap().files_new == 4, "{result:?}"); // the symlink is not a file
+
+    // The snapshot holds the volume at the stable path, never a kubelet path.
+    let snaps = restic_snapshots(&repo)?;
+    ensure!(
+        snaps.len() == 1 && snaps[0]["paths"] == serde_json::json!(["/data"]),
+        "{snaps:?}"
+    );
+    ensure!(
+        snaps[0]["id"] == result.snapshot_id,
+        "{snaps:?} vs {}",
+        result.snapshot_id
+    );
+
+    // Restore into another pod's empty volume.
+    let target_uid = pod_uid(2);
+    let target = agent.volume(&target_uid, EMPTY_DIR, "restore")?;
+    let req = pb::RestoreRequest {
+        options: Some(options("restore-1")),
+        repository: Some(repository(&repo)),
+        volume: Some(pb::VolumeRef {
+            pod_uid: target_uid.clone(),
+            volume_name: "restore".into(),
+            pv_name: String::new(),
+        }),
+        snapshot_id: result.snapshot_id.clone(),
+        verify: true,
+        ..Default::default()
+    };
+    let (_, restored) = collect(client.restore(req.clone()).await?.into_inner()).await?;
+    ensure!(outcome(&restored) == Outcome::Succeeded, "restore: {restored:?}");
+    assert_trees_equal(&data, &target)?;
+
+    // Safe by default: the same restore into the now non-empty volume is refused...
+    let mut again = req.clone();
+    again.options = Some(options("restore-2"));
+    let (_, refused) = collect(client.restore(again).await?.into_inner()).await?;
+    ensure!(
+        refused.failure == FailureKind::InvalidRequest as i32,
+        "{refused:?}"
+    );
+    ensure!(refused.reason.contains("not empty"), "{}", refused.reason);
+    // ...and Mirror makes the target match the snapshot, deleting what it does not have.
+    std::fs::write(target.join("stray"), b"not in the snapshot")?;
+    std::fs::write(target.join("empty"), b"changed")?;
+    let mut mirror = req;
+    mirror.options = Some(options("restore-3"));
+    mirror.mode = RestoreMode::Mirror as i32;
+    let (_, mirrored) = collect(client.restore(mirror).await?.into_inner()).await?;
+    ensure!(outcome(&mirrored) == Outcome::Succeeded, "mirror: {mirrored:?}");
+    assert_trees_equal(&data, &target)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unchanged_volume_stays_incremental_after_its_pod_is_recreated() -> Result<()> {
+    let agent = Agent::start("incremental")?;
+    let repo = s3_repository(&unique_name("incremental"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let first_uid = pod_uid(1);
+    make_tree(&agent.volume(&first_uid, EMPTY_DIR, "data")?)?;
+    let (_, first) = collect(
+        client
+            .backup(backup("first", &repo, &first_uid, "data"))
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    ensure!(outcome(&first) == Outcome::Succeeded, "{first:?}");
+
+    // The pod is recreated: same volume (same inodes), new UID, so a new kubelet path.
+    let second_uid = pod_uid(2);
+    std::fs::rename(agent.pod_dir(&first_uid), agent.pod_dir(&second_uid))?;
+    let (_, second) = collect(
+        client
+            .backup(backup("second", &repo, &second_uid, "data"))
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    ensure!(outcome(&second) == Outcome::Succeeded, "{second:?}");
+    let s = second.backup.as_ref().unwrap();
+    ensure!(s.files_new == 0 && s.files_changed == 0, "not incremental: {s:?}");
+    ensure!(s.files_unmodified == 4, "{s:?}");
+    ensure!(
+        s.parent_snapshot_id == first.snapshot_id,
+        "parent {} != {}",
+        s.parent_snapshot_id,
+        first.snapshot_id
+    );
+    let snaps = restic_snapshots(&repo)?;
+    let paths: Vec<_> = snaps.iter().map(|s| s["paths"].clone()).collect();
+    ensure!(paths == vec![serde_json::json!(["/data"]); 2], "{paths:?}");
+    Ok(())
+}
+
+/// 24 MB of incompressible data uploaded at 4 MiB/s: a backup of about six seconds.
+fn slow_backup(
+    agent: &Agent,
+    uid: &str,
+    run_id: &str,
+    repo: &restic_operator_e2e::ResticRepo,
+) -> Result<pb::BackupRequest> {
+    let data = agent.volume(uid, EMPTY_DIR, "data")?;
+    for i in 0..6 {
+        std::fs::write(data.join(format!("blob-{i}")), pseudo_random(4 << 20, 100 + i))?;
+    }
+    let mut req = backup(run_id, repo, uid, "data");
+    req.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+        extra_args: vec!["--limit-upload=4096".into()],
+        ..Default::default()
+    });
+    Ok(req)
+}
+
+#[tokio::test]
+async fn progress_events_arrive_during_a_multi_second_backup() -> Result<()> {
+    let agent = Agent::start("progress")?;
+    let repo = s3_repository(&unique_name("progress"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let req = slow_backup(&agent, &uid, "slow", &repo)?;
+    let started = std::time::Instant::now();
+    let mut stream = client.backup(req).await?.into_inner();
+    let mut progress = Vec::new();
+    let mut result = None;
+    while let Some(ev) = stream.next().await {
+        match ev?.event {
+            Some(Event::Progress(p)) => progress.push((started.elapsed(), p)),
+            Some(Event::Result(r)) => result = Some(r),
+            _ => {}
+        }
+    }
+    let result = result.expect("result");
+    ensure!(outcome(&result) == Outcome::Succeeded, "{result:?}");
+    let took = started.elapsed();
+    ensure!(
+        took > Duration::from_secs(3),
+        "backup too fast ({took:?}) to prove streaming"
+    );
+    // Several progress events, spread over the run (not all at the end), with rising counters.
+    ensure!(
+        progress.len() >= 3,
+        "only {} progress events in {took:?}",
+        progress.len()
+    );
+    ensure!(
+        progress[0].0 < took - Duration::from_secs(2),
+        "first progress only at {:?} of {took:?}",
+        progress[0].0
+    );
+    let bytes: Vec<u64> = progress.iter().map(|(_, p)| p.bytes_done).collect();
+    ensure!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
+    ensure!(
+        progress.iter().any(|(_, p)| p.total_bytes == 24 << 20),
+        "totals: {progress:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused() -> Result<()> {
+    let agent = Agent::start("mtls")?;
+    let list = |mut c: restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>| async move {
+        c.list_runs(pb::ListRunsRequest {}).await
+    };
+    // The coordinator's certificate works.
+    list(agent.client().await?).await?;
+    // No client certificate: the handshake (or the first call) fails.
+    let anonymous = match agent.client_with(None).await {
+        Ok(c) => list(c).await.is_err(),
+        Err(_) => true,
+    };
+    ensure!(anonymous, "a client without a certificate was served");
+    // A certificate from another CA, even with the same name.
+    let other =
+        restic_operator_e2e::certs::Ca::new("someone-else")?.client("restic-operator-coordinator", None)?;
+    let foreign = match agent.client_with(Some(&other)).await {
+        Ok(c) => list(c).await.is_err(),
+        Err(_) => true,
+    };
+    ensure!(foreign, "a client with a foreign CA's certificate was served");
+    Ok(())
+}
+
+#[tokio::test]
+async fn volume_names_and_symlinks_that_escape_the_pod_are_refused() -> Result<()> {
+    let agent = Agent::start("escape")?;
+    let repo = s3_repository(&unique_name("escape"), "repo");
+    let mut client = agent.client().await?;
+    let uid = pod_uid(1);
+    agent.volume(&uid, EMPTY_DIR, "data")?;
+    // A planted symlink as a volume directory, pointing at the host's /etc.
+    symlink(
+        "/etc",
+        agent.pod_dir(&uid).join("volumes").join(EMPTY_DIR).join("evil"),
+    )?;
+
+    for (volume, pod, code) in [
+        ("../../../../etc", uid.as_str(), tonic::Code::InvalidArgument),
+        ("data/../../x", uid.as_str(), tonic::Code::InvalidArgument),
+        ("data", "../../etc", tonic::Code::InvalidArgument),
+        ("evil", uid.as_str(), tonic::Code::PermissionDenied),
+        ("missing", uid.as_str(), tonic::Code::NotFound),
+    ] {
+        let mut req = backup(&unique_name("escape-run"), &repo, pod, volume);
+        req.volume.as_mut().unwrap().pod_uid = pod.into();
+        let err = client.backup(req).await.err();
+        ensure!(
+            err.as_ref().map(|e| e.code()) == Some(code),
+            "{volume} in {pod}: {err:?}"
+        );
+    }
+    // Paths inside the volume may not climb out either.
+    let mut req = backup("escape-paths", &repo, &uid, "data");
+    req.paths = vec!["../../..".into()];
+    let err = client.backup(req).await.expect_err("'..' path accepted");
+    ensure!(
+        err.code() == tonic::Code::InvalidArgument && err.message().contains(".."),
+        "{err:?}"
+    );
+    // Nothing ran: no snapshots, not even a repository.
+    ensure!(
+        client
+            .list_runs(pb::ListRunsRequest {})
+            .await?
+            .into_inner()
+            .runs
+            .is_empty()
+    );
+    Ok(())
+}
+
+/// The memory cgroup of this test process, where the agent (a child) creates run cgroups.
+fn own_memory_cgroup() -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+        c.split(',').any(|c| c == "memory").then(|| path.to_string())
+    })?;
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'));
+    dir.exists().then_some(dir)
+}
+
+#[tokio::test]
+async fn cancel_stops_restic_and_leaves_no_lock_mount_zombie_or_cgroup_behind() -> Result<()> {
+    let agent = Agent::start("cancel")?;
+    let repo = s3_repository(&unique_name("cancel"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let run_id = unique_name("cancel-run");
+    let req = slow_backup(&agent, &uid, &run_id, &repo)?;
+    let mut stream = client.backup(req).await?.into_inner();
+    // Wait until restic is really working, then cancel.
+    while let Some(ev) = stream.next().await {
+        if matches!(ev?.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    let cancelled = client
+        .cancel(pb::CancelRequest {
+            run_id: run_id.clone(),
+        })
+        .await?
+        .into_inner();
+    ensure!(cancelled.cancelled);
+    let mut result = None;
+    while let Some(ev) = stream.next().await {
+        if let Some(Event::Result(r)) = ev?.event {
+            result = Some(r);
+        }
+    }
+    let result = result.expect("result");
+    ensure!(outcome(&result) == Outcome::Cancelled, "{result:?}");
+
+    // No zombie children of the agent, no mounts of its sandboxes on the host, no run cgroup.
+    let pid = agent.pid().to_string();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) {
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            ensure!(
+                !(fields.first() == Some(&"Z") && fields.get(1) == Some(&pid.as_str())),
+                "zombie child: {stat}"
+            );
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(
+        !mounts.contains(agent.dir.to_str().unwrap()),
+        "sandbox mount leaked:\n{mounts}"
+    );
+    if let Some(cg) = own_memory_cgroup() {
+        let runs = cg.join("restic-agent-runs");
+        let left: Vec<_> = std::fs::read_dir(&runs)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{run_id}-")))
+            .collect();
+        ensure!(
+            left.is_empty(),
+            "run cgroups left in {}: {left:?}",
+            runs.display()
+        );
+    }
+    ensure!(
+        !agent
+            .dir
+            .join("state/scratch")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "scratch left behind"
+    );
+
+    // The next runs are not blocked by a lock: a backup, and an exclusive forget.
+    let mut req = backup("after-cancel", &repo, &uid, "data");
+    req.options.as_mut().unwrap().restic = None;
+    let (_, next) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&next) == Outcome::Succeeded, "{next:?}");
+    let forget = pb::ForgetRequest {
+        options: Some(options("forget-after-cancel")),
+        repository: Some(repository(&repo)),
+        policy: Some(pb::KeepPolicy {
+            last: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (_, forgot) = collect(client.forget(forget).await?.into_inner()).await?;
+    ensure!(outcome(&forgot) == Outcome::Succeeded, "{forgot:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_calls_with_one_run_id_make_one_snapshot() -> Result<()> {
+    let agent = Agent::start("idempotent")?;
+    let repo = s3_repository(&unique_name("idempotent"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    make_tree(&agent.volume(&uid, EMPTY_DIR, "data")?)?;
+    let req = backup("backup-app-20240115t020000z", &repo, &uid, "data");
+    let mut other = agent.client().await?;
+    // Concurrently, as a retried dispatch would, and once more after it finished.
+    let (a, b) = tokio::join!(client.backup(req.clone()), other.backup(req.clone()));
+    let (_, ra) = collect(a?.into_inner()).await?;
+    let (_, rb) = collect(b?.into_inner()).await?;
+    let third = client.backup(req).await?;
+    ensure!(
+        third
+            .metadata()
+            .get("x-run-attached")
+            .is_some_and(|v| v == "true")
+    );
+    let (_, rc) = collect(third.into_inner()).await?;
+    ensure!(outcome(&ra) == Outcome::Succeeded, "{ra:?}");
+    ensure!(ra.snapshot_id == rb.snapshot_id && rb.snapshot_id == rc.snapshot_id);
+    ensure!(restic_snapshots(&repo)?.len() == 1, "more than one snapshot");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreadable_file_makes_the_run_partially_failed_with_its_path() -> Result<()> {
+    let agent = Agent::start("unreadable")?;
+    let repo = s3_repository(&unique_name("unreadable"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    std::fs::write(data.join("readable"), b"fine")?;
+    std::fs::write(data.join("locked"), b"root only")?;
+    std::fs::set_permissions(data.join("locked"), std::fs::Permissions::from_mode(0o000))?;
+    // As the backup's securityContext user, restic cannot read a root-only file.
+    let mut req = backup("partial", &repo, &uid, "data");
+    let opts = req.options.as_mut().unwrap();
+    opts.run_as_user = Some(65534);
+    opts.run_as_group = Some(65534);
+    let (events, result) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&result) == Outcome::PartiallyFailed, "{result:?}");
+    ensure!(
+        result.failed_paths == vec!["/data/locked".to_string()],
+        "{:?}",
+        result.failed_paths
+    );
+    ensure!(
+        !result.snapshot_id.is_empty(),
+        "the readable files still make a snapshot"
+    );
+    let warned = events
+        .iter()
+        .any(|e| matches!(&e.event, Some(Event::Warning(w)) if w.path == "/data/locked"));
+    ensure!(warned, "no warning event for the unreadable file");
+    Ok(())
+}
+
+#[tokio::test]
+async fn forget_leaves_exactly_what_restic_forget_dry_run_predicts() -> Result<()> {
+    let agent = Agent::start("forget")?;
+    let repo = s3_repository(&unique_name("forget"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    // Five snapshots, and one of another host that the scoped policy must not touch.
+    for i in 0..5 {
+        std::fs::write(data.join("counter"), i.to_string())?;
+        let (_, r) = collect(
+            client
+                .backup(backup(&format!("b{i}"), &repo, &uid, "data"))
+                .await?
+                .into_inner(),
+        )
+        .await?;
+        ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+    }
+    let mut other = backup("other-host", &repo, &uid, "data");
+    other.host = "other".into();
+    collect(client.backup(other).await?.into_inner()).await?;
+
+    let predicted = repo
+        .restic()?
+        .args([
+            "forget",
+            "--json",
+            "--dry-run",
+            "--keep-last",
+            "2",
+            "--keep-daily",
+            "1",
+        ])
+        .args(["--group-by", "host,tags", "--host", "app", "--tag", "e2e"])
+        .output()?;
+    ensure!(
+        predicted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&predicted.stderr)
+    );
+    let groups: Vec<serde_json::Value> = serde_json::from_slice(&predicted.stdout)?;
+    let mut keep: Vec<String> = groups
+        .iter()
+        .flat_map(|g| g["keep"].as_array().cloned().unwrap_or_default())
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+
+    let req = pb::ForgetRequest {
+        options: Some(options("forget")),
+        repository: Some(repository(&repo)),
+        policy: Some(pb::KeepPolicy {
+            last: 2,
+            daily: 1,
+            ..Default::default()
+        }),
+        group_by: vec!["host".into(), "tags".into()],
+        host: "app".into(),
+        tags: vec!["e2e".into()],
+        prune: true,
+        ..Default::default()
+    };
+    let (_, result) = collect(client.forget(req).await?.into_inner()).await?;
+    ensure!(outcome(&result) == Outcome::Succeeded, "{result:?}");
+    let mut remaining: Vec<String> = restic_snapshots(&repo)?
+        .iter()
+        .filter(|s| s["hostname"] == "app")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    keep.sort();
+    remaining.sort();
+    ensure!(
+        keep == remaining && keep.len() == 2,
+        "kept {remaining:?}, restic predicted {keep:?}"
+    );
+    ensure!(result.forget.as_ref().unwrap().removed.len() == 3, "{result:?}");
+    ensure!(
+        restic_snapshots(&repo)?.iter().any(|s| s["hostname"] == "other"),
+        "another host's snapshot was forgotten"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn repository_failures_have_their_own_reasons_and_never_leak_the_password() -> Result<()> {
+    let agent = Agent::start("repo-failures")?;
+    let repo = s3_repository(&unique_name("repo-failures"), "repo");
+    let mut client = agent.client().await?;
+    let stats = |repo: pb::Repository, id: &str| pb::RepositoryRequest {
+        options: Some(options(id)),
+        repository: Some(repo),
+    };
+    // Not initialized yet.
+    let (_, missing) = collect(client.stats(stats(repository(&repo), "s1")).await?.into_inner()).await?;
+    ensure!(
+        missing.failure == FailureKind::RepositoryNotFound as i32,
+        "{missing:?}"
+    );
+    init(&mut client, &repo, "init").await?;
+    // Wrong password.
+    let mut wrong = repository(&repo);
+    wrong.password = "definitely-wrong-password".into();
+    let (events, bad) = collect(client.stats(stats(wrong, "s2")).await?.into_inner()).await?;
+    ensure!(bad.failure == FailureKind::WrongPassword as i32, "{bad:?}");
+    let all = format!("{events:?}{}", agent.log());
+    ensure!(
+        !all.contains("definitely-wrong-password") && !all.contains(&repo.password),
+        "password leaked"
+    );
+    // Unreachable server.
+    let mut gone = repository(&repo);
+    gone.url = format!(
+        "s3:http://127.0.0.1:{}/nowhere/repo",
+        restic_operator_e2e::process::free_port()?
+    );
+    let mut req = stats(gone, "s3");
+    // restic retries an unreachable backend for minutes; the caller's deadline ends that.
+    req.options.as_mut().unwrap().timeout_seconds = 5;
+    let (_, unreachable) = collect(client.stats(req).await?.into_inner()).await?;
+    ensure!(
+        unreachable.failure == FailureKind::RepositoryUnreachable as i32,
+        "{unreachable:?}"
+    );
+    // Initializing twice is refused, not a second repository.
+    let req = pb::RepositoryRequest {
+        options: Some(options("init-again")),
+        repository: Some(repository(&repo)),
+    };
+    let (_, twice) = collect(client.init(req).await?.into_inner()).await?;
+    ensure!(twice.failure == FailureKind::RepositoryExists as i32, "{twice:?}");
+    // And a healthy one reports its statistics.
+    let (_, ok) = collect(client.stats(stats(repository(&repo), "s4")).await?.into_inner()).await?;
+    ensure!(outcome(&ok) == Outcome::Succeeded && ok.stats.is_some(), "{ok:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpcurl_lists_the_services_through_reflection_and_health_says_serving() -> Result<()> {
+    let agent = Agent::start("grpcurl")?;
+    let cert_dir = agent.dir.join("client");
+    std::fs::create_dir_all(&cert_dir)?;
+    std::fs::write(cert_dir.join("client.crt"), &agent.client_cert.cert_pem)?;
+    std::fs::write(cert_dir.join("client.key"), &agent.client_cert.key_pem)?;
+    let grpcurl = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(tool("grpcurl")?)
+            .arg("-cacert")
+            .arg(agent.pki("ca.crt"))
+            .arg("-cert")
+            .arg(cert_dir.join("client.crt"))
+            .arg("-key")
+            .arg(cert_dir.join("client.key"))
+            .args(["-servername", support::SERVER_NAME])
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let addr = format!("127.0.0.1:{}", agent.port);
+    let services = grpcurl(&[&addr, "list"])?;
+    for s in [
+        "resticoperator.agent.v1.Agent",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        ensure!(services.lines().any(|l| l == s), "{s} not listed:\n{services}");
+    }
+    let methods = grpcurl(&[&addr, "describe", "resticoperator.agent.v1.Agent"])?;
+    ensure!(
+        methods.contains("rpc Backup") && methods.contains("rpc Attach"),
+        "{methods}"
+    );
+    let health = grpcurl(&[&addr, "grpc.health.v1.Health/Check"])?;
+    ensure!(health.contains("SERVING"), "{health}");
+    // The agent's own metrics are served too.
+    let metrics = agent.metrics()?;
+    ensure!(metrics.contains("restic_agent_queue_length"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_debug_cli_talks_to_the_agent_and_explains_missing_certificates() -> Result<()> {
+    let agent = Agent::start("debug-cli")?;
+    let uid = pod_uid(1);
+    agent.volume(&uid, EMPTY_DIR, "cache")?;
+    agent.volume(&uid, CSI, "pvc-42")?;
+    std::fs::write(agent.dir.join("client.crt"), &agent.client_cert.cert_pem)?;
+    std::fs::write(agent.dir.join("client.key"), &agent.client_cert.key_pem)?;
+    let debug = |with_cert: bool, args: &[&str]| -> Result<std::process::Output> {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_restic-agent"));
+        cmd.arg("debug")
+            .arg(format!("--addr=https://127.0.0.1:{}", agent.port))
+            .arg("--ca")
+            .arg(agent.pki("ca.crt"));
+        if with_cert {
+            cmd.arg("--cert")
+                .arg(agent.dir.join("client.crt"))
+                .arg("--key")
+                .arg(agent.dir.join("client.key"));
+        }
+        Ok(cmd.args(args).output()?)
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    let health = debug(true, &["health"])?;
+    ensure!(
+        health.status.success() && text(&health).contains("SERVING"),
+        "{}",
+        text(&health)
+    );
+    let volumes = debug(true, &["volumes", &uid])?;
+    let listing = text(&volumes);
+    ensure!(
+        volumes.status.success() && listing.contains("cache") && listing.contains("pvc-42"),
+        "{listing}"
+    );
+    ensure!(
+        listing.contains("kubernetes.io~csi") && listing.contains("/mount"),
+        "{listing}"
+    );
+    let runs = debug(true, &["runs"])?;
+    ensure!(
+        runs.status.success() && text(&runs).contains("RUN"),
+        "{}",
+        text(&runs)
+    );
+
+    let missing = debug(false, &["health"])?;
+    ensure!(!missing.status.success(), "served without a client certificate");
+    ensure!(
+        text(&missing).contains("--cert is required"),
+        "{}",
+        text(&missing)
+    );
+    Ok(())
+}
