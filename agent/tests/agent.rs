@@ -680,3 +680,76 @@ async fn the_debug_cli_talks_to_the_agent_and_explains_missing_certificates() ->
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_live_lock_blocks_an_exclusive_operation_and_is_reported_not_removed() -> Result<()> {
+    let agent = Agent::start("live-lock")?;
+    let repo = s3_repository(&unique_name("live-lock"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    // Someone else's backup, running slowly: it holds a live lock the whole time.
+    let src = agent.dir.join("other-data");
+    std::fs::create_dir_all(&src)?;
+    for i in 0..4 {
+        std::fs::write(src.join(format!("f{i}")), pseudo_random(4 << 20, 500 + i))?;
+    }
+    let mut other = repo
+        .restic()?
+        .current_dir(&src)
+        .args(["backup", "--limit-upload=2048", "."])
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let forget = pb::ForgetRequest {
+        options: Some(options("forget-while-locked")),
+        repository: Some(repository(&repo)),
+        policy: Some(pb::KeepPolicy {
+            last: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (_, result) = collect(client.forget(forget).await?.into_inner()).await?;
+    ensure!(result.failure == FailureKind::Locked as i32, "{result:?}");
+    ensure!(result.reason.contains("locked"), "{}", result.reason);
+    // The holder was alive, so its lock was left alone and its backup finishes.
+    ensure!(
+        other.wait()?.success(),
+        "the other backup failed: its lock was removed?"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mover_serves_exactly_its_one_volume() -> Result<()> {
+    let volume = restic_operator_e2e::state_dir().join(unique_name("mover-volume"));
+    make_tree(&volume)?;
+    let agent = Agent::start_with("mover", &[&format!("--mover-volume={}", volume.display())])?;
+    let repo = s3_repository(&unique_name("mover"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let (_, r) = collect(
+        client
+            .backup(backup("mover-backup", &repo, "", "data"))
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    ensure!(
+        outcome(&r) == Outcome::Succeeded && r.backup.as_ref().unwrap().files_new == 4,
+        "{r:?}"
+    );
+    ensure!(restic_snapshots(&repo)?[0]["paths"] == serde_json::json!(["/data"]));
+    // A mover has no kubelet: requests for pod volumes are refused.
+    let err = client
+        .backup(backup("mover-pod", &repo, &pod_uid(1), "data"))
+        .await
+        .expect_err("pod volume on a mover");
+    ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
+    let metrics = agent.metrics()?;
+    ensure!(
+        metrics.contains(r#"restic_agent_runs_total{kind="backup",outcome="succeeded"} 1"#),
+        "{metrics}"
+    );
+    Ok(())
+}
