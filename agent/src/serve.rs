@@ -238,15 +238,35 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grace = args.grace_period;
-    builder
+    // On SIGTERM: stop restic first (runs end with a Cancelled result that their callers still
+    // receive), then let the server close; a caller that stopped reading cannot hold it open
+    // for longer than a few seconds more.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping = {
+        let runs = Arc::clone(&runs);
+        let health = health.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: stopping runs in flight");
+            health.set_not_serving::<AgentServer<AgentService>>().await;
+            runs.shutdown(grace + Duration::from_secs(5)).await;
+            let _ = stopped_tx.send(());
+        }
+    };
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(agent)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await?;
-    tracing::info!("shutting down: stopping runs in flight");
-    health.set_not_serving::<AgentServer<AgentService>>().await;
-    runs.shutdown(grace + Duration::from_secs(5)).await;
+        .serve_with_incoming_shutdown(incoming, stopping);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        _ = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        } => tracing::warn!("connections still open 3s after the runs stopped; exiting anyway"),
+    }
+    tracing::info!("agent stopped");
     Ok(())
 }
 

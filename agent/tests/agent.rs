@@ -753,3 +753,89 @@ async fn a_mover_serves_exactly_its_one_volume() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_restic_over_its_memory_limit_is_killed_and_reported_as_such() -> Result<()> {
+    let agent = Agent::start("oom")?;
+    let repo = s3_repository(&unique_name("oom"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    for i in 0..8 {
+        std::fs::write(data.join(format!("blob-{i}")), pseudo_random(4 << 20, 900 + i))?;
+    }
+    // restic needs far more than 12 MiB to pack 32 MiB; only its cgroup is limited.
+    let mut req = backup("oom", &repo, &uid, "data");
+    req.options.as_mut().unwrap().memory_limit_bytes = 12 << 20;
+    let (_, result) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(result.failure == FailureKind::OutOfMemory as i32, "{result:?}");
+    ensure!(result.reason.contains("memory limit"), "{}", result.reason);
+    // The agent itself is fine and the next run, with the default limit, succeeds.
+    let (_, next) = collect(
+        client
+            .backup(backup("after-oom", &repo, &uid, "data"))
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    ensure!(outcome(&next) == Outcome::Succeeded, "{next:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutting_the_agent_down_stops_restic_and_leaves_nothing_in_flight() -> Result<()> {
+    let agent = Agent::start("shutdown")?;
+    let repo = s3_repository(&unique_name("shutdown"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let req = slow_backup(&agent, &uid, "interrupted", &repo)?;
+    let mut stream = client.backup(req).await?.into_inner();
+    while let Some(ev) = stream.next().await {
+        if matches!(ev?.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    let pid = agent.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?;
+    // The caller still learns how its run ended.
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        last = ev?.event;
+    }
+    ensure!(
+        matches!(&last, Some(Event::Result(r)) if outcome(r) == Outcome::Cancelled),
+        "{last:?}"
+    );
+    let (status, agent) = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
+        agent.terminate().map(|s| (s, agent))
+    })
+    .await??;
+    ensure!(status.success(), "agent exit: {status}\n{}", agent.log());
+    ensure!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    // restic was stopped with it: nothing in flight on disk, no scratch, no half snapshot.
+    let state = agent.dir.join("state");
+    ensure!(
+        std::fs::read_dir(state.join("runs"))?.next().is_none(),
+        "run still recorded in flight"
+    );
+    ensure!(
+        std::fs::read_dir(state.join("scratch"))?.next().is_none(),
+        "scratch left behind"
+    );
+    ensure!(
+        restic_snapshots(&repo)?.is_empty(),
+        "a snapshot was written after shutdown"
+    );
+    ensure!(agent.log().contains("shutting down"), "{}", agent.log());
+    Ok(())
+}

@@ -94,6 +94,15 @@ impl Agent {
         self.process.child.id()
     }
 
+    /// SIGTERM, as the kubelet stops a pod, and wait for the agent to exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.process.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        Ok(self.process.child.wait()?)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.process.log).unwrap_or_default()
     }
