@@ -90,6 +90,32 @@ impl AgentService {
         Ok(respond(run, attached))
     }
 
+    /// A run on one volume: attach, or resolve the volume on this node, validate, and start.
+    fn volume_op<P, Fut>(
+        &self,
+        options: Option<pb::RunOptions>,
+        volume: Option<pb::VolumeRef>,
+        repo: Option<pb::Repository>,
+        kind: RunKind,
+        prepare: impl FnOnce(PathBuf) -> Result<P, String>,
+        run: fn(Arc<Executor>, Arc<Run>, P) -> Fut,
+    ) -> Result<Response<EventStream>, Status>
+    where
+        P: Send + 'static,
+        Fut: std::future::Future<Output = pb::Result> + Send + 'static,
+    {
+        let id = run_id(options.as_ref())?;
+        self.attach_or(&id, || {
+            let volume = volume.ok_or_else(|| Status::invalid_argument("volume is required"))?;
+            let prepared = prepare(self.volumes.resolve(&volume)?).map_err(Status::invalid_argument)?;
+            let exec = Arc::clone(&self.exec);
+            let url = repo.map(|r| r.url).unwrap_or_default();
+            Ok(self
+                .runs
+                .start_or_attach(&id, kind, &url, Some(volume), move |r| run(exec, r, prepared)))
+        })
+    }
+
     fn repository_op(
         &self,
         options: Option<pb::RunOptions>,
@@ -124,44 +150,28 @@ impl Agent for AgentService {
 
     async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
-        let id = run_id(req.options.as_ref())?;
-        self.attach_or(&id, || {
-            let volume = req
-                .volume
-                .clone()
-                .ok_or_else(|| Status::invalid_argument("volume is required"))?;
-            let host_path = self.volumes.resolve(&volume)?;
-            let url = req.repository.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-            let prepared =
-                backup::prepare(req, |_| Ok(host_path.clone())).map_err(Status::invalid_argument)?;
-            let exec = Arc::clone(&self.exec);
-            Ok(self
-                .runs
-                .start_or_attach(&id, RunKind::Backup, &url, Some(volume), move |run| {
-                    backup::run(exec, run, prepared)
-                }))
-        })
+        let (options, volume, repo) = (req.options.clone(), req.volume.clone(), req.repository.clone());
+        self.volume_op(
+            options,
+            volume,
+            repo,
+            RunKind::Backup,
+            |path| backup::prepare(req, path),
+            backup::run,
+        )
     }
 
     async fn restore(&self, request: Request<pb::RestoreRequest>) -> Result<Response<EventStream>, Status> {
         let req = request.into_inner();
-        let id = run_id(req.options.as_ref())?;
-        self.attach_or(&id, || {
-            let volume = req
-                .volume
-                .clone()
-                .ok_or_else(|| Status::invalid_argument("volume is required"))?;
-            let host_path = self.volumes.resolve(&volume)?;
-            let url = req.repository.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-            let prepared =
-                restore::prepare(req, |_| Ok(host_path.clone())).map_err(Status::invalid_argument)?;
-            let exec = Arc::clone(&self.exec);
-            Ok(self
-                .runs
-                .start_or_attach(&id, RunKind::Restore, &url, Some(volume), move |run| {
-                    restore::run(exec, run, prepared)
-                }))
-        })
+        let (options, volume, repo) = (req.options.clone(), req.volume.clone(), req.repository.clone());
+        self.volume_op(
+            options,
+            volume,
+            repo,
+            RunKind::Restore,
+            |path| restore::prepare(req, path),
+            restore::run,
+        )
     }
 
     async fn init(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {

@@ -262,6 +262,13 @@ pub fn subpath(volume: &Path, p: &str) -> Result<PathBuf, VolumeError> {
     Ok(rel)
 }
 
+/// Whether a directory has anything in it (a file system's `lost+found` does not count).
+pub fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
+        .unwrap_or(false)
+}
+
 /// Validates an absolute in-snapshot path such as `/data` or `/config/app`.
 pub fn snapshot_path(p: &str) -> Result<PathBuf, VolumeError> {
     let p = if p.is_empty() { "/data" } else { p };

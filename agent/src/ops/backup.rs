@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_event::Event};
 
-use super::{check_common, failed, failure_of};
+use super::{check_common, execute, failed, failure_of};
 use crate::exec::{Executor, Invocation};
 use crate::restic;
 use crate::runs::Run;
@@ -24,17 +24,12 @@ pub struct Prepared {
     pub host_paths: Vec<PathBuf>,
 }
 
-pub fn prepare(
-    req: pb::BackupRequest,
-    resolve: impl Fn(&pb::VolumeRef) -> Result<PathBuf, String>,
-) -> Result<Prepared, String> {
+pub fn prepare(req: pb::BackupRequest, host_path: PathBuf) -> Result<Prepared, String> {
     check_common(req.options.as_ref(), req.repository.as_ref())?;
     if req.host.trim().is_empty() {
         return Err("host is required (the operator uses the ResticBackup's name by default)".into());
     }
     restic::check_excludes(&req.excludes)?;
-    let volume = req.volume.as_ref().ok_or("volume is required")?;
-    let host_path = resolve(volume)?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
     let subpaths = if req.paths.is_empty() {
         vec!["/".to_string()]
@@ -97,9 +92,9 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         stream: false,
         step: "parent",
     };
-    let out = match exec.run(inv).await {
+    let out = match execute(&exec, inv).await {
         Ok(out) => out,
-        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+        Err(failure) => return failure,
     };
     if !out.success() {
         return failure_of(&out, "looking up the parent snapshot");
@@ -148,9 +143,9 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         stream: true,
         step: "backup",
     };
-    let out = match exec.run(inv).await {
+    let out = match execute(&exec, inv).await {
         Ok(out) => out,
-        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+        Err(failure) => return failure,
     };
     // Exit 3: the snapshot was made but some files could not be read.
     let partial = out.exit_code == Some(3);
@@ -187,7 +182,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         exit_code: out.exit_code.unwrap_or_default(),
         ..Default::default()
     };
-    if summary.total_files_processed == 0 && p.host_paths.iter().any(|h| has_entries(h)) {
+    if summary.total_files_processed == 0 && p.host_paths.iter().any(|h| volumes::has_entries(h)) {
         result.outcome = Outcome::Failed as i32;
         result.failure = FailureKind::EmptySnapshot as i32;
         result.reason =
@@ -205,12 +200,6 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         result.reason = format!("{} file(s) could not be read", result.failed_paths.len().max(1));
     }
     result
-}
-
-fn has_entries(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
-        .unwrap_or(false)
 }
 
 /// The command line for people (never includes credentials: those are in the environment).

@@ -8,7 +8,7 @@ pub mod restore;
 
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome};
 
-use crate::exec::Output;
+use crate::exec::{Executor, Invocation, Output};
 use crate::restic;
 
 /// A failed result with a reason.
@@ -51,6 +51,14 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
     }
     let (kind, reason) = restic::classify_failure(out.exit_code, &out.stderr);
     if out.timed_out {
+        // A missing repository or a wrong password is answered at once; a run still opening the
+        // repository at its deadline is waiting for a backend that does not answer.
+        let kind = match kind {
+            FailureKind::RepositoryNotFound | FailureKind::Restic if reason.contains("unable to open") => {
+                FailureKind::RepositoryUnreachable
+            }
+            other => other,
+        };
         return failed(
             kind,
             format!("{what} did not finish within its timeout and was stopped; last: {reason}"),
@@ -85,4 +93,11 @@ pub fn check_common(options: Option<&pb::RunOptions>, repo: Option<&pb::Reposito
         restic::check_env_name(name)?;
     }
     Ok(())
+}
+
+/// Runs restic; the agent's own failure to start it becomes the run's failed result.
+pub async fn execute(exec: &Executor, inv: Invocation<'_>) -> Result<Output, pb::Result> {
+    exec.run(inv)
+        .await
+        .map_err(|e| failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")))
 }

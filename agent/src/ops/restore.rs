@@ -7,7 +7,7 @@ use std::sync::Arc;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RestoreMode, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, failed, failure_of};
+use super::{check_common, execute, failed, failure_of};
 use crate::exec::{Executor, Invocation};
 use crate::runs::Run;
 use crate::sandbox::Bind;
@@ -24,13 +24,8 @@ pub struct Prepared {
     pub snapshot_path: PathBuf,
 }
 
-pub fn prepare(
-    req: pb::RestoreRequest,
-    resolve: impl Fn(&pb::VolumeRef) -> Result<PathBuf, String>,
-) -> Result<Prepared, String> {
+pub fn prepare(req: pb::RestoreRequest, host_path: PathBuf) -> Result<Prepared, String> {
     check_common(req.options.as_ref(), req.repository.as_ref())?;
-    let volume = req.volume.as_ref().ok_or("volume is required")?;
-    let host_path = resolve(volume)?;
     let subpath = volumes::subpath(&host_path, &req.target_subpath).map_err(|e| e.to_string())?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
     if req.snapshot_id.is_empty() {
@@ -57,7 +52,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     let options = req.options.as_ref().expect("checked in prepare");
     let target_host = p.host_path.join(&p.subpath);
     let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::IfEmpty);
-    if mode == RestoreMode::IfEmpty && non_empty(&target_host) {
+    if mode == RestoreMode::IfEmpty && volumes::has_entries(&target_host) {
         return failed(
             FailureKind::InvalidRequest,
             format!(
@@ -122,9 +117,9 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         stream: true,
         step: "restore",
     };
-    let out = match exec.run(inv).await {
+    let out = match execute(&exec, inv).await {
         Ok(out) => out,
-        Err(e) => return failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+        Err(failure) => return failure,
     };
     if !out.success() || out.cancelled {
         let mut r = failure_of(&out, "restore");
@@ -156,10 +151,4 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         result.reason = format!("{} file(s) could not be restored", result.failed_paths.len());
     }
     result
-}
-
-fn non_empty(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
-        .unwrap_or(false)
 }
