@@ -131,7 +131,6 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     run.emit(Event::Started(pb::Started {
         kind: RunKind::Backup as i32,
         command: display_command(&args),
-        attached: false,
     }));
 
     let inv = Invocation {

@@ -265,7 +265,6 @@ impl Step<'_> {
         self.run.emit(Event::Started(pb::Started {
             kind: kind as i32,
             command: display_command(&args),
-            attached: false,
         }));
         let inv = Invocation {
             run: self.run,

@@ -100,7 +100,6 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     run.emit(Event::Started(pb::Started {
         kind: RunKind::Restore as i32,
         command: display_command(&args),
-        attached: false,
     }));
     std::fs::create_dir_all(&target_host).ok();
     let bind = vec![Bind {
