@@ -671,8 +671,12 @@ pub mod reasons {
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
     /// A live restic lock held by another process blocks an exclusive operation.
     pub const REPOSITORY_LOCKED: &str = "RepositoryLocked";
-    /// The credentials Secret (or a key in it) is missing.
+    /// The credentials Secret is missing.
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// The credentials Secret exists but lacks a required key (`RESTIC_PASSWORD`).
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    /// No repository exists at the URL and initializing one failed.
+    pub const REPOSITORY_NOT_INITIALIZED: &str = "RepositoryNotInitialized";
     /// The wrong password or credentials were rejected by the repository.
     pub const AUTHENTICATION_FAILED: &str = "AuthenticationFailed";
     /// The last integrity check passed.
@@ -755,6 +759,15 @@ pub mod event_reasons {
     pub const RESTORE_FAILED: &str = "RestoreFailed";
     /// A manual trigger was accepted.
     pub const MANUAL_TRIGGER: &str = "ManualTrigger";
+    /// A scheduled run was skipped (a run was still in flight, or it was missed by more than
+    /// the starting deadline).
+    pub const BACKUP_SKIPPED: &str = "BackupSkipped";
+    /// A backup or restore was refused because the repository does not allow the namespace.
+    pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    /// A hook failed.
+    pub const HOOK_FAILED: &str = "HookFailed";
+    /// An integrity check started.
+    pub const INTEGRITY_CHECK_STARTED: &str = "IntegrityCheckStarted";
 }
 
 /// Outcome of a backup or retention run.

@@ -1,0 +1,187 @@
+//! The node agents: found by watching the agent pods (one per node, by label) and dialed
+//! with mutual TLS. Channels are cached per address and made lazily, so a dead agent costs
+//! a failed call, not a stuck reconcile.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use restic_operator_proto::v1::agent_client::AgentClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::pki::Pki;
+
+/// Where one agent is reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    pub node: String,
+    pub pod: String,
+    pub namespace: String,
+    pub address: String,
+}
+
+pub struct Agents {
+    store: Store<Pod>,
+    default_port: u16,
+    server_name: String,
+    tls: RwLock<ClientTlsConfig>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Whether a pod can take runs: running, with an IP, ready, not terminating.
+pub fn pod_is_serving(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else { return false };
+    pod.metadata.deletion_timestamp.is_none()
+        && status.phase.as_deref() == Some("Running")
+        && status.pod_ip.as_deref().is_some_and(|ip| !ip.is_empty())
+        && status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The gRPC port of a pod: its container port named `grpc`, else `default`.
+pub fn grpc_port(pod: &Pod, default: u16) -> u16 {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some("grpc"))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(default)
+}
+
+/// `https://ip:port`, with IPv6 addresses bracketed.
+pub fn address(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("https://[{ip}]:{port}")
+    } else {
+        format!("https://{ip}:{port}")
+    }
+}
+
+fn endpoint_of(pod: &Pod, default_port: u16) -> Option<AgentEndpoint> {
+    let node = pod.spec.as_ref()?.node_name.clone()?;
+    let ip = pod.status.as_ref()?.pod_ip.clone()?;
+    Some(AgentEndpoint {
+        node,
+        pod: pod.name_any(),
+        namespace: pod.namespace().unwrap_or_default(),
+        address: address(&ip, grpc_port(pod, default_port)),
+    })
+}
+
+fn tls_config(pki: &Pki, server_name: &str) -> ClientTlsConfig {
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca.cert))
+        .identity(Identity::from_pem(&pki.client.cert, &pki.client.key))
+        .domain_name(server_name)
+}
+
+impl Agents {
+    pub fn new(store: Store<Pod>, pki: &Pki, default_port: u16, server_name: &str) -> Self {
+        Self {
+            store,
+            default_port,
+            server_name: server_name.into(),
+            tls: RwLock::new(tls_config(pki, server_name)),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Switches to new client credentials (after certificate renewal).
+    pub fn set_pki(&self, pki: &Pki) {
+        *self.tls.write().expect("tls lock") = tls_config(pki, &self.server_name);
+        self.channels.lock().expect("channel lock").clear();
+    }
+
+    fn serving(&self) -> Vec<AgentEndpoint> {
+        let mut all: Vec<AgentEndpoint> = self
+            .store
+            .state()
+            .iter()
+            .filter(|p| pod_is_serving(p))
+            .filter_map(|p| endpoint_of(p, self.default_port))
+            .collect();
+        all.sort_by(|a, b| (&a.node, &a.pod).cmp(&(&b.node, &b.pod)));
+        all
+    }
+
+    /// Number of agents that can take runs.
+    pub fn count(&self) -> usize {
+        self.serving().len()
+    }
+
+    /// The agent of `node`.
+    pub fn on_node(&self, node: &str) -> Result<AgentEndpoint, String> {
+        self.serving()
+            .into_iter()
+            .find(|a| a.node == node)
+            .ok_or_else(|| format!("no ready restic agent on node {node}"))
+    }
+
+    /// An agent for repository-wide work (init, stats, check, forget): the first by node
+    /// name, so the choice is stable.
+    pub fn any(&self) -> Result<AgentEndpoint, String> {
+        self.serving()
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no ready restic agent in the cluster".to_owned())
+    }
+
+    /// A client for `address` (an agent pod or a mover pod).
+    pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, String> {
+        if let Some(ch) = self.channels.lock().expect("channel lock").get(address) {
+            return Ok(AgentClient::new(ch.clone()));
+        }
+        let tls = self.tls.read().expect("tls lock").clone();
+        let channel = Endpoint::from_shared(address.to_owned())
+            .map_err(|e| format!("agent address {address}: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("agent TLS: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        self.channels
+            .lock()
+            .expect("channel lock")
+            .insert(address.to_owned(), channel.clone());
+        Ok(AgentClient::new(channel))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn only_running_ready_pods_with_an_ip_serve() {
+        let ready = pod(
+            "metadata: {name: a}\nspec: {nodeName: n1, containers: [{name: agent, ports: [{name: grpc, containerPort: 7000}]}]}\n\
+             status: {phase: Running, podIP: 10.0.0.5, conditions: [{type: Ready, status: 'True'}]}",
+        );
+        assert!(pod_is_serving(&ready));
+        assert_eq!(grpc_port(&ready, 9443), 7000);
+        assert_eq!(
+            endpoint_of(&ready, 9443).unwrap().address,
+            "https://10.0.0.5:7000"
+        );
+        let pending =
+            pod("metadata: {name: a}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Pending}");
+        assert!(!pod_is_serving(&pending));
+        let not_ready = pod(
+            "metadata: {name: a}\nspec: {containers: []}\nstatus: {phase: Running, podIP: 10.0.0.5, conditions: [{type: Ready, status: 'False'}]}",
+        );
+        assert!(!pod_is_serving(&not_ready));
+        assert_eq!(address("fd00::1", 9443), "https://[fd00::1]:9443");
+    }
+}

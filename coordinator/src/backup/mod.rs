@@ -1,0 +1,596 @@
+//! The ResticBackup controller: decides when a run is due (schedule, manual trigger,
+//! concurrency policy, missed-run deadline), refuses what the repository does not allow,
+//! records the run in status *before* it starts, and hands it to a runner task. The runner
+//! (see `runner`) owns the run until its result is in status; a restarted coordinator finds
+//! `status.activeRun` and re-attaches.
+
+pub mod runner;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
+use restic_operator_api::common::{
+    ActiveRun, ConcurrencyPolicy, Condition, ConditionStatus, RunTrigger, condition_types as ct,
+    event_reasons as er, find_condition, reasons, set_condition,
+};
+use restic_operator_api::repository::ResticRepository;
+
+use crate::context::Context;
+use crate::error::{Error, Result, backoff};
+use crate::repository::{from_time, to_time};
+use crate::schedule::{Due, Schedule, due};
+use crate::sources::fnv;
+
+pub const CONTROLLER: &str = "resticbackup";
+
+/// A run to start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    pub run_id: String,
+    pub trigger: RunTrigger,
+    pub scheduled: DateTime<Utc>,
+    pub manual: Option<String>,
+}
+
+/// What reconcile decided (pure).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub start: Option<NewRun>,
+    /// A scheduled time handled without a run, and why (for an event).
+    pub skipped: Option<(DateTime<Utc>, String)>,
+    /// New `status.lastScheduleTime`.
+    pub last_schedule: Option<DateTime<Utc>>,
+    pub next_backup: Option<DateTime<Utc>>,
+    /// Cancel the run in flight (`Replace`).
+    pub cancel_active: bool,
+    pub requeue: Option<Duration>,
+}
+
+/// The run id of a scheduled run: the object's UID and the scheduled time, so the same tick
+/// always has the same id.
+pub fn scheduled_run_id(uid: &str, scheduled: DateTime<Utc>) -> String {
+    format!("rb-{uid}-{}", scheduled.timestamp())
+}
+
+pub fn manual_run_id(uid: &str, trigger: &str) -> String {
+    format!("rb-{uid}-m{:08x}{:04x}", fnv(trigger), trigger.len() & 0xffff)
+}
+
+/// Decides what to do at `now` (pure).
+pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, deadline: Duration) -> Plan {
+    let status = backup.status.clone().unwrap_or_default();
+    let uid = backup.uid().unwrap_or_default();
+    let in_flight = status.active_run.is_some();
+    let policy = backup
+        .spec
+        .job_config
+        .as_ref()
+        .map(|j| j.concurrency_policy)
+        .unwrap_or_default();
+    let base = status
+        .last_schedule_time
+        .as_ref()
+        .map(from_time)
+        .or_else(|| backup.metadata.creation_timestamp.as_ref().map(from_time))
+        .unwrap_or(now);
+    let deadline = chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::hours(1));
+    let mut plan = Plan::default();
+
+    let due_now = if backup.spec.suspend {
+        Due::Wait(None)
+    } else {
+        due(schedule, base, now, deadline)
+    };
+    match due_now {
+        Due::Wait(_) => {}
+        Due::TooLate { time } => {
+            plan.last_schedule = Some(time);
+            plan.skipped = Some((
+                time,
+                format!(
+                    "missed the run scheduled at {} by more than the starting deadline; waiting for the next one",
+                    time.to_rfc3339()
+                ),
+            ));
+        }
+        Due::Run { time, missed } => {
+            if !in_flight {
+                if backup.pending_manual_trigger().is_none() {
+                    plan.start = Some(NewRun {
+                        run_id: scheduled_run_id(&uid, time),
+                        trigger: RunTrigger::Schedule,
+                        scheduled: time,
+                        manual: None,
+                    });
+                    plan.last_schedule = Some(time);
+                    if missed > 0 {
+                        plan.skipped = Some((
+                            time,
+                            format!("{missed} earlier scheduled run(s) were missed; running once now"),
+                        ));
+                    }
+                }
+            } else {
+                match policy {
+                    ConcurrencyPolicy::Forbid => {
+                        plan.last_schedule = Some(time);
+                        plan.skipped = Some((
+                            time,
+                            format!(
+                                "skipped the run scheduled at {}: the previous run is still in flight (concurrencyPolicy Forbid)",
+                                time.to_rfc3339()
+                            ),
+                        ));
+                    }
+                    // Allow: the tick waits for the run in flight and then runs (within the
+                    // deadline). Replace: the run in flight is cancelled first.
+                    ConcurrencyPolicy::Allow => plan.requeue = Some(Duration::from_secs(5)),
+                    ConcurrencyPolicy::Replace => {
+                        plan.cancel_active = true;
+                        plan.requeue = Some(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+    if !in_flight
+        && plan.start.is_none()
+        && let Some(trigger) = backup.pending_manual_trigger()
+    {
+        plan.start = Some(NewRun {
+            run_id: manual_run_id(&uid, trigger),
+            trigger: RunTrigger::Manual,
+            scheduled: now,
+            manual: Some(trigger.to_owned()),
+        });
+    }
+    if !backup.spec.suspend {
+        let after = plan.last_schedule.map_or(now, |l| l.max(now));
+        plan.next_backup = schedule.next_after(after);
+    }
+    plan
+}
+
+fn condition(
+    status: &mut ResticBackupStatus,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) {
+    set_condition(
+        &mut status.conditions,
+        Condition::new(type_, ok, reason, message, generation, to_time(Utc::now())),
+    );
+}
+
+pub async fn reconcile(backup: Arc<ResticBackup>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&backup, &ctx).await;
+    let label = match &result {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics
+        .reconciled(CONTROLLER, label, started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Action> {
+    let ns = backup.namespace().unwrap_or_default();
+    let name = backup.name_any();
+    let key = format!("backup/{ns}/{name}");
+    let api: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let generation = backup.meta().generation;
+    let now = Utc::now();
+
+    // A run in flight without a runner (coordinator restart): re-attach first.
+    if let Some(active) = backup.status.as_ref().and_then(|s| s.active_run.clone()) {
+        runner::ensure_running(ctx, backup, active);
+    }
+
+    // Validate (pure).
+    let schedule = match Schedule::parse(&backup.spec.schedule, backup.spec.timezone.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.status
+                .update(&api, &name, |_, s| {
+                    condition(s, ct::READY, false, reasons::INVALID_SPEC, e.clone(), generation);
+                    s.next_backup = None;
+                    s.observed_generation = generation;
+                })
+                .await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    // Dereference the repository and check it may be used from here.
+    let repo_ref = &backup.spec.repository_ref;
+    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
+    let repo = Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
+        .get_opt(&repo_ref.name)
+        .await?;
+    let repo_problem = match &repo {
+        None => Some((
+            reasons::REPOSITORY_NOT_FOUND,
+            format!("ResticRepository {repo_ns}/{} does not exist", repo_ref.name),
+        )),
+        Some(repo) => {
+            let labels = if repo_ns == ns {
+                Default::default()
+            } else {
+                Api::<Namespace>::all(ctx.client.clone())
+                    .get_opt(&ns)
+                    .await?
+                    .and_then(|n| n.metadata.labels)
+                    .unwrap_or_default()
+            };
+            if !repo.allows_namespace(&ns, &labels) {
+                Some((
+                    reasons::NAMESPACE_NOT_ALLOWED,
+                    format!(
+                        "ResticRepository {repo_ns}/{} does not allow namespace {ns} (spec.allowedNamespaces)",
+                        repo_ref.name
+                    ),
+                ))
+            } else {
+                match repo
+                    .status
+                    .as_ref()
+                    .and_then(|s| find_condition(&s.conditions, ct::READY))
+                {
+                    Some(c) if c.is_true() => None,
+                    Some(c) => Some((
+                        reasons::REPOSITORY_NOT_READY,
+                        format!(
+                            "ResticRepository {repo_ns}/{} is not ready ({}): {}",
+                            repo_ref.name,
+                            c.reason.clone().unwrap_or_default(),
+                            c.message.clone().unwrap_or_default()
+                        ),
+                    )),
+                    None => Some((
+                        reasons::REPOSITORY_NOT_READY,
+                        format!(
+                            "ResticRepository {repo_ns}/{} has not been checked yet",
+                            repo_ref.name
+                        ),
+                    )),
+                }
+            }
+        }
+    };
+
+    let plan = plan(backup, &schedule, now, ctx.config.starting_deadline);
+    let blocked = repo_problem.is_some();
+    let refuse_event = match (&repo_problem, &plan.start) {
+        (Some((reason, message)), Some(run)) if *reason == reasons::NAMESPACE_NOT_ALLOWED => {
+            Some((run.clone(), message.clone()))
+        }
+        _ => None,
+    };
+
+    // Apply: status first (the run is recorded before it starts), then the runner.
+    let start = if blocked { None } else { plan.start.clone() };
+    let updated = ctx
+        .status
+        .update(&api, &name, |_, s| {
+            s.observed_generation = generation;
+            s.next_backup = plan.next_backup.map(to_time);
+            if let Some(t) = plan.last_schedule
+                && (start.is_some() || plan.skipped.is_some() || blocked)
+            {
+                s.last_schedule_time = Some(to_time(t));
+            }
+            match &repo_problem {
+                Some((reason, message)) => {
+                    condition(
+                        s,
+                        ct::REPOSITORY_READY,
+                        false,
+                        reason,
+                        message.clone(),
+                        generation,
+                    );
+                    // A refused manual trigger is recorded as handled: it will not run later
+                    // by surprise when the repository's allow-list changes.
+                    if let Some((run, _)) = &refuse_event
+                        && let Some(m) = &run.manual
+                    {
+                        s.last_manual_trigger = Some(m.clone());
+                    }
+                }
+                None => condition(
+                    s,
+                    ct::REPOSITORY_READY,
+                    true,
+                    reasons::REPOSITORY_ACCESSIBLE,
+                    "Repository is accessible",
+                    generation,
+                ),
+            }
+            if let Some(run) = &start {
+                s.active_run = Some(ActiveRun {
+                    run_id: run.run_id.clone(),
+                    trigger: Some(run.trigger),
+                    scheduled_time: Some(to_time(run.scheduled)),
+                    start_time: Some(to_time(Utc::now())),
+                    node_name: None,
+                    agent_pod: None,
+                    attempt: Some(1),
+                });
+                if let Some(m) = &run.manual {
+                    s.last_manual_trigger = Some(m.clone());
+                }
+                s.progress = None;
+                condition(
+                    s,
+                    ct::PROGRESSING,
+                    true,
+                    reasons::BACKUP_RUNNING,
+                    format!("Run {} started", run.run_id),
+                    generation,
+                );
+            }
+            let has_ready = find_condition(&s.conditions, ct::READY).is_some();
+            if backup.spec.suspend {
+                condition(
+                    s,
+                    ct::READY,
+                    true,
+                    reasons::SUSPENDED,
+                    "Scheduling is suspended",
+                    generation,
+                );
+            } else if !has_ready
+                || find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.as_deref())
+                    == Some(reasons::SUSPENDED)
+                || find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.as_deref())
+                    == Some(reasons::INVALID_SPEC)
+            {
+                condition(
+                    s,
+                    ct::READY,
+                    true,
+                    reasons::SCHEDULED,
+                    "Waiting for the next scheduled run",
+                    generation,
+                );
+            }
+        })
+        .await?;
+    let Some(updated) = updated else {
+        return Ok(Action::await_change());
+    };
+
+    if let Some((time, why)) = &plan.skipped {
+        let _ = time;
+        runner::publish(ctx, backup, EventType::Warning, er::BACKUP_SKIPPED, why.clone()).await;
+    }
+    if let Some((run, message)) = refuse_event {
+        runner::publish(
+            ctx,
+            backup,
+            EventType::Warning,
+            er::NAMESPACE_NOT_ALLOWED,
+            format!("Run {} refused: {message}", run.run_id),
+        )
+        .await;
+    }
+    if plan.cancel_active
+        && let Some(active) = updated.status.as_ref().and_then(|s| s.active_run.clone())
+    {
+        runner::cancel(ctx, &active).await;
+    }
+    if let Some(run) = start {
+        let active = ActiveRun {
+            run_id: run.run_id.clone(),
+            trigger: Some(run.trigger),
+            scheduled_time: Some(to_time(run.scheduled)),
+            start_time: Some(to_time(Utc::now())),
+            ..Default::default()
+        };
+        if let Some(m) = &run.manual {
+            runner::publish(
+                ctx,
+                backup,
+                EventType::Normal,
+                er::MANUAL_TRIGGER,
+                format!("Manual trigger {m:?} accepted"),
+            )
+            .await;
+        }
+        runner::ensure_running(ctx, backup, active);
+    }
+
+    if blocked {
+        return Ok(Action::requeue(
+            backoff(ctx.failed(&key)).max(Duration::from_secs(10)),
+        ));
+    }
+    ctx.succeeded(&key);
+    let until_next = plan
+        .next_backup
+        .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50));
+    let requeue = [until_next, plan.requeue, Some(Duration::from_secs(3600))]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(3600));
+    Ok(Action::requeue(requeue.max(Duration::from_millis(100))))
+}
+
+pub fn error_policy(backup: Arc<ResticBackup>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("backup/{}", crate::status::key_of(backup.as_ref()));
+    tracing::warn!(backup = %key, %error, "reconcile failed");
+    match error.class() {
+        crate::error::Class::Permanent => Action::await_change(),
+        crate::error::Class::Temporary => Action::requeue(backoff(ctx.failed(&key))),
+    }
+}
+
+/// The ResticBackups that reference `repo` (for the repository watch).
+pub fn referencing(
+    backups: &[Arc<ResticBackup>],
+    repo: &ResticRepository,
+) -> Vec<kube::runtime::reflector::ObjectRef<ResticBackup>> {
+    let repo_ns = repo.namespace().unwrap_or_default();
+    backups
+        .iter()
+        .filter(|b| {
+            let ns = b.namespace().unwrap_or_default();
+            b.spec.repository_ref.name == repo.name_any()
+                && b.spec.repository_ref.namespace_or(&ns) == repo_ns
+        })
+        .map(|b| kube::runtime::reflector::ObjectRef::from_obj(b.as_ref()))
+        .collect()
+}
+
+/// Whether a condition of `status` has the given status.
+pub fn condition_is(status: &ResticBackupStatus, type_: &str, want: ConditionStatus) -> bool {
+    find_condition(&status.conditions, type_).is_some_and(|c| c.status == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    struct B(String);
+
+    fn backup() -> B {
+        B(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
+           metadata: {name: b, namespace: n, uid: u1, creationTimestamp: '2024-01-01T00:00:00Z'}\n\
+           spec: {repositoryRef: {name: r}, schedule: '0 2 * * *', source: {pvc: {claimName: data}}"
+                .into(),
+        )
+    }
+
+    impl B {
+        fn spec(mut self, extra: &str) -> Self {
+            self.0.push_str(", ");
+            self.0.push_str(extra);
+            self
+        }
+        fn status(self, status: &str) -> ResticBackup {
+            let mut y = self.0;
+            y.push_str("}\n");
+            if !status.is_empty() {
+                y.push_str(&format!("status: {{{status}}}\n"));
+            }
+            serde_yaml::from_str(&y).unwrap()
+        }
+        fn build(self) -> ResticBackup {
+            self.status("")
+        }
+    }
+
+    fn schedule() -> Schedule {
+        Schedule::parse("0 2 * * *", None).unwrap()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_due_tick_starts_a_run_with_an_id_from_uid_and_time() {
+        let b = backup().status("lastScheduleTime: '2024-01-14T02:00:00Z'");
+        let p = plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR);
+        let run = p.start.unwrap();
+        assert_eq!(
+            run.run_id,
+            format!("rb-u1-{}", t("2024-01-15T02:00:00Z").timestamp())
+        );
+        assert_eq!(run.trigger, RunTrigger::Schedule);
+        assert_eq!(p.last_schedule, Some(t("2024-01-15T02:00:00Z")));
+        assert_eq!(p.next_backup, Some(t("2024-01-16T02:00:00Z")));
+    }
+
+    #[test]
+    fn forbid_skips_a_tick_while_a_run_is_in_flight() {
+        let b = backup().status("lastScheduleTime: '2024-01-14T02:00:00Z', activeRun: {runID: x}");
+        let p = plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR);
+        assert!(p.start.is_none());
+        assert_eq!(p.last_schedule, Some(t("2024-01-15T02:00:00Z")));
+        assert!(p.skipped.unwrap().1.contains("Forbid"));
+    }
+
+    #[test]
+    fn allow_waits_for_the_run_in_flight_and_replace_cancels_it() {
+        let b = backup()
+            .spec("jobConfig: {concurrencyPolicy: Allow}")
+            .status("lastScheduleTime: '2024-01-14T02:00:00Z', activeRun: {runID: x}");
+        let p = plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR);
+        assert!(p.start.is_none() && p.last_schedule.is_none() && !p.cancel_active);
+        let b = backup()
+            .spec("jobConfig: {concurrencyPolicy: Replace}")
+            .status("lastScheduleTime: '2024-01-14T02:00:00Z', activeRun: {runID: x}");
+        assert!(plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR).cancel_active);
+    }
+
+    #[test]
+    fn manual_trigger_runs_once_with_a_stable_id() {
+        let b = backup()
+            .spec("manualTrigger: 'now-1'")
+            .status("lastScheduleTime: '2024-01-15T02:00:00Z'");
+        let p = plan(&b, &schedule(), t("2024-01-15T10:00:00Z"), HOUR);
+        let run = p.start.unwrap();
+        assert_eq!(run.trigger, RunTrigger::Manual);
+        assert_eq!(run.manual.as_deref(), Some("now-1"));
+        assert_eq!(run.run_id, manual_run_id("u1", "now-1"));
+        let handled = backup()
+            .spec("manualTrigger: 'now-1'")
+            .status("lastScheduleTime: '2024-01-15T02:00:00Z', lastManualTrigger: 'now-1'");
+        assert!(
+            plan(&handled, &schedule(), t("2024-01-15T10:00:00Z"), HOUR)
+                .start
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn suspend_stops_the_schedule_but_not_a_manual_trigger() {
+        let b = backup()
+            .spec("suspend: true")
+            .status("lastScheduleTime: '2024-01-14T02:00:00Z'");
+        let p = plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR);
+        assert!(p.start.is_none() && p.next_backup.is_none());
+        let b = backup().spec("suspend: true, manualTrigger: go").build();
+        assert_eq!(
+            plan(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR)
+                .start
+                .unwrap()
+                .trigger,
+            RunTrigger::Manual
+        );
+    }
+
+    #[test]
+    fn after_an_outage_one_run_starts_within_the_deadline_and_none_after_it() {
+        let b = backup().status("lastScheduleTime: '2024-01-10T02:00:00Z'");
+        let p = plan(&b, &schedule(), t("2024-01-15T02:30:00Z"), HOUR);
+        assert_eq!(p.start.unwrap().scheduled, t("2024-01-15T02:00:00Z"));
+        assert!(p.skipped.unwrap().1.contains("4 earlier"));
+        let p = plan(&b, &schedule(), t("2024-01-15T04:00:00Z"), HOUR);
+        assert!(p.start.is_none());
+        assert_eq!(p.last_schedule, Some(t("2024-01-15T02:00:00Z")));
+    }
+
+    #[test]
+    fn a_new_backup_does_not_run_slots_before_its_creation() {
+        let b = backup().build();
+        let p = plan(&b, &schedule(), t("2024-01-01T01:00:00Z"), HOUR);
+        assert!(p.start.is_none());
+        assert_eq!(p.next_backup, Some(t("2024-01-01T02:00:00Z")));
+    }
+}

@@ -1,0 +1,881 @@
+//! One backup run, from pre-hook to final status: placement, dispatch to the node's agent
+//! (or a mover pod), live progress, hooks, retention, events and metrics. The run id and
+//! node are in `status.activeRun` before anything is sent, so a restarted coordinator
+//! re-attaches with the same id and never starts a second snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use restic_operator_api::backup::{BackupRun, BackupStatistics, ResticBackup};
+use restic_operator_api::common::{
+    ActiveRun, ObjectReference, Progress, RunResult, condition_types as ct, event_reasons as er,
+    format_bytes, format_duration, reasons,
+};
+use restic_operator_api::repository::ResticRepository;
+use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
+
+use crate::agents::pod_is_serving;
+use crate::context::Context;
+use crate::credentials;
+use crate::hooks::{self, Phase};
+use crate::pki;
+use crate::repository::to_time;
+use crate::run::{self, Ended};
+use crate::sources::{self, Placement};
+
+/// Starts the runner of `active` unless it runs already.
+pub fn ensure_running(ctx: &Arc<Context>, backup: &ResticBackup, active: ActiveRun) {
+    let key = format!("backup-run/{}", active.run_id);
+    let ctx2 = Arc::clone(ctx);
+    let ns = backup.namespace().unwrap_or_default();
+    let name = backup.name_any();
+    ctx.tasks.spawn_once(&key, async move {
+        run(ctx2, ns, name, active).await;
+    });
+}
+
+/// Asks the agent to cancel the run in flight (`concurrencyPolicy: Replace`).
+pub async fn cancel(ctx: &Context, active: &ActiveRun) {
+    let Some(node) = &active.node_name else { return };
+    let Ok(agent) = ctx.agents.on_node(node) else {
+        return;
+    };
+    if let Ok(mut client) = ctx.agents.client(&agent.address) {
+        let _ = client
+            .cancel(pb::CancelRequest {
+                run_id: active.run_id.clone(),
+            })
+            .await;
+    }
+}
+
+pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(run::truncate(&note, 1000)),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.backup_events.publish(&event, &backup.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// How a run ended, before hooks and retention.
+struct Outcome {
+    result: RunResult,
+    message: String,
+    agent: Option<pb::Result>,
+}
+
+impl Outcome {
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            result: RunResult::Failed,
+            message: message.into(),
+            agent: None,
+        }
+    }
+}
+
+async fn run(ctx: Arc<Context>, ns: String, name: String, active: ActiveRun) {
+    let api: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let backup = match api.get_opt(&name).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(backup = %name, error = %e, "could not read the backup; the next reconcile retries");
+            return;
+        }
+    };
+    // The status may have moved on (another replica, or this run already finished).
+    if backup
+        .status
+        .as_ref()
+        .and_then(|s| s.active_run.as_ref())
+        .map(|a| &a.run_id)
+        != Some(&active.run_id)
+    {
+        return;
+    }
+    tracing::info!(backup = %format!("{ns}/{name}"), run_id = %active.run_id, "run");
+    let started = active.start_time.clone().unwrap_or_else(|| to_time(Utc::now()));
+    let mut outcome = execute(&ctx, &api, &backup, &active).await;
+
+    // Hooks after the run: postBackup on success, onFailure otherwise.
+    let hooks_spec = backup.spec.hooks.clone().unwrap_or_default();
+    let mut notes = Vec::new();
+    if outcome.result != RunResult::Failed {
+        if let Some(h) = &hooks_spec.post_backup
+            && let Err(e) = hooks::run(&ctx.client, &backup, Phase::PostBackup, h, &active.run_id).await
+        {
+            publish(&ctx, &backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
+            notes.push(e);
+        }
+    } else if let Some(h) = &hooks_spec.on_failure {
+        match hooks::run(&ctx.client, &backup, Phase::OnFailure, h, &active.run_id).await {
+            Ok(_) => notes.push("onFailure hook ran".into()),
+            Err(e) => {
+                publish(&ctx, &backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
+                notes.push(e);
+            }
+        }
+    }
+
+    // Retention after a run that made a snapshot.
+    let mut retention: Option<Result<pb::ForgetSummary, String>> = None;
+    if outcome.result != RunResult::Failed
+        && let Some(spec) = backup.active_retention()
+    {
+        let r = apply_retention(&ctx, &backup, spec, &active.run_id).await;
+        match &r {
+            Ok(summary) => {
+                publish(
+                    &ctx,
+                    &backup,
+                    EventType::Normal,
+                    er::RETENTION_COMPLETED,
+                    format!(
+                        "Retention policy applied, removed {} snapshots ({} kept)",
+                        summary.removed.len(),
+                        summary.kept.len()
+                    ),
+                )
+                .await
+            }
+            Err(e) => publish(&ctx, &backup, EventType::Warning, er::RETENTION_FAILED, e.clone()).await,
+        }
+        retention = Some(r);
+    }
+    if !notes.is_empty() {
+        outcome.message = [outcome.message.clone(), notes.join("; ")]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    finish(&ctx, &api, &backup, &active, started, outcome, retention).await;
+}
+
+/// Pre-hook, placement, dispatch (or re-attach), following the run to its result.
+async fn execute(
+    ctx: &Arc<Context>,
+    api: &Api<ResticBackup>,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+) -> Outcome {
+    let ns = backup.namespace().unwrap_or_default();
+    let lost = ctx.config.agent_lost_timeout;
+
+    // Re-attach: the run was dispatched before a coordinator restart.
+    if let (Some(node), Some(agent_pod)) = (&active.node_name, &active.agent_pod) {
+        let address = if agent_pod.kind.as_deref() == Some("Mover") {
+            mover_address(ctx, &ns, &agent_pod.name).await
+        } else {
+            ctx.agents.on_node(node).ok().map(|a| a.address)
+        };
+        if let Some(address) = address
+            && let Ok(mut client) = ctx.agents.client(&address)
+        {
+            let mut progress = ProgressWriter::new(ctx, api, backup, active);
+            match run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await {
+                Ended::Result(r) => {
+                    progress.flush().await;
+                    tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
+                    cleanup_mover(ctx, &ns, agent_pod).await;
+                    return outcome_of(*r);
+                }
+                Ended::Unknown => {} // never started there (or forgotten): dispatch below
+                Ended::Unavailable(e) => {
+                    tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; dispatching")
+                }
+            }
+        }
+    }
+
+    let hooks_spec = backup.spec.hooks.clone().unwrap_or_default();
+    if let Some(h) = &hooks_spec.pre_backup
+        && let Err(e) = hooks::run(&ctx.client, backup, Phase::PreBackup, h, &active.run_id).await
+    {
+        publish(ctx, backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
+        return Outcome::failed(e);
+    }
+
+    // Repository and credentials, checked again at dispatch time.
+    let repo_ref = &backup.spec.repository_ref;
+    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
+    let repo = match Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
+        .get_opt(&repo_ref.name)
+        .await
+    {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Outcome::failed(format!(
+                "ResticRepository {repo_ns}/{} does not exist",
+                repo_ref.name
+            ));
+        }
+        Err(e) => {
+            return Outcome::failed(format!(
+                "reading ResticRepository {repo_ns}/{}: {e}",
+                repo_ref.name
+            ));
+        }
+    };
+    let creds = match credentials::load(&ctx.client, &repo).await {
+        Ok(c) => c,
+        Err(e) => return Outcome::failed(e.to_string()),
+    };
+
+    let placement = match sources::resolve(&ctx.client, backup).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::failed(e),
+    };
+    let (address, volume, agent_ref, node) = match &placement {
+        Placement::Pod(pv) => match ctx.agents.on_node(&pv.node) {
+            Ok(agent) => (
+                agent.address.clone(),
+                pb::VolumeRef {
+                    pod_uid: pv.pod_uid.clone(),
+                    volume_name: pv.volume.clone(),
+                    pv_name: pv.pv_name.clone(),
+                },
+                ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: agent.pod.clone(),
+                    namespace: Some(agent.namespace.clone()),
+                },
+                pv.node.clone(),
+            ),
+            Err(e) => return Outcome::failed(format!("{e} (pod {} mounts the volume there)", pv.pod)),
+        },
+        Placement::Mover { claim } => match start_mover(ctx, backup, claim, &active.run_id).await {
+            Ok((address, pod, node)) => (
+                address,
+                pb::VolumeRef::default(),
+                ObjectReference {
+                    kind: Some("Mover".into()),
+                    name: pod,
+                    namespace: Some(ns.clone()),
+                },
+                node,
+            ),
+            Err(e) => return Outcome::failed(e),
+        },
+    };
+
+    // Record where the run goes before sending it.
+    let _ = ctx
+        .status
+        .update(api, &backup.name_any(), |_, s| {
+            if let Some(a) = s.active_run.as_mut().filter(|a| a.run_id == active.run_id) {
+                a.node_name = Some(node.clone());
+                a.agent_pod = Some(agent_ref.clone());
+            }
+        })
+        .await;
+
+    let job = backup.spec.job_config.clone().unwrap_or_default();
+    let mut options = run::options(
+        &active.run_id,
+        job.active_deadline_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(ctx.config.run_timeout, Duration::from_secs),
+    );
+    if let Some(limit) = job
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| parse_quantity(&q.0))
+    {
+        options.memory_limit_bytes = limit;
+    }
+    if let Some(sc) = &job.security_context {
+        options.run_as_user = sc.run_as_user.and_then(|u| u32::try_from(u).ok());
+        options.run_as_group = sc.run_as_group.and_then(|g| u32::try_from(g).ok());
+    }
+    options.restic = Some(pb::ResticOptions {
+        extra_args: backup
+            .spec
+            .restic
+            .as_ref()
+            .map(|r| r.extra_args.clone())
+            .unwrap_or_default(),
+        ..Default::default()
+    });
+    let (paths, excludes) = match (&backup.spec.source.pvc, &backup.spec.source.pod_volume_backup) {
+        (Some(p), _) => (p.paths.clone(), p.excludes.clone()),
+        (_, Some(p)) => (p.paths.clone(), p.excludes.clone()),
+        _ => (vec![], vec![]),
+    };
+    let request = pb::BackupRequest {
+        options: Some(options),
+        repository: Some(creds),
+        volume: Some(volume),
+        snapshot_path: backup.snapshot_path().to_owned(),
+        host: backup.effective_hostname(),
+        tags: backup.tags().to_vec(),
+        paths,
+        excludes,
+        dry_run: false,
+    };
+
+    let _shared = ctx.locks.shared(&format!("{repo_ns}/{}", repo_ref.name)).await;
+    ctx.metrics.dispatch_total.with_label_values(&["backup"]).inc();
+    publish(
+        ctx,
+        backup,
+        EventType::Normal,
+        er::BACKUP_STARTED,
+        format!("Starting backup {} on node {node}", active.run_id),
+    )
+    .await;
+    let mut progress = ProgressWriter::new(ctx, api, backup, active);
+    let ended = run::drive(
+        &ctx.agents,
+        &address,
+        &active.run_id,
+        lost,
+        |mut c| async move { c.backup(request).await },
+        &mut |e| progress.on_event(e),
+    )
+    .await;
+    progress.flush().await;
+    cleanup_mover(ctx, &ns, &agent_ref).await;
+    match ended {
+        Ended::Result(r) => outcome_of(*r),
+        Ended::Unavailable(e) => Outcome::failed(format!("agent on node {node} unavailable: {e}")),
+        Ended::Unknown => Outcome::failed(format!("the agent on node {node} lost run {}", active.run_id)),
+    }
+}
+
+fn outcome_of(r: pb::Result) -> Outcome {
+    let (result, message) = match pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified) {
+        pb::Outcome::Succeeded => (RunResult::Succeeded, String::new()),
+        pb::Outcome::PartiallyFailed => (
+            RunResult::PartiallyFailed,
+            format!("{} file(s) could not be read", r.failed_paths.len()),
+        ),
+        _ => (RunResult::Failed, run::describe_failure(&r)),
+    };
+    Outcome {
+        result,
+        message,
+        agent: Some(r),
+    }
+}
+
+/// `128Mi`, `1G`, `512000` as bytes.
+pub fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (num, unit) = q.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    Some((n * mult) as u64)
+}
+
+/// Writes live progress to status, at most every `progress_interval`.
+struct ProgressWriter<'a> {
+    ctx: &'a Context,
+    api: &'a Api<ResticBackup>,
+    name: String,
+    run_id: String,
+    start: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    latest: Option<pb::Progress>,
+    stage: Option<String>,
+    last_write: Option<std::time::Instant>,
+    pending: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<'a> ProgressWriter<'a> {
+    fn new(ctx: &'a Context, api: &'a Api<ResticBackup>, backup: &ResticBackup, active: &ActiveRun) -> Self {
+        Self {
+            ctx,
+            api,
+            name: backup.name_any(),
+            run_id: active.run_id.clone(),
+            start: active.start_time.clone(),
+            latest: None,
+            stage: None,
+            last_write: None,
+            pending: None,
+        }
+    }
+
+    fn on_event(&mut self, event: &pb::RunEvent) {
+        match &event.event {
+            Some(RunEventKind::Progress(p)) => self.latest = Some(p.clone()),
+            Some(RunEventKind::Queued(_)) => self.stage = Some("Queued".into()),
+            Some(RunEventKind::Started(_)) => self.stage = Some("Running".into()),
+            _ => return,
+        }
+        let due = self
+            .last_write
+            .is_none_or(|t| t.elapsed() >= self.ctx.config.progress_interval);
+        if due && self.pending.as_ref().is_none_or(|h| h.is_finished()) {
+            self.last_write = Some(std::time::Instant::now());
+            self.pending = Some(self.spawn_write());
+        }
+    }
+
+    fn spawn_write(&self) -> tokio::task::JoinHandle<()> {
+        let p = self.latest.clone().unwrap_or_default();
+        let progress = Progress {
+            run_id: Some(self.run_id.clone()),
+            start_time: self.start.clone(),
+            update_time: Some(to_time(Utc::now())),
+            percent_done: Some((p.percent_done * 1000.0).round() / 10.0),
+            bytes_done: i64::try_from(p.bytes_done).ok(),
+            total_bytes: i64::try_from(p.total_bytes).ok(),
+            files_done: i64::try_from(p.files_done).ok(),
+            total_files: i64::try_from(p.total_files).ok(),
+            seconds_remaining: i64::try_from(p.seconds_remaining).ok(),
+            stage: self.stage.clone(),
+        };
+        // The write runs beside the stream, so a slow API server never stalls reading it.
+        let api = self.api.clone();
+        let name = self.name.clone();
+        let run_id = self.run_id.clone();
+        let writer = Arc::clone(&self.ctx.status);
+        tokio::spawn(async move {
+            let _ = writer
+                .update(&api, &name, |_, s| {
+                    if s.active_run.as_ref().is_some_and(|a| a.run_id == run_id) {
+                        s.progress = Some(progress);
+                    }
+                })
+                .await;
+        })
+    }
+
+    async fn flush(&mut self) {
+        if let Some(h) = self.pending.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+async fn apply_retention(
+    ctx: &Context,
+    backup: &ResticBackup,
+    spec: &restic_operator_api::backup::RetentionSpec,
+    run_id: &str,
+) -> Result<pb::ForgetSummary, String> {
+    let ns = backup.namespace().unwrap_or_default();
+    let repo_ref = &backup.spec.repository_ref;
+    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
+    let repo = Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
+        .get_opt(&repo_ref.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("ResticRepository {repo_ns}/{} does not exist", repo_ref.name))?;
+    let creds = credentials::load(&ctx.client, &repo)
+        .await
+        .map_err(|e| e.to_string())?;
+    let policy = spec.effective_policy();
+    let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let group_by: Vec<String> = if spec.group_by.is_empty() {
+        vec!["host".into(), "tags".into()]
+    } else {
+        spec.group_by.iter().map(|g| g.as_str().to_owned()).collect()
+    };
+    let forget_id = format!("{run_id}-forget");
+    let request = pb::ForgetRequest {
+        options: Some(run::options(&forget_id, ctx.config.maintenance_timeout)),
+        repository: Some(creds),
+        policy: Some(pb::KeepPolicy {
+            last: n(policy.keep_last),
+            hourly: n(policy.keep_hourly),
+            daily: n(policy.keep_daily),
+            weekly: n(policy.keep_weekly),
+            monthly: n(policy.keep_monthly),
+            yearly: n(policy.keep_yearly),
+            ..Default::default()
+        }),
+        group_by,
+        host: backup.effective_hostname(),
+        tags: backup.tags().to_vec(),
+        dry_run: false,
+        prune: spec.prune,
+    };
+    let agent = ctx.agents.any()?;
+    let _exclusive = ctx.locks.exclusive(&format!("{repo_ns}/{}", repo_ref.name)).await;
+    ctx.metrics.dispatch_total.with_label_values(&["forget"]).inc();
+    match run::drive(
+        &ctx.agents,
+        &agent.address,
+        &forget_id,
+        ctx.config.agent_lost_timeout,
+        |mut c| async move { c.forget(request).await },
+        &mut |_| {},
+    )
+    .await
+    {
+        Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => Ok(r.forget.unwrap_or_default()),
+        Ended::Result(r) => Err(format!("retention failed: {}", run::describe_failure(&r))),
+        Ended::Unavailable(e) => Err(format!("retention failed: {e}")),
+        Ended::Unknown => Err("retention failed: the agent lost the run".into()),
+    }
+}
+
+/// Writes the final status, metrics and events, and clears `activeRun`.
+async fn finish(
+    ctx: &Context,
+    api: &Api<ResticBackup>,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    started: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    outcome: Outcome,
+    retention: Option<Result<pb::ForgetSummary, String>>,
+) {
+    let ns = backup.namespace().unwrap_or_default();
+    let name = backup.name_any();
+    let now = Utc::now();
+    let start = crate::repository::from_time(&started);
+    let duration = (now - start).to_std().unwrap_or_default();
+    let r = outcome.agent.clone().unwrap_or_default();
+    let summary = r.backup.clone().unwrap_or_default();
+    let generation = backup.meta().generation;
+    let run = BackupRun {
+        run_id: Some(active.run_id.clone()),
+        trigger: active.trigger,
+        start_time: Some(started.clone()),
+        completion_time: Some(to_time(now)),
+        duration: Some(format_duration(duration)),
+        snapshot_id: Some(r.snapshot_id.clone()).filter(|s| !s.is_empty()),
+        parent_snapshot_id: Some(summary.parent_snapshot_id.clone()).filter(|s| !s.is_empty()),
+        result: Some(outcome.result),
+        message: Some(outcome.message.clone()).filter(|m| !m.is_empty()),
+        failed_paths: r.failed_paths.clone(),
+        files_new: outcome.agent.as_ref().map(|_| summary.files_new as i64),
+        files_changed: outcome.agent.as_ref().map(|_| summary.files_changed as i64),
+        files_unmodified: outcome.agent.as_ref().map(|_| summary.files_unmodified as i64),
+        data_added: outcome.agent.as_ref().map(|_| format_bytes(summary.data_added)),
+        data_added_bytes: outcome.agent.as_ref().map(|_| summary.data_added as i64),
+    };
+    let made_snapshot = outcome.result != RunResult::Failed;
+    let written = ctx
+        .status
+        .update(api, &name, |_, s| {
+            if s.active_run.as_ref().map(|a| &a.run_id) != Some(&active.run_id) {
+                return; // already finished by someone else
+            }
+            s.active_run = None;
+            s.progress = None;
+            s.last_backup = Some(run.clone());
+            let stats = s.statistics.get_or_insert_with(BackupStatistics::default);
+            stats.total_backups = Some(stats.total_backups.unwrap_or(0) + 1);
+            match outcome.result {
+                RunResult::Succeeded => {
+                    stats.successful_backups = Some(stats.successful_backups.unwrap_or(0) + 1)
+                }
+                RunResult::Failed => stats.failed_backups = Some(stats.failed_backups.unwrap_or(0) + 1),
+                RunResult::PartiallyFailed => {
+                    stats.partially_failed_backups = Some(stats.partially_failed_backups.unwrap_or(0) + 1)
+                }
+            }
+            if made_snapshot {
+                stats.last_backup_size = Some(format_bytes(summary.total_bytes_processed));
+                stats.last_backup_size_bytes = i64::try_from(summary.total_bytes_processed).ok();
+                stats.last_backup_files = i64::try_from(summary.total_files_processed).ok();
+            }
+            if outcome.result == RunResult::Succeeded {
+                s.last_successful_backup = Some(started.clone());
+            }
+            if let Some(Ok(f)) = &retention {
+                s.last_retention_run = Some(to_time(Utc::now()));
+                s.snapshots_after_retention = i64::try_from(f.kept.len()).ok();
+                s.snapshots_removed_by_retention = i64::try_from(f.removed.len()).ok();
+            }
+            let t = to_time(Utc::now());
+            let (ok, reason, message) = match outcome.result {
+                RunResult::Succeeded => (
+                    true,
+                    reasons::BACKUP_SUCCEEDED,
+                    "Last backup completed successfully".to_owned(),
+                ),
+                RunResult::PartiallyFailed => {
+                    (true, reasons::BACKUP_PARTIALLY_FAILED, outcome.message.clone())
+                }
+                RunResult::Failed => (false, reasons::BACKUP_FAILED, outcome.message.clone()),
+            };
+            let set = |s: &mut restic_operator_api::backup::ResticBackupStatus,
+                       type_: &str,
+                       ok: bool,
+                       reason: &str,
+                       message: String| {
+                restic_operator_api::common::set_condition(
+                    &mut s.conditions,
+                    restic_operator_api::common::Condition::new(
+                        type_,
+                        ok,
+                        reason,
+                        message,
+                        generation,
+                        t.clone(),
+                    ),
+                )
+            };
+            set(s, ct::READY, ok, reason, message.clone());
+            set(
+                s,
+                ct::PROGRESSING,
+                false,
+                reason,
+                format!("Run {} finished", active.run_id),
+            );
+            let degraded = outcome.result == RunResult::PartiallyFailed || matches!(retention, Some(Err(_)));
+            set(
+                s,
+                ct::DEGRADED,
+                degraded,
+                if degraded {
+                    reason
+                } else {
+                    reasons::BACKUP_SUCCEEDED
+                },
+                if degraded {
+                    match &retention {
+                        Some(Err(e)) => e.clone(),
+                        _ => message.clone(),
+                    }
+                } else {
+                    String::new()
+                },
+            );
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(backup = %name, error = %e, "could not write the final status; the run is re-attached on the next reconcile");
+        return;
+    }
+    let labels = [name.as_str(), ns.as_str()];
+    ctx.metrics
+        .backup_duration
+        .with_label_values(&labels)
+        .set(duration.as_secs_f64());
+    ctx.metrics
+        .backup_start
+        .with_label_values(&labels)
+        .set(start.timestamp() as f64);
+    if made_snapshot {
+        ctx.metrics
+            .backup_size
+            .with_label_values(&labels)
+            .set(summary.total_bytes_processed as f64);
+        ctx.metrics
+            .backup_files
+            .with_label_values(&labels)
+            .set(summary.total_files_processed as f64);
+    }
+    ctx.metrics.set_backup_status(
+        &name,
+        &ns,
+        match outcome.result {
+            RunResult::Succeeded => "success",
+            RunResult::Failed => "failure",
+            RunResult::PartiallyFailed => "partial",
+        },
+    );
+    match outcome.result {
+        RunResult::Succeeded => {
+            publish(
+                ctx,
+                backup,
+                EventType::Normal,
+                er::BACKUP_COMPLETED,
+                format!("Backup completed successfully (snapshot: {})", r.snapshot_id),
+            )
+            .await
+        }
+        RunResult::PartiallyFailed => {
+            publish(
+                ctx,
+                backup,
+                EventType::Warning,
+                er::BACKUP_PARTIALLY_FAILED,
+                format!(
+                    "Backup completed with unreadable files (snapshot: {}): {}",
+                    r.snapshot_id,
+                    r.failed_paths.join(", ")
+                ),
+            )
+            .await
+        }
+        RunResult::Failed => {
+            publish(
+                ctx,
+                backup,
+                EventType::Warning,
+                er::BACKUP_FAILED,
+                format!("Backup failed: {}", outcome.message),
+            )
+            .await
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mover pods
+// ---------------------------------------------------------------------------------------------
+
+/// Starts (or finds) the mover pod of this run and waits until it serves; returns its
+/// address, name and node.
+async fn start_mover(
+    ctx: &Context,
+    backup: &ResticBackup,
+    claim: &str,
+    run_id: &str,
+) -> Result<(String, String, String), String> {
+    let ns = backup.namespace().unwrap_or_default();
+    let name = sources::mover_name(&backup.name_any(), run_id);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let ca = ctx.pki();
+    let cert = pki::issue(
+        &ca.ca,
+        &ctx.config.agent_server_name,
+        true,
+        Duration::from_secs(7 * 86400),
+    )
+    .map_err(|e| format!("issuing the mover certificate: {e}"))?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-tls")),
+            namespace: Some(ns.clone()),
+            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
+            labels: Some([(crate::BACKUP_LABEL.to_owned(), backup.name_any())].into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        string_data: Some(
+            [
+                (pki::TLS_CERT.to_owned(), cert.cert),
+                (pki::TLS_KEY.to_owned(), cert.key),
+                (pki::CA_CERT.to_owned(), ca.ca.cert.clone()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(format!("creating the mover Secret: {e}")),
+    }
+    let pod = sources::mover_pod(
+        backup,
+        &name,
+        claim,
+        &ctx.config.mover_image,
+        ctx.config.mover_port,
+    );
+    match pods.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(format!("creating mover pod {name}: {e}")),
+    }
+    let deadline = tokio::time::Instant::now() + ctx.config.mover_start_timeout;
+    loop {
+        match pods.get_opt(&name).await {
+            Ok(Some(p)) => {
+                let phase = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
+                if pod_is_serving(&p) {
+                    let ip = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .unwrap_or_default();
+                    let node = p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default();
+                    let port = crate::agents::grpc_port(&p, ctx.config.mover_port);
+                    return Ok((crate::agents::address(&ip, port), name, node));
+                }
+                if phase == "Failed" || phase == "Succeeded" {
+                    delete_mover(ctx, &ns, &name).await;
+                    return Err(format!("mover pod {name} ended ({phase}) before serving"));
+                }
+            }
+            Ok(None) => return Err(format!("mover pod {name} was deleted")),
+            Err(e) => tracing::warn!(error = %e, "reading the mover pod"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            delete_mover(ctx, &ns, &name).await;
+            return Err(format!(
+                "mover pod {name} for PersistentVolumeClaim {claim} did not start within {}s",
+                ctx.config.mover_start_timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn mover_address(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let p = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await
+        .ok()??;
+    let ip = p.status.as_ref()?.pod_ip.clone()?;
+    Some(crate::agents::address(
+        &ip,
+        crate::agents::grpc_port(&p, ctx.config.mover_port),
+    ))
+}
+
+async fn cleanup_mover(ctx: &Context, ns: &str, agent_ref: &ObjectReference) {
+    if agent_ref.kind.as_deref() == Some("Mover") {
+        delete_mover(ctx, ns, &agent_ref.name).await;
+    }
+}
+
+async fn delete_mover(ctx: &Context, ns: &str, name: &str) {
+    let dp = DeleteParams::default();
+    let _ = Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .delete(name, &dp)
+        .await;
+    let _ = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .delete(&format!("{name}-tls"), &dp)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_quantities_become_bytes() {
+        assert_eq!(parse_quantity("512Mi"), Some(512 * 1024 * 1024));
+        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1.5Gi"), Some(1_610_612_736));
+        assert_eq!(parse_quantity("1000"), Some(1000));
+        assert_eq!(parse_quantity("lots"), None);
+    }
+}

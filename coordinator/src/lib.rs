@@ -1,0 +1,29 @@
+//! The restic-operator coordinator: reconciles ResticRepository and ResticBackup objects,
+//! decides where each run goes, and drives the node agents over mutual-TLS gRPC. It never
+//! runs restic and never reads volume data; the agents do.
+
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod backup;
+pub mod config;
+pub mod context;
+pub mod credentials;
+pub mod error;
+pub mod hooks;
+pub mod leader;
+pub mod locks;
+pub mod metrics;
+pub mod pki;
+pub mod repository;
+pub mod run;
+pub mod schedule;
+pub mod serve;
+pub mod sources;
+pub mod status;
+
+/// Field manager of every write the coordinator makes (status through server-side apply).
+pub const FIELD_MANAGER: &str = "restic-operator";
+
+/// Label put on objects the coordinator creates for a ResticBackup (hook Jobs, mover pods).
+pub const BACKUP_LABEL: &str = "backup.resticbackup.io/backup";

@@ -1,0 +1,171 @@
+//! Following a run on an agent: the event stream, live progress, and getting back to the run
+//! when the stream breaks (agent restart, network, coordinator restart) through `Attach` with
+//! the same run id, so a run is never started twice.
+
+use std::future::Future;
+use std::time::Duration;
+
+use restic_operator_proto::v1::{self as pb, run_event::Event};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::agents::Agents;
+
+/// How a call to an agent ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The run's result (success or a typed failure).
+    Result(Box<pb::Result>),
+    /// The agent could not be reached or refused the request.
+    Unavailable(String),
+    /// The agent does not know the run (nothing was started, or it forgot it).
+    Unknown,
+}
+
+/// Reads `stream` to its end, calling `on_event` for progress and warnings. `None` when the
+/// stream broke before a result.
+pub async fn follow(
+    mut stream: tonic::Streaming<pb::RunEvent>,
+    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+) -> Result<pb::Result, String> {
+    loop {
+        match stream.next().await {
+            Some(Ok(event)) => {
+                if let Some(Event::Result(result)) = &event.event {
+                    return Ok(result.clone());
+                }
+                on_event(&event);
+            }
+            Some(Err(status)) => return Err(format!("{}: {}", status.code(), status.message())),
+            None => return Err("the agent closed the stream without a result".into()),
+        }
+    }
+}
+
+/// Starts (or attaches to) a run with `start` and follows it to its result; when the stream
+/// breaks, re-attaches to the same run id on the same address until `lost_after`.
+pub async fn drive<F, Fut>(
+    agents: &Agents,
+    address: &str,
+    run_id: &str,
+    lost_after: Duration,
+    start: F,
+    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+) -> Ended
+where
+    F: FnOnce(restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<tonic::Streaming<pb::RunEvent>>, tonic::Status>>,
+{
+    let mut client = match agents.client(address) {
+        Ok(c) => c,
+        Err(e) => return Ended::Unavailable(e),
+    };
+    let first = match start(client.clone()).await {
+        Ok(r) => follow(r.into_inner(), on_event).await,
+        Err(s)
+            if s.code() == Code::InvalidArgument
+                || s.code() == Code::NotFound
+                || s.code() == Code::PermissionDenied =>
+        {
+            // Refused before anything started: the request is wrong, not the network.
+            return Ended::Result(Box::new(pb::Result {
+                outcome: pb::Outcome::Failed as i32,
+                failure: if s.code() == Code::NotFound {
+                    pb::FailureKind::VolumeNotFound
+                } else {
+                    pb::FailureKind::InvalidRequest
+                } as i32,
+                reason: s.message().to_owned(),
+                ..Default::default()
+            }));
+        }
+        Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+    };
+    let mut last_error = match first {
+        Ok(result) => return Ended::Result(Box::new(result)),
+        Err(e) => e,
+    };
+    let deadline = tokio::time::Instant::now() + lost_after;
+    let mut wait = Duration::from_millis(500);
+    while tokio::time::Instant::now() < deadline {
+        tracing::info!(run_id, error = %last_error, "lost the run's stream; attaching again");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+        match attach(&mut client, run_id, on_event).await {
+            Ended::Result(r) => return Ended::Result(r),
+            Ended::Unknown => return Ended::Unknown,
+            Ended::Unavailable(e) => last_error = e,
+        }
+    }
+    Ended::Unavailable(format!(
+        "lost contact with the agent at {address} for {}s: {last_error}",
+        lost_after.as_secs()
+    ))
+}
+
+/// Attaches to a run by id.
+pub async fn attach(
+    client: &mut restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    run_id: &str,
+    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+) -> Ended {
+    match client
+        .attach(pb::AttachRequest {
+            run_id: run_id.to_owned(),
+        })
+        .await
+    {
+        Ok(r) => match follow(r.into_inner(), on_event).await {
+            Ok(result) => Ended::Result(Box::new(result)),
+            Err(e) => Ended::Unavailable(e),
+        },
+        Err(s) if s.code() == Code::NotFound => Ended::Unknown,
+        Err(s) => Ended::Unavailable(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+/// A short description of a failed result, for conditions and events (never secrets: the
+/// agent already keeps passwords out of its reasons).
+pub fn describe_failure(result: &pb::Result) -> String {
+    let kind = pb::FailureKind::try_from(result.failure).unwrap_or(pb::FailureKind::Unspecified);
+    let what = match kind {
+        pb::FailureKind::RepositoryNotFound => "repository does not exist",
+        pb::FailureKind::WrongPassword => "wrong repository password",
+        pb::FailureKind::RepositoryUnreachable => "repository unreachable",
+        pb::FailureKind::Locked => "repository locked",
+        pb::FailureKind::VolumeNotFound => "volume not found",
+        pb::FailureKind::EmptySnapshot => "empty snapshot of a non-empty volume",
+        pb::FailureKind::Cancelled => "cancelled",
+        pb::FailureKind::AgentRestarted => "the agent restarted during the run",
+        pb::FailureKind::OutOfMemory => "restic ran out of memory",
+        pb::FailureKind::InvalidRequest => "invalid request",
+        pb::FailureKind::RepositoryExists => "repository already exists",
+        pb::FailureKind::Restic | pb::FailureKind::Unspecified => "restic failed",
+    };
+    if result.reason.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {}", truncate(&result.reason, 600))
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// `RunOptions` for a run.
+pub fn options(run_id: &str, timeout: Duration) -> pb::RunOptions {
+    pb::RunOptions {
+        run_id: run_id.to_owned(),
+        timeout_seconds: u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX),
+        ..Default::default()
+    }
+}

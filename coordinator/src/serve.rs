@@ -1,0 +1,188 @@
+//! Start-up: metrics endpoint, leader election, PKI, agent discovery, the controllers, and
+//! certificate renewal. Only the leader reconciles; a replica that loses the lease exits so
+//! that it can never dispatch next to a new leader.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::controller::Controller;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use restic_operator_api::backup::ResticBackup;
+use restic_operator_api::repository::ResticRepository;
+
+use crate::agents::Agents;
+use crate::config::Config;
+use crate::context::Context;
+use crate::leader::Elector;
+use crate::metrics::Metrics;
+use crate::{backup, pki, repository};
+
+async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = Arc::clone(&metrics);
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
+    tracing::info!(listen = %config.metrics_listen, "serving /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::new());
+    serve_metrics(&config, Arc::clone(&metrics)).await?;
+
+    let identity = config.identity();
+    let elector = Elector::new(
+        client.clone(),
+        &config.namespace,
+        &config.lease_name,
+        &identity,
+        config.lease_duration,
+    );
+    if !config.no_leader_election {
+        tokio::select! {
+            _ = elector.acquire(config.lease_renew_interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate() => return Ok(()),
+        }
+    }
+    metrics.leader.set(1);
+
+    let pki = pki::ensure(&client, &config)
+        .await
+        .context("setting up the agent certificates")?;
+
+    // Agent pods in our namespace.
+    let (reader, writer) = reflector::store::<Pod>();
+    let agent_pods = Api::<Pod>::namespaced(client.clone(), &config.namespace);
+    let agent_watch = reflector(
+        writer,
+        watcher(
+            agent_pods,
+            watcher::Config::default().labels(&config.agent_selector),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| async {});
+    tokio::spawn(agent_watch);
+    let agents = Agents::new(reader.clone(), &pki, config.agent_port, &config.agent_server_name);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), reader.wait_until_ready()).await;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
+        agents,
+        Arc::clone(&metrics),
+        pki,
+    ));
+    {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            loop {
+                ctx.metrics.agents.set(ctx.agents.count() as i64);
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
+    }
+    tokio::spawn(renew_certificates(Arc::clone(&ctx)));
+
+    let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut controllers = Vec::new();
+    for ns in namespaces {
+        let api = |c: &Client| -> (Api<ResticBackup>, Api<ResticRepository>) {
+            match &ns {
+                Some(ns) => (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns)),
+                None => (Api::all(c.clone()), Api::all(c.clone())),
+            }
+        };
+        let (backups, repos) = api(&client);
+        let repo_controller = Controller::new(repos, watcher::Config::default())
+            .shutdown_on_signal()
+            .run(repository::reconcile, repository::error_policy, Arc::clone(&ctx))
+            .for_each(|_| async {});
+        // Backups follow their repository's readiness; repositories in other namespaces are
+        // watched cluster-wide only when all namespaces are.
+        let backup_controller = Controller::new(backups, watcher::Config::default());
+        let store = backup_controller.store();
+        let (_, repo_watch) = api(&client);
+        let backup_controller = backup_controller
+            .watches(repo_watch, watcher::Config::default(), move |repo| {
+                backup::referencing(&store.state(), &repo)
+            })
+            .shutdown_on_signal()
+            .run(backup::reconcile, backup::error_policy, Arc::clone(&ctx))
+            .for_each(|_| async {});
+        controllers.push(tokio::spawn(repo_controller));
+        controllers.push(tokio::spawn(backup_controller));
+    }
+    tracing::info!(identity = %identity, "coordinator running");
+
+    let hold = async {
+        if config.no_leader_election {
+            std::future::pending::<()>().await
+        } else {
+            elector.hold(config.lease_renew_interval).await
+        }
+    };
+    tokio::select! {
+        _ = hold => {
+            metrics.leader.set(0);
+            anyhow::bail!("lost leadership; exiting so that only the new leader dispatches");
+        }
+        _ = futures::future::join_all(controllers) => {
+            tracing::info!("controllers stopped");
+        }
+    }
+    Ok(())
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Renews the agent certificate (and this process's client certificate) before they expire.
+async fn renew_certificates(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(ctx.config.cert_check_interval).await;
+        let renew_at = chrono::Utc::now().timestamp() + ctx.config.cert_renew_before.as_secs() as i64;
+        match pki::ensure(&ctx.client, &ctx.config).await {
+            Ok(fresh) => {
+                if ctx.pki().client_not_after <= renew_at || ctx.pki().ca.cert != fresh.ca.cert {
+                    ctx.agents.set_pki(&fresh);
+                    *ctx.pki.write().expect("pki lock") = fresh;
+                    tracing::info!("renewed the coordinator's client certificate");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "certificate renewal failed; retrying"),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Status writes: read-modify-write of the whole status under a per-object lock, applied
+//! with server-side apply under one field manager. The reconciler and the run in flight
+//! both write a backup's status; the lock orders them, so neither undoes the other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
+use restic_operator_api::repository::{ResticRepository, ResticRepositoryStatus};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::FIELD_MANAGER;
+
+/// A custom resource with a status the coordinator owns.
+pub trait WithStatus: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug {
+    type Status: Default + Clone + Serialize + PartialEq;
+    fn status(&self) -> Option<&Self::Status>;
+}
+
+impl WithStatus for ResticBackup {
+    type Status = ResticBackupStatus;
+    fn status(&self) -> Option<&ResticBackupStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl WithStatus for ResticRepository {
+    type Status = ResticRepositoryStatus;
+    fn status(&self) -> Option<&ResticRepositoryStatus> {
+        self.status.as_ref()
+    }
+}
+
+#[derive(Default)]
+pub struct StatusWriter {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl StatusWriter {
+    /// Reads the object, lets `change` edit a copy of its status and applies the result
+    /// (nothing is written when nothing changed). Returns the object as read, `None` when it
+    /// is gone.
+    pub async fn update<K, F>(&self, api: &Api<K>, name: &str, change: F) -> Result<Option<K>, kube::Error>
+    where
+        K: WithStatus,
+        F: FnOnce(&K, &mut K::Status),
+    {
+        let key = format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            api.namespace().unwrap_or_default(),
+            name
+        );
+        let lock = self
+            .locks
+            .lock()
+            .expect("status locks")
+            .entry(key)
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let Some(object) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let before = object.status().cloned().unwrap_or_default();
+        let mut after = before.clone();
+        change(&object, &mut after);
+        if after != before {
+            let patch = serde_json::json!({
+                "apiVersion": K::api_version(&()),
+                "kind": K::kind(&()),
+                "status": after,
+            });
+            api.patch_status(
+                name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        }
+        Ok(Some(object))
+    }
+}
+
+/// `Namespace/name` of an object, for keys and logs.
+pub fn key_of<K: Resource>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
