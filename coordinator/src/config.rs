@@ -17,6 +17,9 @@ fn duration(s: &str) -> Result<Duration, String> {
     about = "Reconciles restic-operator resources and drives the node agents"
 )]
 pub struct Config {
+    /// Kubeconfig to use instead of the in-cluster configuration (or `$KUBECONFIG`).
+    #[arg(long)]
+    pub kubeconfig: Option<std::path::PathBuf>,
     /// Namespace the coordinator runs in: its leader Lease, the CA and agent certificate
     /// Secrets, and the agent pods live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "restic-operator")]

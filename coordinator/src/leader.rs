@@ -16,6 +16,10 @@ pub struct Elector {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's lease record as last seen, and when (local clock): expiry is
+    /// measured from when the record last changed here, as client-go does, so clock skew
+    /// between nodes cannot make two leaders.
+    observed: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// What one attempt found.
@@ -33,6 +37,7 @@ impl Elector {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: std::sync::Mutex::new(None),
         }
     }
 
@@ -67,9 +72,22 @@ impl Elector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.identity;
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(renewed)), Some(secs)) => now.as_second() > renewed.as_second() + i64::from(secs),
-            _ => true,
+        let record = format!(
+            "{holder}@{}",
+            lease.metadata.resource_version.clone().unwrap_or_default()
+        );
+        let expired = {
+            let mut observed = self.observed.lock().expect("observed lease");
+            match observed.as_ref() {
+                Some((seen, at)) if *seen == record => {
+                    let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+                    at.elapsed() > Duration::from_secs(secs)
+                }
+                _ => {
+                    *observed = Some((record, std::time::Instant::now()));
+                    holder.is_empty()
+                }
+            }
         };
         if !ours && !holder.is_empty() && !expired {
             return Ok(Attempt::Following(holder));
@@ -107,24 +125,29 @@ impl Elector {
     }
 
     /// Renews the lease every `interval`; returns when the lease is lost or could not be
-    /// renewed before it would expire.
+    /// renewed in time. Each attempt is timed from before its request, and a hanging request
+    /// counts as a failure, so this replica stops before another may take over.
     pub async fn hold(&self, interval: Duration) {
         let mut last_renewed = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(interval).await;
-            match self.try_acquire().await {
-                Ok(Attempt::Leading) => last_renewed = tokio::time::Instant::now(),
-                Ok(Attempt::Following(holder)) => {
+            let attempt_started = tokio::time::Instant::now();
+            let budget = self
+                .duration
+                .saturating_sub(last_renewed.elapsed())
+                .saturating_sub(interval);
+            match tokio::time::timeout(budget.max(Duration::from_millis(100)), self.try_acquire()).await {
+                Ok(Ok(Attempt::Leading)) => last_renewed = attempt_started,
+                Ok(Ok(Attempt::Following(holder))) => {
                     tracing::error!(leader = %holder, "lost the leader lease");
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not renew the leader lease");
-                    if last_renewed.elapsed() + interval >= self.duration {
-                        tracing::error!("the leader lease is about to expire unrenewed");
-                        return;
-                    }
-                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not renew the leader lease"),
+                Err(_) => tracing::warn!("renewing the leader lease timed out"),
+            }
+            if last_renewed.elapsed() + interval >= self.duration {
+                tracing::error!("the leader lease is about to expire unrenewed");
+                return;
             }
         }
     }

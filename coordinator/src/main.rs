@@ -1,8 +1,7 @@
 use clap::Parser;
 use restic_operator_coordinator::config::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn"));
@@ -12,5 +11,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    restic_operator_coordinator::serve::run(config).await
+    // The controller and run futures are deep; unoptimized builds need more than the default
+    // 2 MiB of stack for them.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(8 << 20)
+        .build()?
+        .block_on(restic_operator_coordinator::serve::run(config))
 }

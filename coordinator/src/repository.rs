@@ -195,24 +195,36 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
         .status
         .as_ref()
         .and_then(|s| s.next_integrity_check.clone());
-    if prev_next.is_none() && next.is_some() {
-        ctx.status
-            .update(&api, &name, |_, s| s.next_integrity_check = next.map(to_time))
-            .await?;
-    }
     let ready_now = latest
         .status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, ct::READY))
         .is_some_and(Condition::is_true);
-    if ready_now && let Some((manual, scheduled)) = integrity_check_due(&latest, now) {
+    let due = if ready_now {
+        integrity_check_due(&latest, now)
+    } else {
+        None
+    };
+    // Record the next time when there is none yet, and drop it when checks were disabled.
+    let stale = prev_next.is_some() && next.is_none();
+    if (prev_next.is_none() && next.is_some()) || (stale && due.is_none()) {
+        ctx.status
+            .update(&api, &name, |_, s| s.next_integrity_check = next.map(to_time))
+            .await?;
+    }
+    if let Some((manual, scheduled)) = due {
         let ctx2 = Arc::clone(ctx);
         let repo2 = latest.clone();
-        ctx.tasks.spawn_once(&format!("check/{ns}/{name}"), async move {
-            integrity_check(&ctx2, &repo2, creds, manual, scheduled).await;
-        });
+        ctx.tasks.spawn_once(
+            &format!("check/{ns}/{name}"),
+            Box::pin(async move {
+                integrity_check(&ctx2, &repo2, creds, manual, scheduled).await;
+            }),
+        );
     }
-    if let Some(n) = next.or_else(|| prev_next.as_ref().map(from_time)) {
+    // Wake up for the next check only when it can run (a check of an unready repository
+    // waits for the stats refresh and its backoff, never a hot loop).
+    if ready_now && let Some(n) = next {
         let until = (n - now).to_std().unwrap_or_default() + Duration::from_millis(200);
         requeue = requeue.min(until);
     }

@@ -44,23 +44,31 @@ impl Schedule {
 
     /// The first scheduled time strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = self.tz.from_utc_datetime(&after.naive_utc());
+        let local = self.tz.from_utc_datetime(&whole_seconds(after).naive_utc());
         self.cron
             .find_next_occurrence(&local, false)
             .ok()
-            .map(|t| t.with_timezone(&Utc))
+            .map(|t| whole_seconds(t.with_timezone(&Utc)))
     }
 
     /// The latest scheduled time in `(after, now]`, if there is one.
     pub fn latest_in(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = self.tz.from_utc_datetime(&now.naive_utc());
-        let latest = self
-            .cron
-            .find_previous_occurrence(&local, true)
-            .ok()?
-            .with_timezone(&Utc);
-        (latest > after).then_some(latest)
+        let local = self.tz.from_utc_datetime(&whole_seconds(now).naive_utc());
+        let latest = whole_seconds(
+            self.cron
+                .find_previous_occurrence(&local, true)
+                .ok()?
+                .with_timezone(&Utc),
+        );
+        (latest > whole_seconds(after)).then_some(latest)
     }
+}
+
+/// `t` without its fraction of a second. Scheduled times are whole seconds, and so are the
+/// times the API server stores; croner keeps the fraction of the time it is given, which
+/// would make one tick look like a later one after a round trip through status.
+fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
 }
 
 /// What the schedule asks for at `now`.
@@ -222,6 +230,19 @@ mod tests {
         let s = Schedule::parse("0 2 * * *", None).unwrap();
         let d = due(&s, t("2024-01-15T02:30:00Z"), t("2024-01-15T02:31:00Z"), hour());
         assert_eq!(d, Due::Wait(Some(t("2024-01-16T02:00:00Z"))));
+    }
+
+    #[test]
+    fn a_tick_recorded_at_second_precision_is_not_due_again_a_moment_later() {
+        let s = Schedule::parse("0 13 * * *", None).unwrap();
+        let now: DateTime<Utc> = "2024-01-15T13:00:00.390Z".parse().unwrap();
+        let Due::Run { time, .. } = due(&s, t("2024-01-14T13:00:00Z"), now, hour()) else {
+            panic!("due");
+        };
+        assert_eq!(time, t("2024-01-15T13:00:00Z"));
+        // The API server stores whole seconds; 1.6 s later nothing is due.
+        let later: DateTime<Utc> = "2024-01-15T13:00:01.978Z".parse().unwrap();
+        assert!(matches!(due(&s, time, later, hour()), Due::Wait(_)));
     }
 
     #[test]

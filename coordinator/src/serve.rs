@@ -45,9 +45,17 @@ async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let client = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let c = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+            Client::try_from(c)?
+        }
+        None => Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?,
+    };
     let metrics = Arc::new(Metrics::new());
     serve_metrics(&config, Arc::clone(&metrics)).await?;
 
@@ -67,6 +75,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     metrics.leader.set(1);
+    // Renew from now on, before the slower start-up below.
+    let elector = Arc::new(elector);
+    let holder = {
+        let elector = Arc::clone(&elector);
+        let no_election = config.no_leader_election;
+        let interval = config.lease_renew_interval;
+        tokio::spawn(async move {
+            if no_election {
+                std::future::pending::<()>().await
+            } else {
+                elector.hold(interval).await
+            }
+        })
+    };
 
     let pki = pki::ensure(&client, &config)
         .await
@@ -141,15 +163,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(identity = %identity, "coordinator running");
 
-    let hold = async {
-        if config.no_leader_election {
-            std::future::pending::<()>().await
-        } else {
-            elector.hold(config.lease_renew_interval).await
-        }
-    };
     tokio::select! {
-        _ = hold => {
+        _ = holder => {
             metrics.leader.set(0);
             anyhow::bail!("lost leadership; exiting so that only the new leader dispatches");
         }

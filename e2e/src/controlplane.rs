@@ -154,7 +154,9 @@ impl ControlPlane {
                 ("--cluster-signing-cert-file", p("ca.crt")),
                 ("--cluster-signing-key-file", p("ca.key")),
                 ("--service-cluster-ip-range", SERVICE_CIDR.into()),
-                ("--controllers", "*".into()),
+                // No kubelets run here: node lifecycle would mark the tests' pods not ready
+                // and pod GC would delete pods bound to the nodes the tests pretend exist.
+                ("--controllers", "*,-nodelifecycle,-podgc".into()),
                 // Garbage collection and Job bookkeeping should feel instant in tests.
                 ("--concurrent-gc-syncs", "5".into()),
                 ("--v", "1".into()),

@@ -38,6 +38,9 @@ pub struct NewRun {
     pub manual: Option<String>,
 }
 
+/// The plan, the run it starts, and a run refused for its namespace (with why).
+type Decision = (Plan, Option<NewRun>, Option<(NewRun, String)>);
+
 /// What reconcile decided (pure).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
@@ -58,8 +61,10 @@ pub fn scheduled_run_id(uid: &str, scheduled: DateTime<Utc>) -> String {
     format!("rb-{uid}-{}", scheduled.timestamp())
 }
 
-pub fn manual_run_id(uid: &str, trigger: &str) -> String {
-    format!("rb-{uid}-m{:08x}{:04x}", fnv(trigger), trigger.len() & 0xffff)
+/// The run id of a manual run: the trigger value and the generation that set it (setting
+/// `a`, `b`, then `a` again is three runs).
+pub fn manual_run_id(uid: &str, trigger: &str, generation: i64) -> String {
+    format!("rb-{uid}-m{:08x}-g{generation}", fnv(trigger))
 }
 
 /// Decides what to do at `now` (pure).
@@ -87,7 +92,7 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
     } else {
         due(schedule, base, now, deadline)
     };
-    match due_now {
+    match due_now.clone() {
         Due::Wait(_) => {}
         Due::TooLate { time } => {
             plan.last_schedule = Some(time);
@@ -143,12 +148,25 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
         && plan.start.is_none()
         && let Some(trigger) = backup.pending_manual_trigger()
     {
+        // A tick due right now is served by this run.
+        if let Due::Run { time, .. } = due_now {
+            plan.last_schedule = Some(time);
+        }
         plan.start = Some(NewRun {
-            run_id: manual_run_id(&uid, trigger),
+            run_id: manual_run_id(&uid, trigger, backup.metadata.generation.unwrap_or(0)),
             trigger: RunTrigger::Manual,
             scheduled: now,
             manual: Some(trigger.to_owned()),
         });
+    }
+    // A run that already finished (its id is the last run's) is never started again.
+    let last_run = status.last_backup.as_ref().and_then(|l| l.run_id.as_deref());
+    if plan
+        .start
+        .as_ref()
+        .is_some_and(|r| Some(r.run_id.as_str()) == last_run)
+    {
+        plan.start = None;
     }
     if !backup.spec.suspend {
         let after = plan.last_schedule.map_or(now, |l| l.max(now));
@@ -191,9 +209,10 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     let generation = backup.meta().generation;
     let now = Utc::now();
 
-    // A run in flight without a runner (coordinator restart): re-attach first.
-    if let Some(active) = backup.status.as_ref().and_then(|s| s.active_run.clone()) {
-        runner::ensure_running(ctx, backup, active);
+    // A run in flight without a runner (coordinator restart): re-attach first. The runner
+    // reads the run from the live object, so a stale cache cannot start a finished run.
+    if let Some(active) = backup.status.as_ref().and_then(|s| s.active_run.as_ref()) {
+        runner::ensure_running(ctx, &ns, &name, &active.run_id);
     }
 
     // Validate (pure).
@@ -268,25 +287,30 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
         }
     };
 
-    let plan = plan(backup, &schedule, now, ctx.config.starting_deadline);
     let blocked = repo_problem.is_some();
-    let refuse_event = match (&repo_problem, &plan.start) {
-        (Some((reason, message)), Some(run)) if *reason == reasons::NAMESPACE_NOT_ALLOWED => {
-            Some((run.clone(), message.clone()))
-        }
-        _ => None,
-    };
-
-    // Apply: status first (the run is recorded before it starts), then the runner.
-    let start = if blocked { None } else { plan.start.clone() };
+    // Decide on the object as read under the status lock, not on the (possibly older)
+    // cached copy this reconcile started from: a run is recorded at most once.
+    let deadline = ctx.config.starting_deadline;
+    let mut decided: Option<Decision> = None;
     let updated = ctx
         .status
-        .update(&api, &name, |_, s| {
+        .update(&api, &name, |fresh, s| {
+            let mut plan = plan(fresh, &schedule, now, deadline);
+            let refuse_event = match (&repo_problem, &plan.start) {
+                (Some((reason, message)), Some(run)) if *reason == reasons::NAMESPACE_NOT_ALLOWED => {
+                    Some((run.clone(), message.clone()))
+                }
+                _ => None,
+            };
+            let start = if blocked { None } else { plan.start.clone() };
+            if blocked && refuse_event.is_none() {
+                // A tick is not consumed while the repository is not usable; it runs when the
+                // repository recovers within the starting deadline.
+                plan.last_schedule = None;
+            }
             s.observed_generation = generation;
             s.next_backup = plan.next_backup.map(to_time);
-            if let Some(t) = plan.last_schedule
-                && (start.is_some() || plan.skipped.is_some() || blocked)
-            {
+            if let Some(t) = plan.last_schedule {
                 s.last_schedule_time = Some(to_time(t));
             }
             match &repo_problem {
@@ -339,8 +363,8 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
                     generation,
                 );
             }
-            let has_ready = find_condition(&s.conditions, ct::READY).is_some();
-            if backup.spec.suspend {
+            let ready_reason = find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.clone());
+            if fresh.spec.suspend {
                 condition(
                     s,
                     ct::READY,
@@ -349,11 +373,9 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
                     "Scheduling is suspended",
                     generation,
                 );
-            } else if !has_ready
-                || find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.as_deref())
-                    == Some(reasons::SUSPENDED)
-                || find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.as_deref())
-                    == Some(reasons::INVALID_SPEC)
+            } else if ready_reason.is_none()
+                || ready_reason.as_deref() == Some(reasons::SUSPENDED)
+                || ready_reason.as_deref() == Some(reasons::INVALID_SPEC)
             {
                 condition(
                     s,
@@ -364,14 +386,16 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
                     generation,
                 );
             }
+            decided = Some((plan, start, refuse_event));
         })
         .await?;
-    let Some(updated) = updated else {
+    let (Some(updated), Some((plan, start, refuse_event))) = (updated, decided) else {
         return Ok(Action::await_change());
     };
 
-    if let Some((time, why)) = &plan.skipped {
-        let _ = time;
+    if let Some((_, why)) = &plan.skipped
+        && (!blocked || refuse_event.is_some())
+    {
         runner::publish(ctx, backup, EventType::Warning, er::BACKUP_SKIPPED, why.clone()).await;
     }
     if let Some((run, message)) = refuse_event {
@@ -387,16 +411,9 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     if plan.cancel_active
         && let Some(active) = updated.status.as_ref().and_then(|s| s.active_run.clone())
     {
-        runner::cancel(ctx, &active).await;
+        runner::cancel(ctx, &ns, &active).await;
     }
     if let Some(run) = start {
-        let active = ActiveRun {
-            run_id: run.run_id.clone(),
-            trigger: Some(run.trigger),
-            scheduled_time: Some(to_time(run.scheduled)),
-            start_time: Some(to_time(Utc::now())),
-            ..Default::default()
-        };
         if let Some(m) = &run.manual {
             runner::publish(
                 ctx,
@@ -407,7 +424,7 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
             )
             .await;
         }
-        runner::ensure_running(ctx, backup, active);
+        runner::ensure_running(ctx, &ns, &name, &run.run_id);
     }
 
     if blocked {
@@ -547,7 +564,7 @@ mod tests {
         let run = p.start.unwrap();
         assert_eq!(run.trigger, RunTrigger::Manual);
         assert_eq!(run.manual.as_deref(), Some("now-1"));
-        assert_eq!(run.run_id, manual_run_id("u1", "now-1"));
+        assert_eq!(run.run_id, manual_run_id("u1", "now-1", 0));
         let handled = backup()
             .spec("manualTrigger: 'now-1'")
             .status("lastScheduleTime: '2024-01-15T02:00:00Z', lastManualTrigger: 'now-1'");

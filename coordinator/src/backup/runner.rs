@@ -28,29 +28,44 @@ use crate::repository::to_time;
 use crate::run::{self, Ended};
 use crate::sources::{self, Placement};
 
-/// Starts the runner of `active` unless it runs already.
-pub fn ensure_running(ctx: &Arc<Context>, backup: &ResticBackup, active: ActiveRun) {
-    let key = format!("backup-run/{}", active.run_id);
+/// Starts the runner of run `run_id` of a backup unless it runs already. The runner takes
+/// the run from the live object's `status.activeRun`.
+pub fn ensure_running(ctx: &Arc<Context>, ns: &str, name: &str, run_id: &str) {
+    let key = format!("backup-run/{run_id}");
     let ctx2 = Arc::clone(ctx);
-    let ns = backup.namespace().unwrap_or_default();
-    let name = backup.name_any();
-    ctx.tasks.spawn_once(&key, async move {
-        run(ctx2, ns, name, active).await;
-    });
+    let (ns, name, run_id) = (ns.to_owned(), name.to_owned(), run_id.to_owned());
+    ctx.tasks.spawn_once(
+        &key,
+        Box::pin(async move {
+            run(ctx2, ns, name, run_id).await;
+        }),
+    );
 }
 
-/// Asks the agent to cancel the run in flight (`concurrencyPolicy: Replace`).
-pub async fn cancel(ctx: &Context, active: &ActiveRun) {
-    let Some(node) = &active.node_name else { return };
-    let Ok(agent) = ctx.agents.on_node(node) else {
+/// Asks the agent (or mover) to cancel the run in flight (`concurrencyPolicy: Replace`).
+pub async fn cancel(ctx: &Context, ns: &str, active: &ActiveRun) {
+    let Some(address) = recorded_address(ctx, ns, active).await else {
         return;
     };
-    if let Ok(mut client) = ctx.agents.client(&agent.address) {
+    if let Ok(mut client) = ctx.agents.client(&address) {
         let _ = client
             .cancel(pb::CancelRequest {
                 run_id: active.run_id.clone(),
             })
             .await;
+    }
+}
+
+/// Where a placed run went: the node's agent or the run's mover pod.
+async fn recorded_address(ctx: &Context, ns: &str, active: &ActiveRun) -> Option<String> {
+    let agent_pod = active.agent_pod.as_ref()?;
+    if agent_pod.kind.as_deref() == Some("Mover") {
+        mover_address(ctx, ns, &agent_pod.name).await
+    } else {
+        ctx.agents
+            .on_node(active.node_name.as_deref()?)
+            .ok()
+            .map(|a| a.address)
     }
 }
 
@@ -84,26 +99,30 @@ impl Outcome {
     }
 }
 
-async fn run(ctx: Arc<Context>, ns: String, name: String, active: ActiveRun) {
+async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     let api: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let backup = match api.get_opt(&name).await {
-        Ok(Some(b)) => b,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(backup = %name, error = %e, "could not read the backup; the next reconcile retries");
-            return;
+    let mut wait = Duration::from_secs(1);
+    let backup = loop {
+        match api.get_opt(&name).await {
+            Ok(Some(b)) => break b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(backup = %name, error = %e, "could not read the backup; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
         }
     };
-    // The status may have moved on (another replica, or this run already finished).
-    if backup
+    // The run as the live object records it; the status may have moved on (another replica,
+    // or this run already finished).
+    let Some(active) = backup
         .status
         .as_ref()
-        .and_then(|s| s.active_run.as_ref())
-        .map(|a| &a.run_id)
-        != Some(&active.run_id)
-    {
+        .and_then(|s| s.active_run.clone())
+        .filter(|a| a.run_id == run_id)
+    else {
         return;
-    }
+    };
     tracing::info!(backup = %format!("{ns}/{name}"), run_id = %active.run_id, "run");
     let started = active.start_time.clone().unwrap_or_else(|| to_time(Utc::now()));
     let mut outcome = execute(&ctx, &api, &backup, &active).await;
@@ -161,6 +180,27 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, active: ActiveRun) {
             .join("; ");
     }
     finish(&ctx, &api, &backup, &active, started, outcome, retention).await;
+    // The mover goes only after the result is in status: until then a restarted coordinator
+    // re-attaches to it.
+    let placed = api
+        .get_opt(&name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| b.status.and_then(|s| s.active_run))
+        .is_some_and(|a| a.run_id == run_id);
+    if !placed {
+        let agent_pod = active.agent_pod.clone().or_else(|| {
+            Some(ObjectReference {
+                kind: Some("Mover".into()),
+                name: sources::mover_name(&name, &run_id),
+                namespace: Some(ns.clone()),
+            })
+        });
+        if let Some(p) = agent_pod {
+            cleanup_mover(&ctx, &ns, &p).await;
+        }
+    }
 }
 
 /// Pre-hook, placement, dispatch (or re-attach), following the run to its result.
@@ -173,27 +213,44 @@ async fn execute(
     let ns = backup.namespace().unwrap_or_default();
     let lost = ctx.config.agent_lost_timeout;
 
-    // Re-attach: the run was dispatched before a coordinator restart.
-    if let (Some(node), Some(agent_pod)) = (&active.node_name, &active.agent_pod) {
-        let address = if agent_pod.kind.as_deref() == Some("Mover") {
-            mover_address(ctx, &ns, &agent_pod.name).await
-        } else {
-            ctx.agents.on_node(node).ok().map(|a| a.address)
-        };
-        if let Some(address) = address
-            && let Ok(mut client) = ctx.agents.client(&address)
-        {
-            let mut progress = ProgressWriter::new(ctx, api, backup, active);
-            match run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await {
+    // Re-attach: the run was placed before a coordinator restart. Once placed, a run is never
+    // placed again (another node or a new mover would not know its id): the recorded target
+    // is retried until `agent_lost_timeout`, and only a target that answers "unknown run"
+    // (it was never sent) gets the dispatch below.
+    if let Some(agent_pod) = &active.agent_pod {
+        let deadline = tokio::time::Instant::now() + lost;
+        let mut wait = Duration::from_millis(500);
+        loop {
+            let ended = match recorded_address(ctx, &ns, active).await {
+                Some(address) => match ctx.agents.client(&address) {
+                    Ok(mut client) => {
+                        let mut progress = ProgressWriter::new(ctx, api, backup, active);
+                        let ended =
+                            run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await;
+                        progress.flush().await;
+                        ended
+                    }
+                    Err(e) => Ended::Unavailable(e),
+                },
+                None => Ended::Unavailable(format!(
+                    "{} {} is not serving",
+                    agent_pod.kind.as_deref().unwrap_or("Pod"),
+                    agent_pod.name
+                )),
+            };
+            match ended {
                 Ended::Result(r) => {
-                    progress.flush().await;
                     tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
-                    cleanup_mover(ctx, &ns, agent_pod).await;
                     return outcome_of(*r);
                 }
-                Ended::Unknown => {} // never started there (or forgotten): dispatch below
+                Ended::Unknown => break,
                 Ended::Unavailable(e) => {
-                    tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; dispatching")
+                    if tokio::time::Instant::now() > deadline {
+                        return Outcome::failed(format!("lost the run in flight: {e}"));
+                    }
+                    tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -348,7 +405,6 @@ async fn execute(
     )
     .await;
     progress.flush().await;
-    cleanup_mover(ctx, &ns, &agent_ref).await;
     match ended {
         Ended::Result(r) => outcome_of(*r),
         Ended::Unavailable(e) => Outcome::failed(format!("agent on node {node} unavailable: {e}")),
@@ -575,97 +631,111 @@ async fn finish(
         data_added_bytes: outcome.agent.as_ref().map(|_| summary.data_added as i64),
     };
     let made_snapshot = outcome.result != RunResult::Failed;
-    let written = ctx
-        .status
-        .update(api, &name, |_, s| {
-            if s.active_run.as_ref().map(|a| &a.run_id) != Some(&active.run_id) {
-                return; // already finished by someone else
-            }
-            s.active_run = None;
-            s.progress = None;
-            s.last_backup = Some(run.clone());
-            let stats = s.statistics.get_or_insert_with(BackupStatistics::default);
-            stats.total_backups = Some(stats.total_backups.unwrap_or(0) + 1);
-            match outcome.result {
-                RunResult::Succeeded => {
-                    stats.successful_backups = Some(stats.successful_backups.unwrap_or(0) + 1)
+    let mut wait = Duration::from_secs(1);
+    let mut attempts = 0;
+    let written = loop {
+        let written = ctx
+            .status
+            .update(api, &name, |_, s| {
+                if s.active_run.as_ref().map(|a| &a.run_id) != Some(&active.run_id) {
+                    return; // already finished by someone else
                 }
-                RunResult::Failed => stats.failed_backups = Some(stats.failed_backups.unwrap_or(0) + 1),
-                RunResult::PartiallyFailed => {
-                    stats.partially_failed_backups = Some(stats.partially_failed_backups.unwrap_or(0) + 1)
-                }
-            }
-            if made_snapshot {
-                stats.last_backup_size = Some(format_bytes(summary.total_bytes_processed));
-                stats.last_backup_size_bytes = i64::try_from(summary.total_bytes_processed).ok();
-                stats.last_backup_files = i64::try_from(summary.total_files_processed).ok();
-            }
-            if outcome.result == RunResult::Succeeded {
-                s.last_successful_backup = Some(started.clone());
-            }
-            if let Some(Ok(f)) = &retention {
-                s.last_retention_run = Some(to_time(Utc::now()));
-                s.snapshots_after_retention = i64::try_from(f.kept.len()).ok();
-                s.snapshots_removed_by_retention = i64::try_from(f.removed.len()).ok();
-            }
-            let t = to_time(Utc::now());
-            let (ok, reason, message) = match outcome.result {
-                RunResult::Succeeded => (
-                    true,
-                    reasons::BACKUP_SUCCEEDED,
-                    "Last backup completed successfully".to_owned(),
-                ),
-                RunResult::PartiallyFailed => {
-                    (true, reasons::BACKUP_PARTIALLY_FAILED, outcome.message.clone())
-                }
-                RunResult::Failed => (false, reasons::BACKUP_FAILED, outcome.message.clone()),
-            };
-            let set = |s: &mut restic_operator_api::backup::ResticBackupStatus,
-                       type_: &str,
-                       ok: bool,
-                       reason: &str,
-                       message: String| {
-                restic_operator_api::common::set_condition(
-                    &mut s.conditions,
-                    restic_operator_api::common::Condition::new(
-                        type_,
-                        ok,
-                        reason,
-                        message,
-                        generation,
-                        t.clone(),
-                    ),
-                )
-            };
-            set(s, ct::READY, ok, reason, message.clone());
-            set(
-                s,
-                ct::PROGRESSING,
-                false,
-                reason,
-                format!("Run {} finished", active.run_id),
-            );
-            let degraded = outcome.result == RunResult::PartiallyFailed || matches!(retention, Some(Err(_)));
-            set(
-                s,
-                ct::DEGRADED,
-                degraded,
-                if degraded {
-                    reason
-                } else {
-                    reasons::BACKUP_SUCCEEDED
-                },
-                if degraded {
-                    match &retention {
-                        Some(Err(e)) => e.clone(),
-                        _ => message.clone(),
+                s.active_run = None;
+                s.progress = None;
+                s.last_backup = Some(run.clone());
+                let stats = s.statistics.get_or_insert_with(BackupStatistics::default);
+                stats.total_backups = Some(stats.total_backups.unwrap_or(0) + 1);
+                match outcome.result {
+                    RunResult::Succeeded => {
+                        stats.successful_backups = Some(stats.successful_backups.unwrap_or(0) + 1)
                     }
-                } else {
-                    String::new()
-                },
-            );
-        })
-        .await;
+                    RunResult::Failed => stats.failed_backups = Some(stats.failed_backups.unwrap_or(0) + 1),
+                    RunResult::PartiallyFailed => {
+                        stats.partially_failed_backups = Some(stats.partially_failed_backups.unwrap_or(0) + 1)
+                    }
+                }
+                if made_snapshot {
+                    stats.last_backup_size = Some(format_bytes(summary.total_bytes_processed));
+                    stats.last_backup_size_bytes = i64::try_from(summary.total_bytes_processed).ok();
+                    stats.last_backup_files = i64::try_from(summary.total_files_processed).ok();
+                }
+                if outcome.result == RunResult::Succeeded {
+                    s.last_successful_backup = Some(started.clone());
+                }
+                if let Some(Ok(f)) = &retention {
+                    s.last_retention_run = Some(to_time(Utc::now()));
+                    s.snapshots_after_retention = i64::try_from(f.kept.len()).ok();
+                    s.snapshots_removed_by_retention = i64::try_from(f.removed.len()).ok();
+                }
+                let t = to_time(Utc::now());
+                let (ok, reason, message) = match outcome.result {
+                    RunResult::Succeeded => (
+                        true,
+                        reasons::BACKUP_SUCCEEDED,
+                        "Last backup completed successfully".to_owned(),
+                    ),
+                    RunResult::PartiallyFailed => {
+                        (true, reasons::BACKUP_PARTIALLY_FAILED, outcome.message.clone())
+                    }
+                    RunResult::Failed => (false, reasons::BACKUP_FAILED, outcome.message.clone()),
+                };
+                let set = |s: &mut restic_operator_api::backup::ResticBackupStatus,
+                           type_: &str,
+                           ok: bool,
+                           reason: &str,
+                           message: String| {
+                    restic_operator_api::common::set_condition(
+                        &mut s.conditions,
+                        restic_operator_api::common::Condition::new(
+                            type_,
+                            ok,
+                            reason,
+                            message,
+                            generation,
+                            t.clone(),
+                        ),
+                    )
+                };
+                set(s, ct::READY, ok, reason, message.clone());
+                set(
+                    s,
+                    ct::PROGRESSING,
+                    false,
+                    reason,
+                    format!("Run {} finished", active.run_id),
+                );
+                let degraded =
+                    outcome.result == RunResult::PartiallyFailed || matches!(retention, Some(Err(_)));
+                set(
+                    s,
+                    ct::DEGRADED,
+                    degraded,
+                    if degraded {
+                        reason
+                    } else {
+                        reasons::BACKUP_SUCCEEDED
+                    },
+                    if degraded {
+                        match &retention {
+                            Some(Err(e)) => e.clone(),
+                            _ => message.clone(),
+                        }
+                    } else {
+                        String::new()
+                    },
+                );
+            })
+            .await;
+        attempts += 1;
+        match written {
+            Err(e) if attempts < 8 => {
+                tracing::warn!(backup = %name, error = %e, "could not write the final status; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            other => break other,
+        }
+    };
     if let Err(e) = written {
         tracing::warn!(backup = %name, error = %e, "could not write the final status; the run is re-attached on the next reconcile");
         return;
