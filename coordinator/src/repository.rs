@@ -402,6 +402,25 @@ async fn refresh(
     Err(None)
 }
 
+/// Refreshes a repository's statistics in the background (after a backup or retention run
+/// changed them), unless a refresh already runs.
+pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
+    let ctx2 = Arc::clone(ctx);
+    let (ns, name) = (namespace.to_owned(), name.to_owned());
+    ctx.tasks.spawn_once(
+        &format!("stats/{ns}/{name}"),
+        Box::pin(async move {
+            let api: Api<ResticRepository> = Api::namespaced(ctx2.client.clone(), &ns);
+            let Ok(Some(repo)) = api.get_opt(&name).await else {
+                return;
+            };
+            if let Ok(creds) = credentials::load(&ctx2.client, &repo).await {
+                let _ = refresh(&repo, &ctx2, &creds).await;
+            }
+        }),
+    );
+}
+
 async fn integrity_check(
     ctx: &Context,
     repo: &ResticRepository,

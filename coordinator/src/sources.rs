@@ -37,7 +37,14 @@ pub enum Placement {
 }
 
 fn is_running(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
+    let is_mover = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/component"))
+        .is_some_and(|c| c == "mover");
+    !is_mover
+        && pod.metadata.deletion_timestamp.is_none()
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some()
 }

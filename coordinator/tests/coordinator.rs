@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use chrono::{Timelike, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -158,6 +158,22 @@ async fn scheduled_backup_runs_on_time_and_a_manual_trigger_starts_within_two_se
     );
     assert_eq!(status.statistics.unwrap().total_backups, Some(2));
     assert_eq!(restic_snapshots(&repo)?.len(), 2);
+    // The repository's statistics follow the backups without waiting for the interval.
+    let repos = node.repositories();
+    eventually(
+        "repository statistics counting both snapshots",
+        Duration::from_secs(30),
+        || async {
+            Ok(repos
+                .get("main")
+                .await?
+                .status
+                .and_then(|s| s.statistics)
+                .and_then(|s| s.snapshot_count)
+                .filter(|n| *n == 2))
+        },
+    )
+    .await?;
     let _ = agent.list_runs(pb::ListRunsRequest {}).await?;
 
     // Metrics as the specification names them.
@@ -657,7 +673,7 @@ async fn a_backup_from_a_namespace_the_repository_does_not_allow_is_refused() ->
             },
         )
         .await?;
-    let node = Node::start_watching("allowed-ns", &[&other]).await?;
+    let node = Node::start_with("allowed-ns", &[&other], &[]).await?;
     let repo = node.ctx.repository("main");
     node.repository("main", &repo).await?;
     node.wait_repository_reason("main", "RepositoryInitialized", Duration::from_secs(60))
@@ -715,5 +731,198 @@ async fn a_backup_from_a_namespace_the_repository_does_not_allow_is_refused() ->
         "the refused trigger is not run later"
     );
     assert!(restic_snapshots(&repo)?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_no_running_pod_mounts_is_backed_up_by_a_mover_pod_that_is_removed_afterwards() -> Result<()>
+{
+    let mover_port = restic_operator_e2e::process::free_port()?;
+    let node = Node::start_with(
+        "mover",
+        &[],
+        &[
+            format!("--mover-port={mover_port}"),
+            "--mover-image=restic-agent:test".into(),
+        ],
+    )
+    .await?;
+    let repo = ready_repository(&node, "main").await?;
+    // A claim bound to a volume, mounted by no pod.
+    let pv_name = format!("{}-pv", node.ns);
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/srv/data"},
+                 "claimRef": {"namespace": node.ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
+    }))?;
+    Api::<PersistentVolume>::all(node.client.clone())
+        .create(&PostParams::default(), &pv)
+        .await?;
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv_name}
+    }))?;
+    Api::<PersistentVolumeClaim>::namespaced(node.client.clone(), &node.ns)
+        .create(&PostParams::default(), &pvc)
+        .await?;
+    node.apply_yaml(&backup_yaml(
+        "archive",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  source: {pvc: {claimName: data}}\n  manualTrigger: go\n",
+    ))
+    .await?;
+
+    // The mover pod: the agent image in mover mode, the claim read-only.
+    let mover = eventually("the mover pod", Duration::from_secs(30), || async {
+        Ok(node
+            .pods("app.kubernetes.io/component=mover")
+            .await?
+            .into_iter()
+            .next())
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    let spec = mover.spec.clone().unwrap();
+    let claim = spec.volumes.as_ref().unwrap()[0]
+        .persistent_volume_claim
+        .clone()
+        .unwrap();
+    assert_eq!((claim.claim_name.as_str(), claim.read_only), ("data", Some(true)));
+    let container = &spec.containers[0];
+    assert_eq!(container.image.as_deref(), Some("restic-agent:test"));
+    assert!(
+        container
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--mover-volume=/data".to_owned())
+    );
+
+    // Play the kubelet: run the mover with the certificate from its Secret, serving a
+    // directory that stands for the mounted claim, and report the pod running.
+    let secret = Api::<Secret>::namespaced(node.client.clone(), &node.ns)
+        .get(&format!("{}-tls", mover.name_any()))
+        .await?;
+    let pki = node.dir.join("mover-pki");
+    std::fs::create_dir_all(&pki)?;
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::write(pki.join(key), &secret.data.as_ref().unwrap()[key].0)?;
+    }
+    let volume = node.dir.join("claim");
+    make_tree(&volume)?;
+    let p = |f: &str| pki.join(f).display().to_string();
+    let args = vec![
+        "serve".to_owned(),
+        format!("--mover-volume={}", volume.display()),
+        format!("--listen=127.0.0.1:{mover_port}"),
+        format!("--tls-cert={}", p("tls.crt")),
+        format!("--tls-key={}", p("tls.key")),
+        format!("--tls-client-ca={}", p("ca.crt")),
+        format!("--state-dir={}", node.dir.join("mover-state").display()),
+        format!(
+            "--restic={}",
+            restic_operator_e2e::tools::tool("restic")?.display()
+        ),
+        format!(
+            "--metrics-listen=127.0.0.1:{}",
+            restic_operator_e2e::process::free_port()?
+        ),
+    ];
+    let _mover_process = restic_operator_e2e::process::Process::spawn(
+        "restic-agent-mover",
+        &support::agent_binary()?,
+        &args,
+        &node.dir,
+    )?;
+    eventually("the mover listening", Duration::from_secs(20), || async {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", mover_port))
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &node.ns);
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(&mover.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    // The scheduler would bind it; tests have none, so the node stays unset and the
+    // coordinator reaches the pod by IP.
+
+    let done = node.wait_finished("archive", 0, Duration::from_secs(60)).await?;
+    let last = done.status.unwrap().last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        last.message
+    );
+    let snapshots = restic_snapshots(&repo)?;
+    assert_eq!(snapshots.len(), 1);
+    assert_eq!(snapshots[0]["paths"], json!(["/data"]));
+    assert_eq!(last.snapshot_id.as_deref(), snapshots[0]["id"].as_str());
+    eventually(
+        "the mover pod and its Secret removed",
+        Duration::from_secs(30),
+        || async {
+            let pod_gone = pods.get_opt(&mover.name_any()).await?.is_none();
+            let secret_gone = Api::<Secret>::namespaced(node.client.clone(), &node.ns)
+                .get_opt(&format!("{}-tls", mover.name_any()))
+                .await?
+                .is_none();
+            Ok((pod_gone && secret_gone).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integrity_check_runs_through_an_agent_and_records_its_result() -> Result<()> {
+    let node = Node::start("integrity").await?;
+    ready_repository(&node, "main").await?;
+    node.repositories()
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"integrityCheck": {"enabled": true, "schedule": "0 3 * * 0",
+                "timezone": "Europe/Berlin", "manualTrigger": "check-now"}}}),
+            ),
+        )
+        .await?;
+    let api = node.repositories();
+    let status = eventually("the integrity check result", Duration::from_secs(60), || async {
+        let r = api.get("main").await?;
+        Ok(r.status.filter(|s| s.last_integrity_check_result.is_some()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    assert_eq!(
+        serde_json::to_value(status.last_integrity_check_result)?,
+        json!("Passed")
+    );
+    assert_eq!(status.last_manual_trigger.as_deref(), Some("check-now"));
+    let next = status.next_integrity_check.expect("next scheduled check").0;
+    assert!(
+        next.as_second() > Utc::now().timestamp(),
+        "the next check is in the future"
+    );
+    let ok = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "IntegrityCheckSucceeded")
+        .unwrap();
+    assert!(ok.is_true(), "{ok:?}");
+    let c = &node.coordinators[0];
+    assert_eq!(
+        c.metric(&format!(
+            "restic_repository_integrity_check_status{{namespace=\"{}\",repository=\"main\"}}",
+            node.ns
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        c.metric("restic_operator_dispatch_total{kind=\"check\"}"),
+        Some(1.0)
+    );
     Ok(())
 }

@@ -15,6 +15,7 @@
 pub mod certs;
 pub mod controlplane;
 pub mod fixtures;
+pub mod operator;
 pub mod process;
 pub mod s3;
 pub mod tools;

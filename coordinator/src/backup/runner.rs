@@ -179,7 +179,12 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
             .collect::<Vec<_>>()
             .join("; ");
     }
+    let made_snapshot = outcome.result != RunResult::Failed;
     finish(&ctx, &api, &backup, &active, started, outcome, retention).await;
+    if made_snapshot {
+        let repo = &backup.spec.repository_ref;
+        crate::repository::refresh_soon(&ctx, repo.namespace_or(&ns), &repo.name);
+    }
     // The mover goes only after the result is in status: until then a restarted coordinator
     // re-attaches to it.
     let placed = api

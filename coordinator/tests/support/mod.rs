@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -15,13 +15,11 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::repository::ResticRepository;
-use restic_operator_e2e::process::{Process, free_port};
-use restic_operator_e2e::{ResticRepo, TestContext, eventually, install_crds, tools::tool};
+pub use restic_operator_e2e::operator::{Agent, Coordinator};
+use restic_operator_e2e::{ResticRepo, TestContext, eventually, install_crds, operator};
 use restic_operator_proto::v1::agent_client::AgentClient;
 use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-pub const AGENT_LABELS: &str = "app.kubernetes.io/name=restic-operator,app.kubernetes.io/component=agent";
 
 /// The agent binary, built once per test binary (it is another package of the workspace).
 pub fn agent_binary() -> Result<PathBuf> {
@@ -51,61 +49,6 @@ pub fn agent_binary() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
-pub struct Coordinator {
-    pub identity: String,
-    pub metrics_port: u16,
-    pub process: Process,
-}
-
-impl Coordinator {
-    pub fn metrics(&self) -> Result<String> {
-        http_get(self.metrics_port, "/metrics")
-    }
-
-    /// The value of a metric series (exact text of name and labels), if present. Panics when
-    /// the coordinator does not answer, so "absent" never means "not asked".
-    pub fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics().unwrap_or_else(|e| {
-            panic!(
-                "coordinator {} does not serve metrics: {e}\n{}",
-                self.identity,
-                self.log()
-            )
-        });
-        assert!(
-            text.contains("restic_operator_leader"),
-            "not a metrics page: {text}"
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.process.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, no goodbye.
-    pub fn kill(&mut self) {
-        self.process.kill();
-    }
-}
-
-pub fn http_get(port: u16, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-pub struct Agent {
-    pub port: u16,
-    pub kubelet: PathBuf,
-    pub process: Process,
-    pub pki: PathBuf,
-}
-
 /// One test's cluster: a namespace for the operator and the apps, a node with an agent.
 pub struct Node {
     pub ctx: TestContext,
@@ -117,15 +60,17 @@ pub struct Node {
     pub agent: Option<Agent>,
     /// Extra namespaces the coordinator watches.
     pub watch: Vec<String>,
+    /// Extra coordinator flags.
+    pub flags: Vec<String>,
 }
 
 impl Node {
     /// A namespace, CRDs, one coordinator (leader) and an agent on node `<ns>-node`.
     pub async fn start(test: &str) -> Result<Self> {
-        Self::start_watching(test, &[]).await
+        Self::start_with(test, &[], &[]).await
     }
 
-    pub async fn start_watching(test: &str, extra_namespaces: &[&str]) -> Result<Self> {
+    pub async fn start_with(test: &str, extra_namespaces: &[&str], flags: &[String]) -> Result<Self> {
         let ctx = TestContext::new(test).await?;
         let client = ctx.client.clone();
         install_crds(&client, &restic_operator_api::crds()).await?;
@@ -140,24 +85,21 @@ impl Node {
             coordinators: Vec::new(),
             agent: None,
             watch: extra_namespaces.iter().map(|s| s.to_string()).collect(),
+            flags: flags.to_vec(),
         };
         node.start_coordinator("coordinator-a").await?;
         node.wait_leader(0).await?;
-        node.start_agent().await?;
+        let agent = Agent::start(&node.client, &agent_binary()?, &node.ns, &node.name, &node.dir).await?;
+        node.agent = Some(agent);
         Ok(node)
     }
 
     /// Starts a coordinator replica with `identity`.
     pub async fn start_coordinator(&mut self, identity: &str) -> Result<usize> {
-        let metrics_port = free_port()?;
         let mut watch = vec![self.ns.clone()];
         watch.extend(self.watch.iter().cloned());
-        let args: Vec<String> = vec![
-            format!("--kubeconfig={}", self.ctx.env.kubeconfig.display()),
-            format!("--namespace={}", self.ns),
+        let mut flags: Vec<String> = vec![
             format!("--watch-namespaces={}", watch.join(",")),
-            format!("--identity={identity}"),
-            format!("--metrics-listen=127.0.0.1:{metrics_port}"),
             "--lease-duration=6s".into(),
             "--lease-renew-interval=2s".into(),
             "--repository-timeout=15s".into(),
@@ -165,26 +107,16 @@ impl Node {
             "--agent-lost-timeout=30s".into(),
             "--starting-deadline=10m".into(),
         ];
-        let log_dir = self.dir.join(identity);
-        std::fs::create_dir_all(&log_dir)?;
-        let process = Process::spawn(
-            "restic-coordinator",
-            Path::new(env!("CARGO_BIN_EXE_restic-coordinator")),
-            &args,
-            &log_dir,
-        )?;
-        let c = Coordinator {
-            identity: identity.into(),
-            metrics_port,
-            process,
-        };
-        eventually(
-            "the coordinator's metrics endpoint",
-            Duration::from_secs(20),
-            || async { Ok(http_get(metrics_port, "/healthz").ok().map(|_| ())) },
+        flags.extend(self.flags.iter().cloned());
+        let c = Coordinator::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_restic-coordinator")),
+            &self.ctx.env.kubeconfig,
+            &self.ns,
+            identity,
+            &self.dir.join(identity),
+            &flags,
         )
-        .await
-        .with_context(|| c.log())?;
+        .await?;
         self.coordinators.push(c);
         Ok(self.coordinators.len() - 1)
     }
@@ -199,105 +131,20 @@ impl Node {
         .with_context(|| c.log())
     }
 
-    /// Starts the real agent with the certificate the coordinator created, and the pod
-    /// object that announces it (as the DaemonSet's pod on this node would).
-    pub async fn start_agent(&mut self) -> Result<()> {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
-        let secret = eventually(
-            "the agent certificate Secret",
-            Duration::from_secs(30),
-            || async {
-                secrets
-                    .get_opt("restic-operator-agent-tls")
-                    .await
-                    .map_err(Into::into)
-            },
-        )
-        .await?;
-        let pki = self.dir.join("agent-pki");
-        std::fs::create_dir_all(&pki)?;
-        for key in ["tls.crt", "tls.key", "ca.crt"] {
-            let v = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .with_context(|| format!("agent Secret lacks {key}"))?;
-            std::fs::write(pki.join(key), &v.0)?;
-        }
-        let kubelet = self.dir.join("kubelet");
-        std::fs::create_dir_all(kubelet.join("pods"))?;
-        let port = free_port()?;
-        let p = |f: &str| pki.join(f).display().to_string();
-        let args: Vec<String> = vec![
-            "serve".into(),
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--metrics-listen=127.0.0.1:{}", free_port()?),
-            format!("--tls-cert={}", p("tls.crt")),
-            format!("--tls-key={}", p("tls.key")),
-            format!("--tls-client-ca={}", p("ca.crt")),
-            format!("--kubelet-root={}", kubelet.display()),
-            format!("--state-dir={}", self.dir.join("agent-state").display()),
-            format!("--restic={}", tool("restic")?.display()),
-            "--grace-period=3s".into(),
-        ];
-        let log_dir = self.dir.join("agent-log");
-        std::fs::create_dir_all(&log_dir)?;
-        let process = Process::spawn("restic-agent", &agent_binary()?, &args, &log_dir)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if std::time::Instant::now() > deadline {
-                bail!("agent did not listen");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("restic-agent-{}", self.name), "labels": {
-                "app.kubernetes.io/name": "restic-operator", "app.kubernetes.io/component": "agent"}},
-            "spec": {"nodeName": self.name, "containers": [{"name": "agent", "image": "restic-agent:test",
-                "ports": [{"name": "grpc", "containerPort": port}]}]}
-        }))?;
-        self.create_running_pod(pod, "127.0.0.1").await?;
-        self.agent = Some(Agent {
-            port,
-            kubelet,
-            process,
-            pki,
-        });
-        Ok(())
+    pub fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("the node's agent")
     }
 
-    /// Creates `pod` in the test namespace and marks it Running and Ready with `ip`, as the
-    /// kubelet would. Returns the pod's UID.
+    /// Creates `pod` in the test namespace, Running and Ready with `ip`. Returns its UID.
     pub async fn create_running_pod(&self, pod: Pod, ip: &str) -> Result<String> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        let created = pods.create(&PostParams::default(), &pod).await?;
-        let name = created.metadata.name.clone().unwrap_or_default();
-        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True"}]}});
-        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await?;
-        Ok(created.metadata.uid.unwrap_or_default())
+        operator::create_running_pod(&self.client, &self.ns, pod, ip).await
     }
 
-    /// An app pod on this node with an emptyDir volume `volume` whose kubelet directory is
-    /// filled by `fill`. Returns the UID and the data directory.
+    /// An app pod on this node with an emptyDir volume `volume`. Returns the UID and the
+    /// volume's directory.
     pub async fn app_pod(&self, name: &str, app: &str, volume: &str) -> Result<(String, PathBuf)> {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {"app": app}},
-            "spec": {"nodeName": self.name, "containers": [{"name": "app", "image": "busybox"}],
-                     "volumes": [{"name": volume, "emptyDir": {}}]}
-        }))?;
-        let uid = self.create_running_pod(pod, "10.1.0.9").await?;
-        let dir = self
-            .agent
-            .as_ref()
-            .context("no agent")?
-            .kubelet
-            .join("pods")
-            .join(&uid)
-            .join("volumes/kubernetes.io~empty-dir")
-            .join(volume);
-        std::fs::create_dir_all(&dir)?;
+        let uid = operator::app_pod(&self.client, &self.ns, &self.name, name, app, volume).await?;
+        let dir = self.agent().empty_dir(&uid, volume)?;
         Ok((uid, dir))
     }
 
@@ -329,7 +176,7 @@ impl Node {
         Ok(())
     }
 
-    /// Server-side applies a namespaced manifest into the test namespace.
+    /// Server-side applies a ResticRepository or ResticBackup into the test namespace.
     pub async fn apply_yaml(&self, yaml: &str) -> Result<()> {
         let value: serde_json::Value = serde_yaml::from_str(yaml)?;
         let kind = value["kind"].as_str().unwrap_or_default().to_owned();
@@ -337,14 +184,12 @@ impl Node {
         let pp = PatchParams::apply("e2e-test").force();
         match kind.as_str() {
             "ResticRepository" => {
-                Api::<ResticRepository>::namespaced(self.client.clone(), &self.ns)
+                self.repositories()
                     .patch(&name, &pp, &Patch::Apply(&value))
                     .await?;
             }
             "ResticBackup" => {
-                Api::<ResticBackup>::namespaced(self.client.clone(), &self.ns)
-                    .patch(&name, &pp, &Patch::Apply(&value))
-                    .await?;
+                self.backups().patch(&name, &pp, &Patch::Apply(&value)).await?;
             }
             other => bail!("apply_yaml: unsupported kind {other}"),
         }
@@ -371,7 +216,7 @@ impl Node {
         Ok(())
     }
 
-    /// Waits for a repository condition `Ready` with `reason`.
+    /// Waits for a repository condition `Ready` with `reason`; returns its message.
     pub async fn wait_repository_reason(
         &self,
         name: &str,
@@ -396,8 +241,8 @@ impl Node {
         .with_context(|| self.coordinator_log())
     }
 
-    /// Waits until the backup's `lastBackup.runID` is `run_id` (or any run when `None`)
-    /// and returns the backup.
+    /// Waits until the backup has finished more than `after_total` runs and none is in
+    /// flight; returns the backup.
     pub async fn wait_finished(
         &self,
         name: &str,
@@ -424,6 +269,7 @@ impl Node {
         .with_context(|| self.coordinator_log())
     }
 
+    /// The last lines of every coordinator's log, for failure messages.
     pub fn coordinator_log(&self) -> String {
         let mut out = String::new();
         for c in &self.coordinators {
@@ -438,9 +284,13 @@ impl Node {
         out
     }
 
-    /// A gRPC client for the agent, as the coordinator (from the CA Secret).
+    /// A gRPC client for the agent, with a client certificate from the operator's CA.
     pub async fn agent_client(&self) -> Result<AgentClient<Channel>> {
-        let agent = self.agent.as_ref().context("no agent")?;
+        self.client_for(self.agent().port).await
+    }
+
+    /// A gRPC client for an agent (or mover) on a loopback port.
+    pub async fn client_for(&self, port: u16) -> Result<AgentClient<Channel>> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let ca = secrets.get("restic-operator-ca").await?;
         let get = |k: &str| String::from_utf8(ca.data.as_ref().unwrap()[k].0.clone()).unwrap();
@@ -454,7 +304,7 @@ impl Node {
             .ca_certificate(Certificate::from_pem(&ca_pem.cert))
             .identity(Identity::from_pem(&client.cert, &client.key))
             .domain_name("restic-agent");
-        let channel = Channel::from_shared(format!("https://127.0.0.1:{}", agent.port))?
+        let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))?
             .tls_config(tls)?
             .connect()
             .await?;
