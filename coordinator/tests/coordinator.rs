@@ -872,6 +872,44 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_by_a_mover_pod_that_is_remov
         },
     )
     .await?;
+
+    // Once a running pod mounts the claim, the next run goes to its node's agent, which
+    // reads the claim's CSI directory (named after the PV), and no mover is started.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "archiver-0", "labels": {"app": "archiver"}},
+        "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "busybox"}],
+                 "volumes": [{"name": "archive", "persistentVolumeClaim": {"claimName": "data"}}]}
+    }))?;
+    let uid = node.create_running_pod(pod, "10.1.0.10").await?;
+    let csi = node
+        .agent()
+        .kubelet
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~csi")
+        .join(&pv_name)
+        .join("mount");
+    make_tree(&csi)?;
+    std::fs::write(csi.join("added-later"), b"new")?;
+    node.trigger("archive", "again").await?;
+    let done = node.wait_finished("archive", 1, Duration::from_secs(60)).await?;
+    let last = done.status.unwrap().last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        last.message
+    );
+    assert_eq!(
+        last.files_new,
+        Some(1),
+        "incremental over the mover's snapshot: only the new file"
+    );
+    assert!(
+        node.pods("app.kubernetes.io/component=mover").await?.is_empty(),
+        "no mover this time"
+    );
+    assert_eq!(restic_snapshots(&repo)?.len(), 2);
     Ok(())
 }
 
@@ -924,5 +962,56 @@ async fn an_integrity_check_runs_through_an_agent_and_records_its_result() -> Re
         c.metric("restic_operator_dispatch_total{kind=\"check\"}"),
         Some(1.0)
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_working() -> Result<()> {
+    // Certificates valid for 10 days, renewed when less than 30 remain: every check renews.
+    let node = Node::start_with(
+        "cert-renewal",
+        &[],
+        &[
+            "--cert-validity=240h".into(),
+            "--cert-renew-before=720h".into(),
+            "--cert-check-interval=2s".into(),
+        ],
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(node.client.clone(), &node.ns);
+    let read = |s: &Secret, k: &str| s.data.as_ref().unwrap()[k].0.clone();
+    let first = secrets.get("restic-operator-agent-tls").await?;
+    let renewed = eventually("a renewed agent certificate", Duration::from_secs(30), || async {
+        let now = secrets.get("restic-operator-agent-tls").await?;
+        Ok((read(&now, "tls.crt") != read(&first, "tls.crt")).then_some(now))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    assert_eq!(read(&renewed, "ca.crt"), read(&first, "ca.crt"), "the CA stays");
+    assert!(
+        node.coordinators[0]
+            .log()
+            .contains("renewed the agent certificate")
+    );
+    // The coordinator's own client certificate was renewed too; the agent (still serving
+    // its first certificate, from the same CA) accepts it.
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    make_tree(&data)?;
+    node.apply_yaml(&backup_yaml(
+        "db",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  manualTrigger: go\n",
+    ))
+    .await?;
+    let done = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
+    let last = done.status.unwrap().last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        last.message
+    );
+    assert_eq!(restic_snapshots(&repo)?.len(), 1);
     Ok(())
 }

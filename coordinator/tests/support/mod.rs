@@ -28,6 +28,11 @@ pub fn agent_binary() -> Result<PathBuf> {
         let me = PathBuf::from(env!("CARGO_BIN_EXE_restic-coordinator"));
         let bin = me.with_file_name("restic-agent");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // The same profile as this binary (the benchmark runs in release).
+        let release = me
+            .parent()
+            .and_then(|d| d.file_name())
+            .is_some_and(|d| d == "release");
         let status = std::process::Command::new(cargo)
             .args([
                 "build",
@@ -37,6 +42,7 @@ pub fn agent_binary() -> Result<PathBuf> {
                 "--bin",
                 "restic-agent",
             ])
+            .args(release.then_some("--release"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .map_err(|e| format!("cargo build of the agent: {e}"))?;
