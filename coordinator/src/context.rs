@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
 
 use crate::agents::Agents;
 use crate::config::Config;
@@ -65,4 +66,41 @@ impl Context {
     pub fn succeeded(&self, key: &str) {
         self.failures.lock().expect("failures").remove(key);
     }
+}
+
+/// Publishes an event about `object` with `recorder` (the note is cut to 1,000 bytes); a
+/// failure to publish is logged, never fatal.
+pub async fn publish<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    object: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(crate::run::truncate(&note, 1000)),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Runs one reconciliation and records its result and duration under `controller`.
+pub async fn observed(
+    metrics: &Metrics,
+    controller: &str,
+    reconcile: impl std::future::Future<Output = crate::error::Result<Action>>,
+) -> crate::error::Result<Action> {
+    let started = std::time::Instant::now();
+    let result = reconcile.await;
+    let label = match &result {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
+    };
+    metrics.reconciled(controller, label, started.elapsed().as_secs_f64());
+    result
 }

@@ -4,13 +4,13 @@
 //! is wrong. Failures back off; nothing hot-loops.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::common::{
     Condition, ConditionStatus, condition_types as ct, event_reasons as er, find_condition, format_bytes,
@@ -111,15 +111,7 @@ fn ready(
 }
 
 pub async fn reconcile(repo: Arc<ResticRepository>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let result = reconcile_inner(&repo, &ctx).await;
-    let label = match &result {
-        Ok(_) => "success",
-        Err(e) => e.metric_label(),
-    };
-    ctx.metrics
-        .reconciled(CONTROLLER, label, started.elapsed().as_secs_f64());
-    result
+    crate::context::observed(&ctx.metrics, CONTROLLER, reconcile_inner(&repo, &ctx)).await
 }
 
 async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<Action> {
@@ -564,16 +556,7 @@ async fn integrity_check(
 }
 
 pub async fn publish(ctx: &Context, repo: &ResticRepository, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(run::truncate(&note, 1000)),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.repository_events.publish(&event, &repo.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
+    crate::context::publish(&ctx.repository_events, repo, type_, reason, note).await;
 }
 
 pub fn error_policy(repo: Arc<ResticRepository>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -7,7 +7,7 @@
 pub mod runner;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Namespace;
@@ -190,15 +190,7 @@ fn condition(
 }
 
 pub async fn reconcile(backup: Arc<ResticBackup>, ctx: Arc<Context>) -> Result<Action> {
-    let started = Instant::now();
-    let result = reconcile_inner(&backup, &ctx).await;
-    let label = match &result {
-        Ok(_) => "success",
-        Err(e) => e.metric_label(),
-    };
-    ctx.metrics
-        .reconciled(CONTROLLER, label, started.elapsed().as_secs_f64());
-    result
+    crate::context::observed(&ctx.metrics, CONTROLLER, reconcile_inner(&backup, &ctx)).await
 }
 
 async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Action> {
@@ -413,6 +405,7 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     {
         runner::cancel(ctx, &ns, &active).await;
     }
+    let start_recorded = start.is_some();
     if let Some(run) = start {
         if let Some(m) = &run.manual {
             runner::publish(
@@ -436,11 +429,20 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     let until_next = plan
         .next_backup
         .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50));
-    let requeue = [until_next, plan.requeue, Some(Duration::from_secs(3600))]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(Duration::from_secs(3600));
+    // While a run is in flight, look again every minute: should its runner have given up
+    // (the API server unreachable for minutes), the next reconcile re-attaches.
+    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some()) || start_recorded;
+    let watch_run = in_flight.then_some(Duration::from_secs(60));
+    let requeue = [
+        until_next,
+        plan.requeue,
+        watch_run,
+        Some(Duration::from_secs(3600)),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(Duration::from_secs(3600));
     Ok(Action::requeue(requeue.max(Duration::from_millis(100))))
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::backup::{BackupRun, BackupStatistics, ResticBackup};
 use restic_operator_api::common::{
@@ -70,16 +70,7 @@ async fn recorded_address(ctx: &Context, ns: &str, active: &ActiveRun) -> Option
 }
 
 pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(run::truncate(&note, 1000)),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.backup_events.publish(&event, &backup.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
+    crate::context::publish(&ctx.backup_events, backup, type_, reason, note).await;
 }
 
 /// How a run ended, before hooks and retention.
