@@ -142,31 +142,46 @@ impl Metrics {
         }
     }
 
-    /// Drops the series of a deleted ResticBackup.
-    pub fn forget_backup(&self, backup: &str, namespace: &str) {
-        for g in [
+    /// Drops the series of backups and repositories that no longer exist: `backups` and
+    /// `repositories` are the `(namespace, name)` pairs that do.
+    pub fn retain(
+        &self,
+        backups: &std::collections::HashSet<(String, String)>,
+        repositories: &std::collections::HashSet<(String, String)>,
+    ) {
+        let backup_gauges = [
             &self.backup_duration,
             &self.backup_start,
+            &self.backup_status,
             &self.backup_size,
             &self.backup_files,
-        ] {
-            let _ = g.remove_label_values(&[backup, namespace]);
-        }
-        for s in BACKUP_STATUSES {
-            let _ = self.backup_status.remove_label_values(&[backup, namespace, s]);
-        }
-    }
-
-    /// Drops the series of a deleted ResticRepository.
-    pub fn forget_repository(&self, repository: &str, namespace: &str) {
-        for g in [
+        ];
+        let repo_gauges = [
             &self.repository_size,
             &self.repository_snapshots,
             &self.integrity_check_timestamp,
             &self.integrity_check_status,
-        ] {
-            let _ = g.remove_label_values(&[repository, namespace]);
-        }
+        ];
+        let sweep =
+            |gauges: &[&GaugeVec], name_label: &str, keep: &std::collections::HashSet<(String, String)>| {
+                for g in gauges {
+                    for family in prometheus::core::Collector::collect(*g) {
+                        for m in family.get_metric() {
+                            let labels: std::collections::HashMap<&str, &str> =
+                                m.get_label().iter().map(|l| (l.name(), l.value())).collect();
+                            let key = (
+                                labels.get("namespace").copied().unwrap_or_default().to_owned(),
+                                labels.get(name_label).copied().unwrap_or_default().to_owned(),
+                            );
+                            if !keep.contains(&key) {
+                                let _ = g.remove(&labels);
+                            }
+                        }
+                    }
+                }
+            };
+        sweep(&backup_gauges, "backup", backups);
+        sweep(&repo_gauges, "repository", repositories);
     }
 
     pub fn render(&self) -> String {
@@ -181,5 +196,25 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn series_of_deleted_objects_are_dropped() {
+        let m = Metrics::new();
+        m.set_backup_status("kept", "ns", "success");
+        m.set_backup_status("gone", "ns", "failure");
+        m.repository_size.with_label_values(&["repo", "ns"]).set(1.0);
+        let keep: HashSet<(String, String)> = [("ns".to_owned(), "kept".to_owned())].into();
+        m.retain(&keep, &HashSet::new());
+        let text = m.render();
+        assert!(text.contains("backup=\"kept\""), "{text}");
+        assert!(!text.contains("backup=\"gone\""), "{text}");
+        assert!(!text.contains("repository=\"repo\""), "{text}");
     }
 }

@@ -134,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
     let mut controllers = Vec::new();
+    let (mut backup_stores, mut repo_stores) = (Vec::new(), Vec::new());
     for ns in namespaces {
         let api = |c: &Client| -> (Api<ResticBackup>, Api<ResticRepository>) {
             match &ns {
@@ -142,7 +143,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         };
         let (backups, repos) = api(&client);
-        let repo_controller = Controller::new(repos, watcher::Config::default())
+        let repo_controller = Controller::new(repos, watcher::Config::default());
+        repo_stores.push(repo_controller.store());
+        let repo_controller = repo_controller
             .shutdown_on_signal()
             .run(repository::reconcile, repository::error_policy, Arc::clone(&ctx))
             .for_each(|_| async {});
@@ -150,6 +153,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // watched cluster-wide only when all namespaces are.
         let backup_controller = Controller::new(backups, watcher::Config::default());
         let store = backup_controller.store();
+        backup_stores.push(store.clone());
         let (_, repo_watch) = api(&client);
         let backup_controller = backup_controller
             .watches(repo_watch, watcher::Config::default(), move |repo| {
@@ -162,6 +166,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         controllers.push(tokio::spawn(backup_controller));
     }
     tracing::info!(identity = %identity, "coordinator running");
+    // Metric series of deleted objects go with them (deletions do not wake a reconcile).
+    {
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                let keys = |objects: Vec<(Option<String>, Option<String>)>| -> std::collections::HashSet<(String, String)> {
+                    objects.into_iter().map(|(ns, n)| (ns.unwrap_or_default(), n.unwrap_or_default())).collect()
+                };
+                let backups = keys(
+                    backup_stores
+                        .iter()
+                        .flat_map(|s: &kube::runtime::reflector::Store<ResticBackup>| s.state())
+                        .map(|b| (b.metadata.namespace.clone(), b.metadata.name.clone()))
+                        .collect(),
+                );
+                let repos = keys(
+                    repo_stores
+                        .iter()
+                        .flat_map(|s: &kube::runtime::reflector::Store<ResticRepository>| s.state())
+                        .map(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()))
+                        .collect(),
+                );
+                metrics.retain(&backups, &repos);
+            }
+        });
+    }
 
     tokio::select! {
         _ = holder => {

@@ -209,6 +209,16 @@ async fn scheduled_backup_runs_on_time_and_a_manual_trigger_starts_within_two_se
             .unwrap()
             >= 1.0
     );
+
+    // Deleting the backup removes its series.
+    node.backups().delete("web", &Default::default()).await?;
+    let series = format!("backup_status{{backup=\"web\",namespace=\"{ns}\",status=\"success\"}}");
+    eventually(
+        "the deleted backup's metrics gone",
+        Duration::from_secs(20),
+        || async { Ok(c.metric(&series).is_none().then_some(())) },
+    )
+    .await?;
     Ok(())
 }
 
