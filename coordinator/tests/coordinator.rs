@@ -42,6 +42,16 @@ async fn wait_event(node: &Node, reason: &str) -> Result<Event> {
     .await
 }
 
+/// A node with an initialized repository `main` and a pod `db-0` (label `app: db`) whose
+/// volume `data` holds a small tree.
+async fn db_node(test: &str) -> Result<(Node, restic_operator_e2e::ResticRepo)> {
+    let node = Node::start(test).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    make_tree(&data)?;
+    Ok((node, repo))
+}
+
 /// A ResticRepository on S3, initialized by the coordinator; returns its restic handle.
 async fn ready_repository(node: &Node, name: &str) -> Result<restic_operator_e2e::ResticRepo> {
     let repo = node.ctx.repository(name);
@@ -387,10 +397,7 @@ async fn wait_job(node: &Node, label: &str) -> Result<Job> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_pre_hook_job_fails_the_run_and_runs_on_failure() -> Result<()> {
-    let node = Node::start("hooks").await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    make_tree(&data)?;
+    let (node, repo) = db_node("hooks").await?;
     let template = "{spec: {containers: [{name: hook, image: busybox, command: [sh, -c, 'exit 1']}]}}";
     node.apply_yaml(&backup_yaml(
         "db",
@@ -445,10 +452,7 @@ async fn an_exec_hook_goes_through_the_api_server_to_the_pod_and_its_failure_is_
     // Without a kubelet the API server cannot reach the container; what is tested here is that
     // the hook picks the right pod and container and reports the failure. The cluster e2e
     // suite runs real commands.
-    let node = Node::start("exec-hook").await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    make_tree(&data)?;
+    let (node, repo) = db_node("exec-hook").await?;
     node.apply_yaml(&backup_yaml(
         "db",
         "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
@@ -469,10 +473,7 @@ async fn an_exec_hook_goes_through_the_api_server_to_the_pod_and_its_failure_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Result<()> {
-    let node = Node::start("retention").await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    make_tree(&data)?;
+    let (node, repo) = db_node("retention").await?;
 
     // History made by the old scripts: eight days of snapshots of this host and tag, and
     // one of another host that retention must not touch.
