@@ -1026,3 +1026,43 @@ async fn the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_workin
     assert_eq!(restic_snapshots(&repo)?.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_works_with_only_its_cluster_role() -> Result<()> {
+    let role = include_str!("../rbac/clusterrole.yaml");
+    let node = Node::start_as("rbac", &[], &[], Some(role)).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    make_tree(&data)?;
+    let template = "{spec: {containers: [{name: hook, image: busybox}]}}";
+    node.apply_yaml(&backup_yaml(
+        "db",
+        &format!(
+            "  repositoryRef: {{name: main}}\n  schedule: '@yearly'\n  \
+             source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: db}}}}, volumeName: data}}}}\n  \
+             hooks: {{postBackup: {{job: {{podTemplate: {template}}}}}}}\n  \
+             retention: {{enabled: true, policy: {{keepLast: 3}}}}\n  manualTrigger: go\n"
+        ),
+    ))
+    .await?;
+    let post = wait_job(&node, "backup.resticbackup.io/hook=postBackup").await?;
+    finish_job_pod(&node, &post.name_any(), 0, "done").await?;
+    let done = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
+    let status = done.status.unwrap();
+    let last = status.last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{:?}",
+        last.message
+    );
+    assert!(status.last_retention_run.is_some(), "retention ran");
+    assert_eq!(restic_snapshots(&repo)?.len(), 1);
+    wait_event(&node, "BackupCompleted").await?;
+    let log = node.coordinators[0].log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "a request was forbidden:\n{log}"
+    );
+    Ok(())
+}

@@ -217,9 +217,24 @@ impl TestContext {
         }
     }
 
+    /// A kubeconfig file acting as ServiceAccount `name` of this namespace (created if
+    /// missing), for a process such as the coordinator.
+    pub async fn kubeconfig_as_service_account(&self, name: &str) -> Result<PathBuf> {
+        let kubeconfig = self.service_account_kubeconfig(name).await?;
+        let path = self.tmp.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, serde_yaml::to_string(&kubeconfig)?)?;
+        Ok(path)
+    }
+
     /// A client acting as ServiceAccount `name` of this namespace (created if missing), with a
     /// short-lived token from the TokenRequest API: what a pod running as it would get.
     pub async fn client_as_service_account(&self, name: &str) -> Result<Client> {
+        let kubeconfig = self.service_account_kubeconfig(name).await?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    async fn service_account_kubeconfig(&self, name: &str) -> Result<Kubeconfig> {
         let api = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace);
         let sa = ServiceAccount {
             metadata: ObjectMeta {
@@ -253,8 +268,7 @@ impl TestContext {
                 ..Default::default()
             });
         }
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        Ok(kubeconfig)
     }
 
     /// Deletes the namespace (the local control plane dies with the test binary anyway; this

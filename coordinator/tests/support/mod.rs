@@ -68,6 +68,8 @@ pub struct Node {
     pub watch: Vec<String>,
     /// Extra coordinator flags.
     pub flags: Vec<String>,
+    /// What the coordinator authenticates with.
+    pub kubeconfig: PathBuf,
 }
 
 impl Node {
@@ -77,9 +79,41 @@ impl Node {
     }
 
     pub async fn start_with(test: &str, extra_namespaces: &[&str], flags: &[String]) -> Result<Self> {
+        Self::start_as(test, extra_namespaces, flags, None).await
+    }
+
+    /// Like `start_with`; the coordinator runs with the permissions of `cluster_role` (a
+    /// ClusterRole manifest) through a ServiceAccount, or as admin when `None`.
+    pub async fn start_as(
+        test: &str,
+        extra_namespaces: &[&str],
+        flags: &[String],
+        cluster_role: Option<&str>,
+    ) -> Result<Self> {
         let ctx = TestContext::new(test).await?;
         let client = ctx.client.clone();
         install_crds(&client, &restic_operator_api::crds()).await?;
+        let kubeconfig = match cluster_role {
+            None => ctx.env.kubeconfig.clone(),
+            Some(manifest) => {
+                use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+                let mut role: ClusterRole = serde_yaml::from_str(manifest)?;
+                let name = format!("{}-coordinator", ctx.namespace);
+                role.metadata.name = Some(name.clone());
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&PostParams::default(), &role)
+                    .await?;
+                let binding: ClusterRoleBinding = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                    "subjects": [{"kind": "ServiceAccount", "name": "coordinator", "namespace": ctx.namespace}]
+                }))?;
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&PostParams::default(), &binding)
+                    .await?;
+                ctx.kubeconfig_as_service_account("coordinator").await?
+            }
+        };
         let ns = ctx.namespace.clone();
         let dir = ctx.tmp.path().to_path_buf();
         let mut node = Self {
@@ -92,6 +126,7 @@ impl Node {
             agent: None,
             watch: extra_namespaces.iter().map(|s| s.to_string()).collect(),
             flags: flags.to_vec(),
+            kubeconfig,
         };
         node.start_coordinator("coordinator-a").await?;
         node.wait_leader(0).await?;
@@ -116,7 +151,7 @@ impl Node {
         flags.extend(self.flags.iter().cloned());
         let c = Coordinator::start(
             std::path::Path::new(env!("CARGO_BIN_EXE_restic-coordinator")),
-            &self.ctx.env.kubeconfig,
+            &self.kubeconfig,
             &self.ns,
             identity,
             &self.dir.join(identity),
