@@ -42,11 +42,18 @@ pub struct StatusWriter {
 impl StatusWriter {
     /// Reads the object, lets `change` edit a copy of its status and applies the result
     /// (nothing is written when nothing changed). Returns the object as read, `None` when it
-    /// is gone.
-    pub async fn update<K, F>(&self, api: &Api<K>, name: &str, change: F) -> Result<Option<K>, kube::Error>
+    /// is gone. The write is conditional on the object's resourceVersion: if anything wrote
+    /// in between (even another coordinator that wrongly believes it leads), the object is
+    /// read again and `change` decides again.
+    pub async fn update<K, F>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        mut change: F,
+    ) -> Result<Option<K>, kube::Error>
     where
         K: WithStatus,
-        F: FnOnce(&K, &mut K::Status),
+        F: FnMut(&K, &mut K::Status),
     {
         let key = format!(
             "{}/{}/{}",
@@ -62,26 +69,36 @@ impl StatusWriter {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
-        let Some(object) = api.get_opt(name).await? else {
-            return Ok(None);
-        };
-        let before = object.status().cloned().unwrap_or_default();
-        let mut after = before.clone();
-        change(&object, &mut after);
-        if after != before {
+        let mut attempt = 0;
+        loop {
+            let Some(object) = api.get_opt(name).await? else {
+                return Ok(None);
+            };
+            let before = object.status().cloned().unwrap_or_default();
+            let mut after = before.clone();
+            change(&object, &mut after);
+            if after == before {
+                return Ok(Some(object));
+            }
             let patch = serde_json::json!({
                 "apiVersion": K::api_version(&()),
                 "kind": K::kind(&()),
+                "metadata": {"resourceVersion": object.meta().resource_version},
                 "status": after,
             });
-            api.patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?;
+            match api
+                .patch_status(
+                    name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                Ok(_) => return Ok(Some(object)),
+                Err(kube::Error::Api(e)) if e.code == 409 && attempt < 10 => attempt += 1,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(Some(object))
     }
 }
 

@@ -514,7 +514,7 @@ impl<'a> ProgressWriter<'a> {
             let _ = writer
                 .update(&api, &name, |_, s| {
                     if s.active_run.as_ref().is_some_and(|a| a.run_id == run_id) {
-                        s.progress = Some(progress);
+                        s.progress = Some(progress.clone());
                     }
                 })
                 .await;
