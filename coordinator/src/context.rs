@@ -51,6 +51,37 @@ impl Context {
         }
     }
 
+    /// Sends a run to the agent at `address` and follows it (re-attaching for up to
+    /// `--agent-lost-timeout`), counting it in `restic_operator_dispatch_total{kind}`.
+    pub async fn dispatch<F, Fut>(
+        &self,
+        kind: &str,
+        address: &str,
+        run_id: &str,
+        start: F,
+        on_event: &mut (dyn FnMut(&restic_operator_proto::v1::RunEvent) + Send),
+    ) -> crate::run::Ended
+    where
+        F: FnOnce(restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<
+                Output = Result<
+                    tonic::Response<tonic::Streaming<restic_operator_proto::v1::RunEvent>>,
+                    tonic::Status,
+                >,
+            >,
+    {
+        self.metrics.dispatch_total.with_label_values(&[kind]).inc();
+        crate::run::drive(
+            &self.agents,
+            address,
+            run_id,
+            self.config.agent_lost_timeout,
+            start,
+            on_event,
+        )
+        .await
+    }
+
     pub fn pki(&self) -> Pki {
         self.pki.read().expect("pki lock").clone()
     }

@@ -277,7 +277,6 @@ async fn refresh(
     };
     let stamp = Utc::now().timestamp();
     let timeout = ctx.config.repository_timeout;
-    let lost = ctx.config.agent_lost_timeout;
     let mut initialized = false;
     for attempt in 0..2 {
         let run_id = format!("repo-{uid}-stats-{stamp}-{attempt}");
@@ -285,16 +284,15 @@ async fn refresh(
             options: Some(run::options(&run_id, timeout)),
             repository: Some(creds.clone()),
         };
-        ctx.metrics.dispatch_total.with_label_values(&["stats"]).inc();
-        let ended = run::drive(
-            &ctx.agents,
-            &agent.address,
-            &run_id,
-            lost,
-            |mut c| async move { c.stats(request).await },
-            &mut |_| {},
-        )
-        .await;
+        let ended = ctx
+            .dispatch(
+                "stats",
+                &agent.address,
+                &run_id,
+                |mut c| async move { c.stats(request).await },
+                &mut |_| {},
+            )
+            .await;
         let result = match ended {
             Ended::Result(r) => r,
             Ended::Unavailable(message) => {
@@ -343,16 +341,15 @@ async fn refresh(
             options: Some(run::options(&run_id, timeout)),
             repository: Some(creds.clone()),
         };
-        ctx.metrics.dispatch_total.with_label_values(&["init"]).inc();
-        let ended = run::drive(
-            &ctx.agents,
-            &agent.address,
-            &run_id,
-            lost,
-            |mut c| async move { c.init(request).await },
-            &mut |_| {},
-        )
-        .await;
+        let ended = ctx
+            .dispatch(
+                "init",
+                &agent.address,
+                &run_id,
+                |mut c| async move { c.init(request).await },
+                &mut |_| {},
+            )
+            .await;
         match ended {
             Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => {
                 initialized = true;
@@ -467,16 +464,15 @@ async fn integrity_check(
             .and_then(|c| c.read_data_subset.clone())
             .unwrap_or_default(),
     };
-    ctx.metrics.dispatch_total.with_label_values(&["check"]).inc();
-    let ended = run::drive(
-        &ctx.agents,
-        &agent.address,
-        &run_id,
-        ctx.config.agent_lost_timeout,
-        |mut c| async move { c.check(request).await },
-        &mut |_| {},
-    )
-    .await;
+    let ended = ctx
+        .dispatch(
+            "check",
+            &agent.address,
+            &run_id,
+            |mut c| async move { c.check(request).await },
+            &mut |_| {},
+        )
+        .await;
     let (passed, message) = match &ended {
         Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => {
             (true, "restic check found no errors".to_owned())

@@ -332,14 +332,7 @@ async fn a_second_replica_never_dispatches_while_the_first_leads_and_takes_over_
     // The leader dies mid-run: the follower takes the lease and re-attaches.
     node.coordinators[0].kill();
     node.wait_leader(1).await?;
-    let done = node.wait_finished("db", 0, Duration::from_secs(90)).await?;
-    let last = done.status.unwrap().last_backup.unwrap();
-    assert_eq!(
-        last.result.map(|r| r.to_string()).as_deref(),
-        Some("Succeeded"),
-        "{:?}",
-        last.message
-    );
+    node.wait_succeeded("db", 0, Duration::from_secs(90)).await?;
     assert_eq!(restic_snapshots(&repo)?.len(), 1);
     assert_eq!(
         node.coordinators[1].metric("restic_operator_dispatch_total{kind=\"backup\"}"),
@@ -851,21 +844,12 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_by_a_mover_pod_that_is_remov
     })
     .await?;
     let pods: Api<Pod> = Api::namespaced(node.client.clone(), &node.ns);
-    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-        "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(&mover.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+    restic_operator_e2e::operator::mark_running(&node.client, &node.ns, &mover.name_any(), "127.0.0.1")
         .await?;
     // The scheduler would bind it; tests have none, so the node stays unset and the
     // coordinator reaches the pod by IP.
 
-    let done = node.wait_finished("archive", 0, Duration::from_secs(60)).await?;
-    let last = done.status.unwrap().last_backup.unwrap();
-    assert_eq!(
-        last.result.map(|r| r.to_string()).as_deref(),
-        Some("Succeeded"),
-        "{:?}",
-        last.message
-    );
+    let last = node.wait_succeeded("archive", 0, Duration::from_secs(60)).await?;
     let snapshots = restic_snapshots(&repo)?;
     assert_eq!(snapshots.len(), 1);
     assert_eq!(snapshots[0]["paths"], json!(["/data"]));
@@ -903,14 +887,7 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_by_a_mover_pod_that_is_remov
     make_tree(&csi)?;
     std::fs::write(csi.join("added-later"), b"new")?;
     node.trigger("archive", "again").await?;
-    let done = node.wait_finished("archive", 1, Duration::from_secs(60)).await?;
-    let last = done.status.unwrap().last_backup.unwrap();
-    assert_eq!(
-        last.result.map(|r| r.to_string()).as_deref(),
-        Some("Succeeded"),
-        "{:?}",
-        last.message
-    );
+    let last = node.wait_succeeded("archive", 1, Duration::from_secs(60)).await?;
     assert_eq!(
         last.files_new,
         Some(1),
@@ -1015,14 +992,7 @@ async fn the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_workin
          source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  manualTrigger: go\n",
     ))
     .await?;
-    let done = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
-    let last = done.status.unwrap().last_backup.unwrap();
-    assert_eq!(
-        last.result.map(|r| r.to_string()).as_deref(),
-        Some("Succeeded"),
-        "{:?}",
-        last.message
-    );
+    node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
     assert_eq!(restic_snapshots(&repo)?.len(), 1);
     Ok(())
 }

@@ -209,12 +209,24 @@ impl Agent {
 pub async fn create_running_pod(client: &Client, namespace: &str, pod: Pod, ip: &str) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let created = pods.create(&PostParams::default(), &pod).await?;
-    let name = created.metadata.name.clone().unwrap_or_default();
+    mark_running(
+        client,
+        namespace,
+        &created.metadata.name.clone().unwrap_or_default(),
+        ip,
+    )
+    .await?;
+    Ok(created.metadata.uid.unwrap_or_default())
+}
+
+/// Reports pod `name` Running and Ready with `ip`, as its kubelet would.
+pub async fn mark_running(client: &Client, namespace: &str, name: &str, ip: &str) -> Result<()> {
     let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
         "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
-    Ok(created.metadata.uid.unwrap_or_default())
+    Ok(())
 }
 
 /// An app pod `name` (label `app: <app>`) on `node` with an emptyDir volume `volume`.

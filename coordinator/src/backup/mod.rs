@@ -16,8 +16,8 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
 use restic_operator_api::common::{
-    ActiveRun, ConcurrencyPolicy, Condition, ConditionStatus, RunTrigger, condition_types as ct,
-    event_reasons as er, find_condition, reasons, set_condition,
+    ActiveRun, ConcurrencyPolicy, Condition, RunTrigger, condition_types as ct, event_reasons as er,
+    find_condition, reasons, set_condition,
 };
 use restic_operator_api::repository::ResticRepository;
 
@@ -470,11 +470,6 @@ pub fn referencing(
         })
         .map(|b| kube::runtime::reflector::ObjectRef::from_obj(b.as_ref()))
         .collect()
-}
-
-/// Whether a condition of `status` has the given status.
-pub fn condition_is(status: &ResticBackupStatus, type_: &str, want: ConditionStatus) -> bool {
-    find_condition(&status.conditions, type_).is_some_and(|c| c.status == want)
 }
 
 #[cfg(test)]

@@ -381,7 +381,6 @@ async fn execute(
     };
 
     let _shared = ctx.locks.shared(&format!("{repo_ns}/{}", repo_ref.name)).await;
-    ctx.metrics.dispatch_total.with_label_values(&["backup"]).inc();
     publish(
         ctx,
         backup,
@@ -391,15 +390,15 @@ async fn execute(
     )
     .await;
     let mut progress = ProgressWriter::new(ctx, api, backup, active);
-    let ended = run::drive(
-        &ctx.agents,
-        &address,
-        &active.run_id,
-        lost,
-        |mut c| async move { c.backup(request).await },
-        &mut |e| progress.on_event(e),
-    )
-    .await;
+    let ended = ctx
+        .dispatch(
+            "backup",
+            &address,
+            &active.run_id,
+            |mut c| async move { c.backup(request).await },
+            &mut |e| progress.on_event(e),
+        )
+        .await;
     progress.flush().await;
     match ended {
         Ended::Result(r) => outcome_of(*r),
@@ -573,16 +572,15 @@ async fn apply_retention(
     };
     let agent = ctx.agents.any()?;
     let _exclusive = ctx.locks.exclusive(&format!("{repo_ns}/{}", repo_ref.name)).await;
-    ctx.metrics.dispatch_total.with_label_values(&["forget"]).inc();
-    match run::drive(
-        &ctx.agents,
-        &agent.address,
-        &forget_id,
-        ctx.config.agent_lost_timeout,
-        |mut c| async move { c.forget(request).await },
-        &mut |_| {},
-    )
-    .await
+    match ctx
+        .dispatch(
+            "forget",
+            &agent.address,
+            &forget_id,
+            |mut c| async move { c.forget(request).await },
+            &mut |_| {},
+        )
+        .await
     {
         Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => Ok(r.forget.unwrap_or_default()),
         Ended::Result(r) => Err(format!("retention failed: {}", run::describe_failure(&r))),

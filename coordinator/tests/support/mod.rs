@@ -310,6 +310,23 @@ impl Node {
         .with_context(|| self.coordinator_log())
     }
 
+    /// Waits for the next finished run like `wait_finished` and checks it succeeded; returns
+    /// its `lastBackup`.
+    pub async fn wait_succeeded(
+        &self,
+        name: &str,
+        after_total: i64,
+        timeout: Duration,
+    ) -> Result<restic_operator_api::backup::BackupRun> {
+        let done = self.wait_finished(name, after_total, timeout).await?;
+        let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
+        anyhow::ensure!(
+            last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded"),
+            "run of {name} did not succeed: {last:?}"
+        );
+        Ok(last)
+    }
+
     /// The last lines of every coordinator's log, for failure messages.
     pub fn coordinator_log(&self) -> String {
         let mut out = String::new();
