@@ -4,6 +4,13 @@
 //! Works with cgroup v1 (the `memory` controller) and v2 (`memory.max`). Run cgroups are
 //! created below a parent: by default the agent's own cgroup, so restic's memory also counts
 //! against the agent pod's limit (set `--cgroup-parent` to place them elsewhere).
+//!
+//! cgroup v2 has a rule v1 lacks: a cgroup that hands controllers to its children
+//! (`cgroup.subtree_control`) may hold no process itself ("no internal processes"). The agent
+//! lives in its container's cgroup, so before it can give run cgroups a memory controller it
+//! moves itself into a leaf child, `<own>/agent`, and only then enables `+memory` for `<own>`
+//! and for `<own>/restic-agent-runs`. Without that move the write to `subtree_control` fails
+//! with EBUSY and every run would go unlimited.
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +38,7 @@ impl Cgroups {
                 fs.join(rel.trim_start_matches('/'))
             });
             let parent = base.join("restic-agent-runs");
-            return match setup_v2(&parent) {
+            return match setup_v2(&base, &parent, std::process::id()) {
                 Ok(()) => Self::V2 { parent },
                 Err(e) => Self::Unavailable(format!("cgroup v2 at {}: {e}", parent.display())),
             };
@@ -88,17 +95,33 @@ impl Cgroups {
     }
 }
 
-fn setup_v2(parent: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(parent)?;
-    // Children can only get memory limits if the controller is enabled for this subtree.
-    let ctl = parent.parent().map(|p| p.join("cgroup.subtree_control"));
-    if let Some(ctl) = ctl {
-        let enabled = std::fs::read_to_string(&ctl).unwrap_or_default();
-        if !enabled.split_whitespace().any(|c| c == "memory") {
-            std::fs::write(&ctl, "+memory")?;
-        }
+/// Prepares cgroup v2 below `base` (the agent's own cgroup): moves `pid` into the leaf
+/// `base/agent`, enables the memory controller for `base` and for `parent`
+/// (`base/restic-agent-runs`). Plain file operations, so a scratch directory can stand in for
+/// the cgroup file system in tests.
+fn setup_v2(base: &Path, parent: &Path, pid: u32) -> std::io::Result<()> {
+    let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
+    if procs.split_whitespace().any(|p| p == pid.to_string()) {
+        let leaf = base.join("agent");
+        std::fs::create_dir_all(&leaf)?;
+        std::fs::write(leaf.join("cgroup.procs"), pid.to_string())?;
     }
-    std::fs::write(parent.join("cgroup.subtree_control"), "+memory")
+    enable_memory(base)?;
+    std::fs::create_dir_all(parent)?;
+    enable_memory(parent)
+}
+
+/// Adds `+memory` to a cgroup's `subtree_control` unless it is there.
+fn enable_memory(cgroup: &Path) -> std::io::Result<()> {
+    let ctl = cgroup.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&ctl).unwrap_or_default();
+    if enabled
+        .split_whitespace()
+        .any(|c| c == "memory" || c == "+memory")
+    {
+        return Ok(());
+    }
+    std::fs::write(&ctl, "+memory")
 }
 
 /// The cgroup of one run; removed on drop (after its process has exited).
@@ -139,6 +162,19 @@ impl RunCgroup {
         limit > 0 && peak >= limit.saturating_sub(1 << 20)
     }
 
+    /// Kills every process still in the cgroup (something restic started, or restic itself
+    /// if its sandbox parent was killed first).
+    pub fn kill_all(&self) {
+        if self.version == 2 && std::fs::write(self.dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        let procs = std::fs::read_to_string(self.procs_file()).unwrap_or_default();
+        for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Peak memory of the run, in bytes (0 if unknown).
     pub fn peak_memory(&self) -> u64 {
         if self.version == 1 {
@@ -166,5 +202,69 @@ impl Drop for RunCgroup {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         tracing::warn!(cgroup = %self.dir.display(), "could not remove the run's cgroup");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cgroup v2's files on a scratch directory: what the agent writes, and what it reads back.
+    #[test]
+    fn on_cgroup_v2_the_agent_moves_into_a_leaf_before_enabling_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("pod");
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("cgroup.procs"), "7\n4242\n").unwrap();
+        let parent = base.join("restic-agent-runs");
+        setup_v2(&base, &parent, 4242).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(base.join("agent/cgroup.procs")).unwrap(),
+            "4242"
+        );
+        assert_eq!(
+            std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
+        assert_eq!(
+            std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
+
+        // A second start finds the controller enabled and writes nothing again.
+        std::fs::write(base.join("cgroup.subtree_control"), "cpu memory").unwrap();
+        setup_v2(&base, &parent, 4242).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(base.join("cgroup.subtree_control")).unwrap(),
+            "cpu memory"
+        );
+
+        let cgroups = Cgroups::V2 {
+            parent: parent.clone(),
+        };
+        let run = cgroups.create("run-1", 64 << 20).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(run.dir.join("memory.max")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.dir.join("memory.swap.max")).unwrap(),
+            "0"
+        );
+        assert_eq!(run.procs_file(), parent.join("run-1/cgroup.procs"));
+        std::fs::write(
+            run.dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        std::fs::write(run.dir.join("memory.peak"), "1048576\n").unwrap();
+        assert!(run.oom_killed());
+        assert_eq!(run.peak_memory(), 1 << 20);
+        run.kill_all();
+        assert_eq!(std::fs::read_to_string(run.dir.join("cgroup.kill")).unwrap(), "1");
+        // Not a real cgroup, so remove its files for Drop's remove_dir.
+        for f in std::fs::read_dir(&run.dir).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
     }
 }

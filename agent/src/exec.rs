@@ -13,9 +13,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::cgroup::Cgroups;
-use crate::restic::{self, ErrorMessage, Message, Summary};
+use crate::restic::{self, Backend, ErrorMessage, Message, RepositoryPolicy, Summary};
 use crate::runs::Run;
-use crate::sandbox::{Bind, CACHE_IN_SANDBOX, Spec};
+use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, Spec, VolumeBind};
 
 /// Largest stdout kept for commands whose output is one JSON document (snapshots, forget).
 const MAX_STDOUT: usize = 64 << 20;
@@ -33,6 +33,19 @@ pub struct Executor {
     pub cache_dir: PathBuf,
     pub grace: Duration,
     pub progress_interval: Duration,
+    /// Which repositories besides remote ones this node allows.
+    pub repositories: RepositoryPolicy,
+}
+
+/// Why restic did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request is not allowed here (its repository URL); the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The agent could not start the sandbox.
+    #[error("{0:#}")]
+    Start(#[from] anyhow::Error),
 }
 
 /// One restic invocation.
@@ -42,8 +55,10 @@ pub struct Invocation<'a> {
     pub options: &'a pb::RunOptions,
     /// Subcommand and its arguments (`backup --host x /data`).
     pub args: Vec<String>,
-    /// Volumes to bind into the sandbox.
-    pub volumes: Vec<Bind>,
+    /// Volumes (or paths inside them) to show restic.
+    pub volumes: Vec<VolumeBind>,
+    /// What restic may do beyond talking to the repository.
+    pub access: Access,
     /// Parse stdout line by line into events (backup, restore) rather than collecting it.
     pub stream: bool,
     /// A label for the cgroup and scratch names (`<run-id>-<step>`).
@@ -73,9 +88,15 @@ impl Output {
 }
 
 impl Executor {
-    /// Runs restic and waits for it. Errors are the agent's own (cannot start the sandbox);
-    /// restic's failures are in the `Output`.
-    pub async fn run(&self, inv: Invocation<'_>) -> anyhow::Result<Output> {
+    /// Runs restic and waits for it. Errors are a refused repository or the agent's own (cannot
+    /// start the sandbox); restic's failures are in the `Output`.
+    pub async fn run(&self, inv: Invocation<'_>) -> Result<Output, ExecError> {
+        let backend =
+            restic::check_repository_url(&inv.repo.url, &self.repositories).map_err(ExecError::Refused)?;
+        Ok(self.run_checked(inv, backend).await?)
+    }
+
+    async fn run_checked(&self, inv: Invocation<'_>, backend: Backend) -> anyhow::Result<Output> {
         let secrets = restic::secrets_of(inv.repo);
         let scratch = self
             .state_dir
@@ -96,32 +117,33 @@ impl Executor {
         if use_cache {
             std::fs::create_dir_all(&cache)?;
         }
-        let mut volumes = inv.volumes;
-        if let Some(local) = local_repository(&inv.repo.url) {
-            // A local repository (e.g. a hostPath on this node) must be visible in the sandbox.
-            let dir = if local.exists() {
-                local.clone()
-            } else {
-                local.parent().unwrap_or(Path::new("/")).to_path_buf()
-            };
-            volumes.push(Bind {
-                source: dir.clone(),
-                target: dir,
-                read_only: false,
-            });
+        let mut spec = Spec::minimal(root, &self.restic, &tmp, inv.access).with_volumes(inv.volumes);
+        if use_cache {
+            spec = spec.with_cache(&cache);
         }
-        let mut spec = Spec::standard(
-            root,
-            &self.restic,
-            use_cache.then_some(cache.as_path()),
-            &tmp,
-            volumes,
-        );
+        match backend {
+            Backend::Remote => {}
+            Backend::Program => spec = spec.with_system_dirs(),
+            Backend::Local(dir) => {
+                // The repository's directory (or, before init, its parent, which is still below
+                // an allowed directory), at the same path inside.
+                let dir = if dir.exists() {
+                    dir
+                } else {
+                    dir.parent().unwrap_or(Path::new("/")).to_path_buf()
+                };
+                spec = spec.with_bind(Bind {
+                    source: dir.clone(),
+                    target: dir,
+                    read_only: false,
+                });
+            }
+        }
         let memory = match inv.options.memory_limit_bytes {
             0 => self.default_memory_limit,
             n => n,
         };
-        // The pid keeps names apart when several agents (or movers) share a parent cgroup.
+        // The pid keeps names apart when several agents share a parent cgroup.
         let cgroup_name = format!("{}-{}-{}", inv.run.id, inv.step, std::process::id());
         let cgroup = self.cgroups.create(&cgroup_name, memory)?;
         spec.cgroup_procs = cgroup.as_ref().map(|c| c.procs_file());
@@ -265,6 +287,8 @@ impl Executor {
         out.cancelled = cancelled && !timed_out;
         out.timed_out = timed_out;
         if let Some(cg) = &cgroup {
+            // Nothing restic started may outlive it.
+            cg.kill_all();
             out.oom_killed = cg.oom_killed();
             out.peak_memory = cg.peak_memory();
         }
@@ -286,12 +310,6 @@ fn cache_key(url: &str) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     url.hash(&mut h);
     format!("repo-{:016x}", h.finish())
-}
-
-/// The path of a local repository (`/srv/repo` or `local:/srv/repo`), if it is one.
-pub fn local_repository(url: &str) -> Option<PathBuf> {
-    let path = url.strip_prefix("local:").unwrap_or(url);
-    path.starts_with('/').then(|| PathBuf::from(path))
 }
 
 /// The per-process scratch space on the host. The sandbox root is only ever a mount point

@@ -1,6 +1,5 @@
-//! `restic-agent`: the restic-operator node agent (`serve`), the same binary as a mover pod
-//! (`serve --mover-volume`), the on-call debug CLI (`debug`), and the sandbox restic runs in
-//! (`sandbox`, started by the agent itself).
+//! `restic-agent`: the restic-operator node agent (`serve`), the on-call debug CLI (`debug`),
+//! and the sandbox restic runs in (`sandbox`, started by the agent itself).
 
 mod cgroup;
 mod debug;
@@ -12,6 +11,7 @@ mod runs;
 mod sandbox;
 mod serve;
 mod server;
+mod tls;
 mod volumes;
 
 use clap::{Parser, Subcommand};
@@ -25,29 +25,39 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the agent's gRPC API (node agent, or a mover with --mover-volume).
+    /// Serve the agent's gRPC API on this node.
     Serve(Box<serve::Args>),
     /// Talk to an agent: health, runs, attach, cancel, volumes, snapshots, dry-run backup.
     Debug(Box<debug::Args>),
-    /// Internal: run restic in a private mount namespace (started by the agent).
+    /// Internal: run restic in its sandbox (started by the agent).
     #[command(hide = true)]
     Sandbox { spec: String },
+    /// Internal: the sandbox's first process, which builds its root and becomes restic.
+    #[command(hide = true)]
+    SandboxInit { spec: String },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        // Before any thread exists: unshare and chroot act on this process alone.
-        Command::Sandbox { spec } => match sandbox::enter(&spec) {
-            Ok(never) => match never {},
-            Err(e) => {
-                eprintln!("restic-agent sandbox: {e:#}");
-                std::process::exit(125);
-            }
-        },
+        // Before any thread exists: unshare acts on this process alone.
+        Command::Sandbox { spec } => sandboxed(sandbox::enter(&spec)),
+        Command::SandboxInit { spec } => sandboxed(sandbox::init(&spec)),
         Command::Serve(args) => runtime()?.block_on(serve::run(*args)),
         Command::Debug(args) => runtime()?.block_on(debug::run(*args)),
     }
+}
+
+/// Reports why the sandbox could not become restic, with an exit code that tells a refused
+/// request from a setup failure.
+fn sandboxed(result: anyhow::Result<std::convert::Infallible>) -> ! {
+    let Err(e) = result;
+    eprintln!("restic-agent sandbox: {e:#}");
+    let code = match e.downcast_ref::<sandbox::Refused>() {
+        Some(_) => sandbox::EXIT_REFUSED,
+        None => sandbox::EXIT_SETUP,
+    };
+    std::process::exit(code)
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

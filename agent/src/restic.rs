@@ -4,30 +4,10 @@
 //! Pure functions only; `exec` runs the process.
 
 use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 
 use restic_operator_proto::v1::{self as pb, FailureKind};
 use serde::Deserialize;
-
-/// Arguments that would point restic at another repository or password; never accepted
-/// from a request's extra args.
-const FORBIDDEN_ARGS: &[&str] = &[
-    "-r",
-    "--repo",
-    "--repository",
-    "--repository-file",
-    "-p",
-    "--password-file",
-    "--password-command",
-    "--insecure-no-password",
-    "--key-hint",
-    "--from-repo",
-    "--from-repository-file",
-    "--from-password-file",
-    "--from-password-command",
-    "--cache-dir",
-    "--no-cache",
-    "--json",
-];
 
 /// Environment variables a request may pass to restic: backend credentials and options, never
 /// anything that changes what runs (PATH, LD_*) or where the repository is.
@@ -66,18 +46,110 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
     ))
 }
 
-/// Refuses extra args that would change the repository or password (or that the agent
-/// manages itself, like the cache and JSON output).
-pub fn check_extra_args(args: &[String]) -> Result<(), String> {
-    for arg in args {
-        let flag = arg.split('=').next().unwrap_or(arg);
-        if FORBIDDEN_ARGS.contains(&flag) || (flag.starts_with("-r") && !flag.starts_with("--")) {
+/// Where a repository lives, once its URL has passed [`check_repository_url`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Reached over the network by restic itself (s3, rest, b2, azure, gs, swift).
+    Remote,
+    /// restic starts a program for it (`ssh` for sftp:, `rclone`), which needs the node's
+    /// system directories in the sandbox.
+    Program,
+    /// A directory on the node, to bind into the sandbox.
+    Local(PathBuf),
+}
+
+/// What the node's administrator allows beyond remote repositories.
+#[derive(Clone, Debug, Default)]
+pub struct RepositoryPolicy {
+    /// Directories on the node that may hold `local:` repositories.
+    pub local_dirs: Vec<PathBuf>,
+    /// Allow sftp: and rclone: repositories, which run a program on the node.
+    pub program_backends: bool,
+}
+
+/// Checks a repository URL against an allow-list of backends. A repository URL and its
+/// Secret are written by whoever may create a ResticRepository, so they are hostile too: a
+/// bare path or `local:` would give them any directory of the node, and an sftp host or
+/// rclone remote starting with `-` or naming a connection string would run commands.
+pub fn check_repository_url(url: &str, policy: &RepositoryPolicy) -> Result<Backend, String> {
+    if url.chars().any(|c| c.is_control()) {
+        return Err("the repository URL contains control characters".into());
+    }
+    const REMOTE: &[&str] = &["s3:", "rest:", "b2:", "azure:", "gs:", "swift:"];
+    if REMOTE.iter().any(|p| url.starts_with(p)) {
+        return Ok(Backend::Remote);
+    }
+    let program = |what: &str| {
+        if policy.program_backends {
+            Ok(Backend::Program)
+        } else {
+            Err(format!(
+                "{what} repositories run a program on the node; this agent refuses them unless started \
+                 with --allow-program-backends (see SECURITY.md)"
+            ))
+        }
+    };
+    let plain = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    if let Some(rest) = url.strip_prefix("sftp:") {
+        let authority = match rest.strip_prefix("//") {
+            Some(r) => r.split('/').next().unwrap_or(""),
+            None => rest.split(':').next().unwrap_or(""),
+        };
+        let (user, host) = authority.rsplit_once('@').unwrap_or(("x", authority));
+        let host = host.split(':').next().unwrap_or("");
+        if !plain(user) || !plain(host) {
             return Err(format!(
-                "extra argument {arg:?} is not allowed: the agent sets the repository, password and cache itself"
+                "sftp repository {url:?}: the user and host may only hold letters, digits, '.', '_' and '-', \
+                 and may not start with '-'"
             ));
         }
+        return program("sftp:");
     }
-    Ok(())
+    if let Some(rest) = url.strip_prefix("rclone:") {
+        let remote = rest.split(':').next().unwrap_or("");
+        if !plain(remote) || !rest.contains(':') {
+            return Err(format!(
+                "rclone repository {url:?}: name a configured remote (rclone:remote:path); connection strings \
+                 and remotes starting with '-' are refused"
+            ));
+        }
+        return program("rclone:");
+    }
+    let path = url.strip_prefix("local:").unwrap_or(url);
+    let dir = Path::new(path);
+    let allowed = dir.is_absolute()
+        && !dir
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        && policy.local_dirs.iter().any(|d| dir.starts_with(d) && dir != d);
+    if allowed {
+        return Ok(Backend::Local(dir.to_path_buf()));
+    }
+    if !url.contains(':') && !url.starts_with('/') {
+        return Err(format!(
+            "repository URL {url:?} names no backend; use s3:, rest:, b2:, azure:, gs: or swift:"
+        ));
+    }
+    if policy.local_dirs.is_empty() {
+        return Err(format!(
+            "repository URL {url:?} is a directory on the node; local repositories are refused unless the \
+             agent is started with --allow-local-repository-dir"
+        ));
+    }
+    Err(format!(
+        "repository URL {url:?} is not below a directory this agent allows for local repositories ({})",
+        policy
+            .local_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 /// Validates exclude patterns as globs before restic sees them, so a typo is a clear error
@@ -432,24 +504,75 @@ mod tests {
     use super::*;
 
     #[test]
-    fn extra_args_that_change_the_repository_or_password_are_refused() {
-        for bad in [
-            "-r",
-            "--repo=x",
-            "--password-file",
-            "--password-command=cat",
-            "-rs3:x",
-            "--no-cache",
+    fn only_remote_repositories_are_allowed_by_default() {
+        let none = RepositoryPolicy::default();
+        for ok in [
+            "s3:http://127.0.0.1:9000/bucket/x",
+            "rest:https://u:p@h:8000/",
+            "b2:bucket:path",
         ] {
-            assert!(check_extra_args(&[bad.to_string()]).is_err(), "{bad}");
+            assert_eq!(check_repository_url(ok, &none), Ok(Backend::Remote), "{ok}");
         }
-        let ok = [
-            "--exclude-caches",
-            "--one-file-system",
-            "--read-concurrency=4",
-            "--limit-upload=100",
-        ];
-        assert!(check_extra_args(&ok.map(String::from)).is_ok());
+        for (bad, why) in [
+            ("local:/var/lib/kubelet", "--allow-local-repository-dir"),
+            ("/srv/repo", "--allow-local-repository-dir"),
+            ("relative/repo", "names no backend"),
+            ("sftp:user@host:/srv/repo", "--allow-program-backends"),
+            ("rclone:remote:path", "--allow-program-backends"),
+            ("s3:http://h/b\nx", "control characters"),
+        ] {
+            let err = check_repository_url(bad, &none).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn local_repositories_stay_below_the_allowed_directories() {
+        let policy = RepositoryPolicy {
+            local_dirs: vec!["/srv/backups".into()],
+            program_backends: true,
+        };
+        assert_eq!(
+            check_repository_url("local:/srv/backups/app", &policy),
+            Ok(Backend::Local("/srv/backups/app".into()))
+        );
+        for bad in [
+            "local:/srv/backups/../../etc",
+            "local:/srv/backups",
+            "local:/srv/backupsx",
+            "/etc",
+        ] {
+            assert!(check_repository_url(bad, &policy).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn program_backends_refuse_option_injection_even_when_allowed() {
+        let policy = RepositoryPolicy {
+            program_backends: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            check_repository_url("sftp:backup@nas.lan:/srv/restic", &policy),
+            Ok(Backend::Program)
+        );
+        assert_eq!(
+            check_repository_url("sftp://backup@nas:2222/srv", &policy),
+            Ok(Backend::Program)
+        );
+        assert_eq!(
+            check_repository_url("rclone:gdrive:restic", &policy),
+            Ok(Backend::Program)
+        );
+        for bad in [
+            "sftp:-oProxyCommand=sh@x:/p",
+            "sftp:u@-oProxyCommand=x:/p",
+            "rclone::sftp,ssh='sh -c id':/p",
+            "rclone:-x:/p",
+            "rclone:remote",
+        ] {
+            assert!(check_repository_url(bad, &policy).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,32 +1,113 @@
-//! The private mount namespace restic runs in.
+//! The sandbox every restic process runs in.
 //!
-//! A pod's kubelet path changes with its UID, and restic only recognises an unchanged file at
-//! the same path as in the parent snapshot. So restic never sees kubelet paths: the agent starts
-//! itself again as `restic-agent sandbox <spec>`, which joins the run's cgroup, unshares its
-//! mount namespace, builds a small root on a tmpfs with the volume bind-mounted at a stable path
-//! (read-only for backups), chroots into it and execs restic. Nothing propagates to the host,
-//! and the namespace with all its mounts disappears when restic exits: no stale mounts, even
-//! after a SIGKILL.
+//! restic runs on behalf of tenants, with their arguments, on volumes whose contents they
+//! control, while the agent is privileged. So restic gets a world of its own, built fresh for
+//! each process and gone when it exits (even after a SIGKILL: nothing propagates to the host):
 //!
-//! Inside, restic sees only: the volume at its snapshot path, `/etc` (DNS, CA certificates,
-//! user names), `/usr` and the library directories (for ssh or rclone backends), all read-only;
-//! `/dev`, `/proc`, its own binary, its cache and a scratch `/tmp`.
+//! - **its own PID namespace** and a fresh `/proc`: restic is PID 1 and sees no other process,
+//!   so neither another run's environment (with its repository password) nor the node's; and
+//!   its own host name, so restic's same-host stale-lock test never misreads a PID (see
+//!   [`set_hostname`]);
+//! - **a minimal root**, a private tmpfs entered with `pivot_root` and then made read-only,
+//!   holding only restic, the CA certificates and name-resolution files, a few device nodes,
+//!   scratch space, restic's cache, and the volume at its stable snapshot path. The node's
+//!   `/usr`, `/lib` and `/etc` are there only for backends that start a program (sftp:
+//!   `ssh`, rclone:), which the agent refuses unless it is told to allow them. An absolute or
+//!   relative symlink planted in a volume therefore resolves inside this root;
+//! - **volume paths resolved inside**: a path inside a volume is opened with `openat2`
+//!   `RESOLVE_BENEATH` from the volume's directory, and exactly the directory opened is
+//!   bind-mounted, `nosuid,nodev,noexec`. A symlink swapped in before or after that cannot
+//!   redirect restic; a path that leaves the volume is refused (exit code [`EXIT_REFUSED`]);
+//! - **least privilege**: the capability bounding set is cut to what the operation needs
+//!   (reading any file for a backup; ownership and modes for a restore; nothing else for the
+//!   rest), `no_new_privs` is set, and restic dies with its parent (`PR_SET_PDEATHSIG`).
+//!
+//! Two stages, both this binary: `sandbox` joins the run's cgroup, unshares the PID namespace
+//! and starts `sandbox-init`, the namespace's first process, forwarding SIGTERM and SIGINT to it
+//! and exiting as it does. `sandbox-init` builds the root and execs restic, which then is PID 1.
 
+use std::convert::Infallible;
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
-use nix::mount::{MsFlags, mount};
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, Signal, kill, raise};
+use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-/// One bind mount into the sandbox.
+/// `sandbox-init` refused a volume path (it leaves the volume, does not exist, or a restore
+/// target is not empty); stderr says which and why.
+pub const EXIT_REFUSED: i32 = 122;
+/// The sandbox could not be set up (a bug or a node problem, not the request).
+pub const EXIT_SETUP: i32 = 125;
+
+/// Where restic's binary, cache and scratch space appear inside the sandbox.
+pub const RESTIC_IN_SANDBOX: &str = "/.restic/restic";
+pub const CACHE_IN_SANDBOX: &str = "/.restic/cache";
+
+/// A trusted bind mount into the sandbox: a path the agent chose, never one from a request.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Bind {
     pub source: PathBuf,
     /// Absolute path inside the sandbox.
     pub target: PathBuf,
     pub read_only: bool,
+}
+
+/// A volume (or a path inside one) to show restic. `source` is the volume's directory as the
+/// agent resolved it from the kubelet's pod directory; `subpath` comes from the request and is
+/// resolved beneath `source` inside the sandbox, never on the host.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeBind {
+    pub source: PathBuf,
+    /// Relative path inside the volume, already free of `..` and `.`; empty for the volume.
+    pub subpath: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub target: PathBuf,
+    pub read_only: bool,
+    /// Create missing directories of `subpath` (a restore into a new subdirectory).
+    #[serde(default)]
+    pub create: bool,
+    /// Refuse unless the directory is empty (a restore in `IfEmpty` mode).
+    #[serde(default)]
+    pub require_empty: bool,
+}
+
+/// What restic may do beyond what any unprivileged process may.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Access {
+    /// Talk to the repository only (init, snapshots, forget, prune, check, stats, unlock).
+    Repository,
+    /// Read every file of a volume, whoever owns it (backup).
+    ReadVolume,
+    /// Write files with their recorded owners and modes (restore).
+    WriteVolume,
+}
+
+impl Access {
+    /// The capabilities kept in the bounding set.
+    pub fn capabilities(self) -> &'static [caps::Capability] {
+        use caps::Capability::*;
+        match self {
+            Access::Repository => &[],
+            Access::ReadVolume => &[CAP_DAC_READ_SEARCH],
+            Access::WriteVolume => &[
+                CAP_CHOWN,
+                CAP_DAC_OVERRIDE,
+                CAP_DAC_READ_SEARCH,
+                CAP_FOWNER,
+                CAP_FSETID,
+            ],
+        }
+    }
 }
 
 /// Everything the sandbox needs; passed as one JSON argument (it holds no secrets: those are
@@ -36,6 +117,7 @@ pub struct Spec {
     /// An empty directory on the host; the sandbox's root tmpfs is mounted on it.
     pub root: PathBuf,
     pub binds: Vec<Bind>,
+    pub volumes: Vec<VolumeBind>,
     /// `cgroup.procs` of the run's cgroup, joined before anything else.
     pub cgroup_procs: Option<PathBuf>,
     /// The program to exec, as seen inside the sandbox, and its arguments.
@@ -46,87 +128,176 @@ pub struct Spec {
     /// Drop to this user and group (no supplementary groups) before exec.
     #[serde(default)]
     pub run_as: Option<(u32, u32)>,
+    pub access: Access,
 }
 
-/// Where restic's binary, cache and scratch space appear inside the sandbox.
-pub const RESTIC_IN_SANDBOX: &str = "/.restic/restic";
-pub const CACHE_IN_SANDBOX: &str = "/.restic/cache";
+/// Files of the node's `/etc` that name resolution and TLS need. Everything else of `/etc`
+/// (shadow, the node's configuration, ...) stays out.
+const ETC_FILES: &[&str] = &[
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/ssl/certs",
+    "/etc/pki/tls/certs",
+    "/etc/ssl/cert.pem",
+];
+
+/// Device nodes restic (and Go's runtime) may open. Never the node's whole `/dev`.
+const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"];
+
+/// The node's system directories, for backends that start `ssh` or `rclone`.
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"];
 
 impl Spec {
-    /// The standard layout: the host's /etc, /dev and /proc, restic, its cache and scratch dir,
-    /// plus the given volume binds.
-    pub fn standard(
-        root: PathBuf,
-        restic: &Path,
-        cache: Option<&Path>,
-        tmp: &Path,
-        volumes: Vec<Bind>,
-    ) -> Self {
-        let mut binds = vec![
-            Bind {
-                source: "/etc".into(),
-                target: "/etc".into(),
-                read_only: true,
-            },
-            Bind {
-                source: "/dev".into(),
-                target: "/dev".into(),
-                read_only: false,
-            },
-            Bind {
-                source: "/proc".into(),
-                target: "/proc".into(),
-                read_only: true,
-            },
-            Bind {
-                source: restic.to_path_buf(),
-                target: RESTIC_IN_SANDBOX.into(),
-                read_only: true,
-            },
-            Bind {
-                source: tmp.to_path_buf(),
-                target: "/tmp".into(),
-                read_only: false,
-            },
-        ];
-        // Programs restic may start itself (ssh for sftp:, rclone for rclone:), read-only.
-        for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib64"] {
-            if Path::new(dir).is_dir() {
-                binds.push(Bind {
-                    source: dir.into(),
-                    target: dir.into(),
-                    read_only: true,
-                });
-            }
-        }
-        if let Some(cache) = cache {
-            binds.push(Bind {
-                source: cache.to_path_buf(),
-                target: CACHE_IN_SANDBOX.into(),
-                read_only: false,
-            });
-        }
-        binds.extend(volumes);
+    /// The minimal layout: restic, its scratch `/tmp`, CA certificates, name resolution and a
+    /// few device nodes. Add the cache, volumes and system directories with the `with_` methods.
+    pub fn minimal(root: PathBuf, restic: &Path, tmp: &Path, access: Access) -> Self {
+        let ro = |source: &str| Bind {
+            source: source.into(),
+            target: source.into(),
+            read_only: true,
+        };
+        let mut binds: Vec<Bind> = ETC_FILES
+            .iter()
+            .filter(|f| Path::new(f).exists())
+            .map(|f| ro(f))
+            .collect();
+        binds.extend(DEVICES.iter().filter(|d| Path::new(d).exists()).map(|d| Bind {
+            read_only: false,
+            ..ro(d)
+        }));
+        binds.push(Bind {
+            source: restic.to_path_buf(),
+            target: RESTIC_IN_SANDBOX.into(),
+            read_only: true,
+        });
+        binds.push(Bind {
+            source: tmp.to_path_buf(),
+            target: "/tmp".into(),
+            read_only: false,
+        });
         Self {
             root,
             binds,
+            volumes: Vec::new(),
             cgroup_procs: None,
             program: RESTIC_IN_SANDBOX.into(),
             args: Vec::new(),
             cwd: "/".into(),
             run_as: None,
+            access,
         }
+    }
+
+    pub fn with_cache(mut self, cache: &Path) -> Self {
+        self.binds.push(Bind {
+            source: cache.to_path_buf(),
+            target: CACHE_IN_SANDBOX.into(),
+            read_only: false,
+        });
+        self
+    }
+
+    /// The node's `/usr`, `/lib`, `/etc`..., read-only, for `ssh` or `rclone`.
+    pub fn with_system_dirs(mut self) -> Self {
+        self.binds.retain(|b| !b.target.starts_with("/etc"));
+        for dir in SYSTEM_DIRS.iter().filter(|d| Path::new(d).is_dir()) {
+            self.binds.push(Bind {
+                source: dir.into(),
+                target: dir.into(),
+                read_only: true,
+            });
+        }
+        self
+    }
+
+    pub fn with_bind(mut self, bind: Bind) -> Self {
+        self.binds.push(bind);
+        self
+    }
+
+    pub fn with_volumes(mut self, volumes: Vec<VolumeBind>) -> Self {
+        self.volumes.extend(volumes);
+        self
     }
 }
 
-/// Entry point of `restic-agent sandbox`: never returns on success (it becomes restic).
-pub fn enter(spec_json: &str) -> Result<std::convert::Infallible> {
+/// A refusal caused by the request (a volume path), as opposed to a setup failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Entry point of `restic-agent sandbox` (stage 1): never returns on success; exits as
+/// restic did.
+pub fn enter(spec_json: &str) -> Result<Infallible> {
     let spec: Spec = serde_json::from_str(spec_json).context("sandbox spec")?;
     if let Some(procs) = &spec.cgroup_procs {
         std::fs::write(procs, std::process::id().to_string())
             .with_context(|| format!("join cgroup {}", procs.display()))?;
     }
-    unshare(CloneFlags::CLONE_NEWNS).context("unshare the mount namespace (needs CAP_SYS_ADMIN)")?;
+    // Signals meant for restic are taken by a thread and passed on: the namespace's init
+    // only receives signals it has handlers for, which restic installs for these. The thread
+    // starts first: once the PID namespace is unshared, no thread can be created.
+    let mut forwarded = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        forwarded.add(sig);
+    }
+    forwarded.thread_block().context("block signals")?;
+    std::thread::spawn(move || {
+        while let Ok(sig) = forwarded.wait() {
+            forward(Some(sig));
+        }
+    });
+    unshare(CloneFlags::CLONE_NEWPID).context("unshare the PID namespace (needs CAP_SYS_ADMIN)")?;
+    // std resets the signal mask of the child.
+    let mut child = std::process::Command::new(std::env::current_exe().context("own binary")?)
+        .arg("sandbox-init")
+        .arg(spec_json)
+        .spawn()
+        .context("start the sandbox's first process")?;
+    CHILD.store(i32::try_from(child.id()).context("pid")?, Ordering::SeqCst);
+    forward(None);
+    let status = child.wait().context("wait for the sandbox")?;
+    if let Some(code) = status.code() {
+        std::process::exit(code);
+    }
+    // Die the way restic died, so the agent sees the signal (an OOM kill is SIGKILL).
+    let sig = status.signal().unwrap_or(Signal::SIGKILL as i32);
+    if let Ok(sig) = Signal::try_from(sig) {
+        let _ = forwarded.thread_unblock();
+        let _ = raise(sig);
+    }
+    // A signal this process ignores (SIGPIPE): exit as a shell would report it.
+    std::process::exit(128 + sig)
+}
+
+/// The sandbox's first process once it runs, and a signal that arrived before it did.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
+/// Passes `sig` (or one that arrived before the child existed) on to the child. The child's
+/// pid and a pending signal are each read by swapping, so a signal is sent once.
+fn forward(sig: Option<Signal>) {
+    if let Some(sig) = sig {
+        PENDING.store(sig as i32, Ordering::SeqCst);
+    }
+    let child = CHILD.load(Ordering::SeqCst);
+    if child == 0 {
+        return;
+    }
+    let pending = PENDING.swap(0, Ordering::SeqCst);
+    if let Ok(sig) = Signal::try_from(pending) {
+        let _ = kill(Pid::from_raw(child), sig);
+    }
+}
+
+/// Entry point of `restic-agent sandbox-init` (stage 2, PID 1 of the new namespace): builds
+/// the root and becomes restic.
+pub fn init(spec_json: &str) -> Result<Infallible> {
+    let spec: Spec = serde_json::from_str(spec_json).context("sandbox spec")?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
+        .context("unshare the mount and UTS namespaces (needs CAP_SYS_ADMIN)")?;
+    set_hostname()?;
     // Nothing mounted here may propagate back to the host.
     mount(
         None::<&str>,
@@ -147,15 +318,26 @@ pub fn enter(spec_json: &str) -> Result<std::convert::Infallible> {
     for bind in &spec.binds {
         bind_mount(&spec.root, bind)?;
     }
-    nix::unistd::chroot(&spec.root).context("chroot into the sandbox")?;
-    std::env::set_current_dir(&spec.cwd).with_context(|| format!("chdir {}", spec.cwd.display()))?;
-    if let Some((uid, gid)) = spec.run_as {
-        use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
-        // Groups first: once the uid is dropped, changing them is no longer allowed.
-        setgroups(&[]).context("drop supplementary groups")?;
-        setgid(Gid::from_raw(gid)).with_context(|| format!("setgid {gid}"))?;
-        setuid(Uid::from_raw(uid)).with_context(|| format!("setuid {uid}"))?;
+    if !spec.binds.iter().any(|b| b.target == Path::new("/etc")) {
+        write_identity(&spec.root)?;
     }
+    let proc_dir = spec.root.join("proc");
+    std::fs::create_dir_all(&proc_dir)?;
+    // This process is the PID namespace's init, so this /proc shows only the sandbox.
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .context("mount the sandbox's /proc")?;
+    for volume in &spec.volumes {
+        mount_volume(&spec.root, volume)?;
+    }
+    enter_root(&spec.root)?;
+    std::env::set_current_dir(&spec.cwd).with_context(|| format!("chdir {}", spec.cwd.display()))?;
+    drop_privileges(&spec)?;
     let program = CString::new(spec.program.as_os_str().as_encoded_bytes())?;
     let mut argv = vec![program.clone()];
     for a in &spec.args {
@@ -164,27 +346,278 @@ pub fn enter(spec_json: &str) -> Result<std::convert::Infallible> {
     nix::unistd::execv(&program, &argv).with_context(|| format!("exec {}", spec.program.display()))
 }
 
-fn bind_mount(root: &Path, bind: &Bind) -> Result<()> {
-    if !bind.target.is_absolute() {
-        bail!("sandbox target {} is not absolute", bind.target.display());
+/// The sandbox's own host name, `<node>-sandbox`. restic decides whether a lock's holder is
+/// alive by its PID when the lock comes from the same host name; in a PID namespace that test
+/// would find every outside process dead and `restic unlock` would remove live locks. Under
+/// another name, restic judges locks made outside by their age only; locks made by other
+/// sandboxes (all PID 1 here) look alive, which errs on the safe side.
+fn set_hostname() -> Result<()> {
+    let node = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    let mut name: String = node.chars().take(55).collect();
+    name.push_str("-sandbox");
+    nix::unistd::sethostname(&name).context("set the sandbox's host name")
+}
+
+/// `/etc/passwd` and `/etc/group` with root and nobody only: restic records a user name in
+/// snapshots, and the node's own files have no business in the sandbox.
+fn write_identity(root: &Path) -> Result<()> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0:root:/tmp:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n",
+    )?;
+    std::fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    Ok(())
+}
+
+/// The host path of `target` (absolute, inside the sandbox) under `root`.
+fn inside(root: &Path, target: &Path) -> Result<PathBuf> {
+    if !target.is_absolute() || target.components().any(|c| matches!(c, Component::ParentDir)) {
+        bail!("sandbox target {} is not a plain absolute path", target.display());
     }
-    let target = root.join(bind.target.strip_prefix("/")?);
-    let meta =
-        std::fs::metadata(&bind.source).with_context(|| format!("bind source {}", bind.source.display()))?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(&target)?;
+    Ok(root.join(target.strip_prefix("/")?))
+}
+
+/// Creates the mount point for a directory or a file on the sandbox's tmpfs.
+fn mount_point(target: &Path, is_dir: bool) -> Result<()> {
+    if is_dir {
+        std::fs::create_dir_all(target)?;
     } else {
         std::fs::create_dir_all(target.parent().context("file target without parent")?)?;
-        std::fs::write(&target, b"")?;
+        std::fs::write(target, b"")?;
     }
+    Ok(())
+}
+
+fn bind_mount(root: &Path, bind: &Bind) -> Result<()> {
+    let target = inside(root, &bind.target)?;
+    let meta =
+        std::fs::metadata(&bind.source).with_context(|| format!("bind source {}", bind.source.display()))?;
+    mount_point(&target, meta.is_dir())?;
     let rec = MsFlags::MS_BIND | MsFlags::MS_REC;
     mount(Some(&bind.source), &target, None::<&str>, rec, None::<&str>)
         .with_context(|| format!("bind {} at {}", bind.source.display(), bind.target.display()))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
     if bind.read_only {
-        // A bind mount is made read-only by remounting it.
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID;
-        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-            .with_context(|| format!("make {} read-only", bind.target.display()))?;
+        flags |= MsFlags::MS_RDONLY;
     }
+    // A bind mount takes its flags by remounting it.
+    mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+        .with_context(|| format!("restrict {}", bind.target.display()))?;
     Ok(())
+}
+
+/// Opens `subpath` beneath the volume directory and mounts exactly what was opened.
+fn mount_volume(root: &Path, v: &VolumeBind) -> Result<()> {
+    let base = open(
+        &v.source,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("open the volume directory {}", v.source.display()))?;
+    let shown = format!("/{}", v.subpath.display());
+    let fd = if v.subpath.as_os_str().is_empty() {
+        base
+    } else if v.create {
+        create_beneath(base, &v.subpath, &shown)?
+    } else {
+        open_beneath(&base, &v.subpath, OFlag::O_PATH).map_err(|e| refusal(&shown, e))?
+    };
+    let is_dir = SFlag::from_bits_truncate(fstat(&fd)?.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR;
+    if v.require_empty && is_dir && has_entries(&fd)? {
+        let what = if v.subpath.as_os_str().is_empty() {
+            "volume".to_string()
+        } else {
+            format!("directory {shown}")
+        };
+        return Err(Refused(format!(
+            "the target {what} is not empty; choose mode Overwrite or Mirror, or restore into an empty subdirectory"
+        ))
+        .into());
+    }
+    let target = inside(root, &v.target)?;
+    mount_point(&target, is_dir)?;
+    // The magic link names the open file itself, not a path that could be swapped.
+    let source = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    mount(
+        Some(&source),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind the volume path {shown} at {}", v.target.display()))?;
+    let mut flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if v.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+        .with_context(|| format!("restrict {}", v.target.display()))?;
+    Ok(())
+}
+
+/// `openat2` with `RESOLVE_BENEATH`: `..`, absolute symlinks and symlinks leading out of `dir`
+/// fail instead of being followed out.
+fn open_beneath(dir: &OwnedFd, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    openat2(dir.as_fd(), path, how)
+}
+
+/// Opens `subpath`, creating missing directories one component at a time, each opened without
+/// following any symlink.
+fn create_beneath(base: OwnedFd, subpath: &Path, shown: &str) -> Result<OwnedFd> {
+    let mut dir = base;
+    for c in subpath.components() {
+        let Component::Normal(name) = c else {
+            bail!("volume path {shown} is not normalized");
+        };
+        match mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(refusal(shown, e).into()),
+        }
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        dir = openat2(dir.as_fd(), Path::new(name), how).map_err(|e| refusal(shown, e))?;
+    }
+    Ok(dir)
+}
+
+fn refusal(shown: &str, e: Errno) -> Refused {
+    Refused(match e {
+        Errno::ENOENT => format!("path {shown} does not exist in the volume"),
+        Errno::EXDEV | Errno::ELOOP | Errno::ENOTDIR => {
+            format!("path {shown} leaves the volume (through a symbolic link or '..'); refusing")
+        }
+        e => format!("path {shown} in the volume cannot be opened: {e}"),
+    })
+}
+
+/// Whether a directory (by descriptor) has anything in it; `lost+found` does not count.
+fn has_entries(fd: &OwnedFd) -> Result<bool> {
+    let dir = open_beneath(fd, Path::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+    let mut dir = nix::dir::Dir::from_fd(dir)?;
+    Ok(dir.iter().flatten().any(|e| {
+        let name = e.file_name().to_bytes();
+        !matches!(name, b"." | b".." | b"lost+found")
+    }))
+}
+
+/// `pivot_root` into the sandbox and make its root read-only: the old root is detached, so
+/// nothing of the host is reachable except what was bound in.
+fn enter_root(root: &Path) -> Result<()> {
+    std::env::set_current_dir(root).context("chdir into the sandbox root")?;
+    nix::unistd::pivot_root(".", ".").context("pivot_root into the sandbox")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detach the host's root")?;
+    std::env::set_current_dir("/")?;
+    let flags =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).context("make the sandbox root read-only")?;
+    Ok(())
+}
+
+/// The capabilities, user and flags restic runs with. For root, the bounding set is what an
+/// exec grants, so cutting it to the operation's needs is what limits restic.
+fn drop_privileges(spec: &Spec) -> Result<()> {
+    use caps::CapSet;
+    let keep: caps::CapsHashSet = spec.access.capabilities().iter().copied().collect();
+    // Only what this kernel knows: dropping an unknown capability fails.
+    for cap in caps::runtime::thread_all_supported() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| format!("drop {cap} from the bounding set"))?;
+        }
+    }
+    if let Some((uid, gid)) = spec.run_as {
+        use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+        // Groups first: once the uid is dropped, changing them is no longer allowed.
+        setgroups(&[]).context("drop supplementary groups")?;
+        setgid(Gid::from_raw(gid)).with_context(|| format!("setgid {gid}"))?;
+        setuid(Uid::from_raw(uid)).with_context(|| format!("setuid {uid}"))?;
+    }
+    caps::clear(None, CapSet::Ambient).context("clear ambient capabilities")?;
+    caps::clear(None, CapSet::Inheritable).context("clear inheritable capabilities")?;
+    let current = caps::read(None, CapSet::Permitted)?;
+    let kept: caps::CapsHashSet = keep.intersection(&current).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).context("set effective capabilities")?;
+    caps::set(None, CapSet::Permitted, &kept).context("set permitted capabilities")?;
+    nix::sys::prctl::set_no_new_privs().context("set no_new_privs")?;
+    // Set last: a change of credentials clears it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("set the parent-death signal")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minimal_root_holds_no_system_directory_and_not_the_whole_etc_or_dev() {
+        let spec = Spec::minimal(
+            "/r".into(),
+            Path::new("/bin/restic"),
+            Path::new("/t"),
+            Access::Repository,
+        );
+        for b in &spec.binds {
+            assert!(
+                !["/usr", "/bin", "/lib", "/etc", "/dev", "/proc", "/sbin"]
+                    .iter()
+                    .any(|d| b.target == Path::new(d)),
+                "{b:?}"
+            );
+        }
+        assert!(
+            spec.binds
+                .iter()
+                .any(|b| b.target == Path::new(RESTIC_IN_SANDBOX) && b.read_only)
+        );
+        let system = spec.with_system_dirs();
+        assert!(
+            system
+                .binds
+                .iter()
+                .any(|b| b.target == Path::new("/usr") && b.read_only)
+        );
+        assert!(
+            system
+                .binds
+                .iter()
+                .any(|b| b.target == Path::new("/etc") && b.read_only)
+        );
+    }
+
+    #[test]
+    fn only_backups_may_read_and_only_restores_may_chown() {
+        use caps::Capability::*;
+        assert!(Access::Repository.capabilities().is_empty());
+        assert_eq!(Access::ReadVolume.capabilities(), &[CAP_DAC_READ_SEARCH]);
+        assert!(Access::WriteVolume.capabilities().contains(&CAP_CHOWN));
+        for a in [Access::Repository, Access::ReadVolume, Access::WriteVolume] {
+            for cap in [
+                CAP_SYS_ADMIN,
+                CAP_SYS_PTRACE,
+                CAP_NET_ADMIN,
+                CAP_SETUID,
+                CAP_MKNOD,
+                CAP_SYS_CHROOT,
+            ] {
+                assert!(!a.capabilities().contains(&cap), "{a:?} {cap}");
+            }
+        }
+    }
+
+    #[test]
+    fn targets_must_be_plain_absolute_paths() {
+        assert!(inside(Path::new("/r"), Path::new("data")).is_err());
+        assert!(inside(Path::new("/r"), Path::new("/data/../etc")).is_err());
+        assert_eq!(
+            inside(Path::new("/r"), Path::new("/data/a")).unwrap(),
+            Path::new("/r/data/a")
+        );
+    }
 }

@@ -1,5 +1,6 @@
-//! Start-up of the agent: flags, mutual TLS, the gRPC services (agent, health, reflection),
-//! metrics, and a graceful shutdown that stops restic and records nothing as lost.
+//! Start-up of the agent: flags, mutual TLS (reloaded when its files change), the gRPC services
+//! (agent, health, reflection), metrics, and a graceful shutdown that stops restic and records
+//! nothing as lost.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,13 +10,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use restic_operator_proto::v1::FILE_DESCRIPTOR_SET;
 use restic_operator_proto::v1::agent_server::AgentServer;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::cgroup::Cgroups;
 use crate::exec::Executor;
 use crate::metrics::Metrics;
+use crate::restic::RepositoryPolicy;
 use crate::runs::Runs;
-use crate::server::{AgentService, Volumes};
+use crate::server::AgentService;
+use crate::tls::{ReloadingTls, TlsFiles};
 use crate::volumes::KubeletRoot;
 
 #[derive(clap::Args, Debug)]
@@ -32,15 +35,16 @@ pub struct Args {
     /// CA whose client certificates are accepted (PEM). Clients without one are refused.
     #[arg(long, env = "AGENT_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// How often the certificate, key and client CA files are read again; changed, valid files
+    /// take over without a restart (invalid ones are logged and the previous ones kept).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
     /// Serve without TLS, for local debugging only: refused unless --listen is a loopback address.
     #[arg(long)]
     pub insecure_plaintext: bool,
     /// The kubelet's root directory (pod volumes are under <root>/pods).
     #[arg(long, env = "KUBELET_ROOT", default_value = "/var/lib/kubelet")]
     pub kubelet_root: PathBuf,
-    /// Mover mode: serve only this directory (a volume mounted into the mover pod).
-    #[arg(long)]
-    pub mover_volume: Option<PathBuf>,
     /// Where the agent keeps runs in flight, scratch space and restic's cache.
     #[arg(long, env = "AGENT_STATE_DIR", default_value = "/var/lib/restic-agent")]
     pub state_dir: PathBuf,
@@ -65,6 +69,16 @@ pub struct Args {
     /// Minimum interval between progress events of one run.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub progress_interval: Duration,
+    /// A directory of this node that may hold `local:` repositories (repeat for several).
+    /// Without it, local repositories are refused: a repository URL is written by whoever may
+    /// create a ResticRepository, and would otherwise name any directory of the node.
+    #[arg(long = "allow-local-repository-dir", value_name = "DIR")]
+    pub local_repository_dirs: Vec<PathBuf>,
+    /// Allow sftp: and rclone: repositories. restic then starts ssh or rclone, which read
+    /// options from the repository's URL and Secret, inside a sandbox that holds the node's
+    /// /usr, /lib and /etc (read-only). Only for clusters whose repository owners are trusted.
+    #[arg(long)]
+    pub allow_program_backends: bool,
     /// Address of the Prometheus metrics endpoint (/metrics).
     #[arg(long, env = "AGENT_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
@@ -141,12 +155,12 @@ pub async fn run(args: Args) -> Result<()> {
     init_logging(&args.log_format);
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
         (Some(cert), Some(key), Some(ca)) => {
-            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
-            Some(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(read(cert)?, read(key)?))
-                    .client_ca_root(Certificate::from_pem(read(ca)?)),
-            )
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            };
+            Some(Arc::new(ReloadingTls::load(files).context("mutual TLS")?))
         }
         (None, None, None) if args.insecure_plaintext => {
             if !args.listen.ip().is_loopback() {
@@ -163,15 +177,6 @@ pub async fn run(args: Args) -> Result<()> {
         ),
     };
 
-    let volumes = match &args.mover_volume {
-        Some(dir) => {
-            let dir = dir
-                .canonicalize()
-                .with_context(|| format!("mover volume {}", dir.display()))?;
-            Volumes::Mover(dir)
-        }
-        None => Volumes::Kubelet(KubeletRoot(args.kubelet_root.clone())),
-    };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
     let cgroups = Cgroups::detect(args.cgroup_parent.as_deref());
@@ -194,11 +199,15 @@ pub async fn run(args: Args) -> Result<()> {
         cache_dir: args.state_dir.join("cache"),
         grace: args.grace_period,
         progress_interval: args.progress_interval,
+        repositories: RepositoryPolicy {
+            local_dirs: args.local_repository_dirs.clone(),
+            program_backends: args.allow_program_backends,
+        },
     });
     let service = AgentService {
         runs: Arc::clone(&runs),
         exec,
-        volumes: volumes.clone(),
+        kubelet: KubeletRoot(args.kubelet_root.clone()),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -219,10 +228,6 @@ pub async fn run(args: Args) -> Result<()> {
         }
     });
 
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
     let agent = AgentServer::new(service)
         .max_decoding_message_size(4 << 20)
         .max_encoding_message_size(64 << 20);
@@ -232,11 +237,11 @@ pub async fn run(args: Args) -> Result<()> {
     tracing::info!(
         listen = %listener.local_addr()?,
         metrics = %args.metrics_listen,
-        volumes = ?volumes,
+        kubelet_root = %args.kubelet_root.display(),
+        tls = tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "agent serving"
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let grace = args.grace_period;
     // On SIGTERM: stop restic first (runs end with a Cancelled result that their callers still
     // receive), then let the server close; a caller that stopped reading cannot hold it open
@@ -253,12 +258,21 @@ pub async fn run(args: Args) -> Result<()> {
             let _ = stopped_tx.send(());
         }
     };
-    let server = builder
+    let router = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(agent)
-        .serve_with_incoming_shutdown(incoming, stopping);
-    tokio::pin!(server);
+        .add_service(agent);
+    // Without TLS only for loopback debugging (checked above).
+    let mut server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>> = match tls {
+        Some(tls) => {
+            tokio::spawn(Arc::clone(&tls).watch(args.tls_reload_interval));
+            Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stopping))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stopping,
+        )),
+    };
     tokio::select! {
         result = &mut server => result?,
         _ = async {

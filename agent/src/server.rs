@@ -14,34 +14,9 @@ use tonic::{Request, Response, Status};
 use crate::exec::Executor;
 use crate::ops::{backup, repository, restore};
 use crate::runs::{Run, Runs, validate_run_id};
-use crate::volumes::{KubeletRoot, VolumeError};
+use crate::volumes::{self, KubeletRoot, VolumeError};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
-
-/// Where volumes come from: a node's kubelet pod directories, or, in a mover pod, the one
-/// volume mounted into it.
-#[derive(Clone, Debug)]
-pub enum Volumes {
-    Kubelet(KubeletRoot),
-    Mover(PathBuf),
-}
-
-impl Volumes {
-    pub fn resolve(&self, v: &pb::VolumeRef) -> Result<PathBuf, Status> {
-        match self {
-            Volumes::Kubelet(root) => {
-                let pv = (!v.pv_name.is_empty()).then_some(v.pv_name.as_str());
-                root.resolve(&v.pod_uid, &v.volume_name, pv)
-                    .map(|r| r.host_path)
-                    .map_err(volume_status)
-            }
-            Volumes::Mover(path) if v.pod_uid.is_empty() => Ok(path.clone()),
-            Volumes::Mover(_) => Err(Status::invalid_argument(
-                "this agent is a mover serving one volume; send the request without a pod UID",
-            )),
-        }
-    }
-}
 
 fn volume_status(e: VolumeError) -> Status {
     let msg = e.to_string();
@@ -57,7 +32,9 @@ fn volume_status(e: VolumeError) -> Status {
 pub struct AgentService {
     pub runs: Arc<Runs>,
     pub exec: Arc<Executor>,
-    pub volumes: Volumes,
+    /// Where pod volumes are: every volume, including a holder pod's claim, is read from the
+    /// kubelet's pod directories.
+    pub kubelet: KubeletRoot,
 }
 
 fn run_id(options: Option<&pb::RunOptions>) -> Result<String, Status> {
@@ -78,6 +55,20 @@ fn respond(run: Arc<Run>, attached: bool) -> Response<EventStream> {
 }
 
 impl AgentService {
+    /// Finds the volume's directory, off the async runtime: a volume on a hung network file
+    /// system must stall this request, not the agent's health checks or Cancel.
+    async fn resolve(&self, v: &pb::VolumeRef) -> Result<PathBuf, Status> {
+        let (kubelet, v) = (self.kubelet.clone(), v.clone());
+        volumes::blocking("the pod's volume directory", move || {
+            let pv = (!v.pv_name.is_empty()).then_some(v.pv_name.as_str());
+            kubelet
+                .resolve(&v.pod_uid, &v.volume_name, pv)
+                .map(|r| r.host_path)
+        })
+        .await
+        .map_err(volume_status)
+    }
+
     /// Attaches if the run exists; otherwise `start` validates and starts it.
     fn attach_or<F>(&self, id: &str, start: F) -> Result<Response<EventStream>, Status>
     where
@@ -91,7 +82,7 @@ impl AgentService {
     }
 
     /// A run on one volume: attach, or resolve the volume on this node, validate, and start.
-    fn volume_op<P, Fut>(
+    async fn volume_op<P, Fut>(
         &self,
         options: Option<pb::RunOptions>,
         volume: Option<pb::VolumeRef>,
@@ -105,15 +96,17 @@ impl AgentService {
         Fut: std::future::Future<Output = pb::Result> + Send + 'static,
     {
         let id = run_id(options.as_ref())?;
-        self.attach_or(&id, || {
-            let volume = volume.ok_or_else(|| Status::invalid_argument("volume is required"))?;
-            let prepared = prepare(self.volumes.resolve(&volume)?).map_err(Status::invalid_argument)?;
-            let exec = Arc::clone(&self.exec);
-            let url = repo.map(|r| r.url).unwrap_or_default();
-            Ok(self
-                .runs
-                .start_or_attach(&id, kind, &url, Some(volume), move |r| run(exec, r, prepared)))
-        })
+        if let Some(run) = self.runs.get(&id) {
+            return Ok(respond(run, true));
+        }
+        let volume = volume.ok_or_else(|| Status::invalid_argument("volume is required"))?;
+        let prepared = prepare(self.resolve(&volume).await?).map_err(Status::invalid_argument)?;
+        let exec = Arc::clone(&self.exec);
+        let url = repo.map(|r| r.url).unwrap_or_default();
+        let (run, attached) = self
+            .runs
+            .start_or_attach(&id, kind, &url, Some(volume), move |r| run(exec, r, prepared));
+        Ok(respond(run, attached))
     }
 
     fn repository_op(
@@ -159,6 +152,7 @@ impl Agent for AgentService {
             |path| backup::prepare(req, path),
             backup::run,
         )
+        .await
     }
 
     async fn restore(&self, request: Request<pb::RestoreRequest>) -> Result<Response<EventStream>, Status> {
@@ -172,6 +166,7 @@ impl Agent for AgentService {
             |path| restore::prepare(req, path),
             restore::run,
         )
+        .await
     }
 
     async fn init(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
@@ -261,32 +256,25 @@ impl Agent for AgentService {
         request: Request<pb::ResolveVolumesRequest>,
     ) -> Result<Response<pb::ResolveVolumesResponse>, Status> {
         let uid = request.into_inner().pod_uid;
-        let volumes = match &self.volumes {
-            Volumes::Mover(path) => vec![pb::ResolvedVolume {
-                name: "mover".into(),
-                plugin: "mover".into(),
-                host_path: path.display().to_string(),
-                problem: String::new(),
-            }],
-            Volumes::Kubelet(root) => root
-                .list(&uid)
-                .map_err(volume_status)?
-                .into_iter()
-                .map(|v| {
-                    // Report what a backup of it would hit, without failing the listing.
-                    let problem = match root.resolve(&uid, &v.name, None) {
-                        Ok(_) => String::new(),
-                        Err(e) => e.to_string(),
-                    };
-                    pb::ResolvedVolume {
-                        name: v.name,
-                        plugin: v.plugin,
-                        host_path: v.host_path.display().to_string(),
-                        problem,
-                    }
-                })
-                .collect(),
-        };
+        let root = self.kubelet.clone();
+        let volumes = volumes::blocking("the pod's volume directories", move || {
+            let listed = root.list(&uid)?.into_iter().map(|v| {
+                // Report what a backup of it would hit, without failing the listing.
+                let problem = match root.resolve(&uid, &v.name, None) {
+                    Ok(_) => String::new(),
+                    Err(e) => e.to_string(),
+                };
+                pb::ResolvedVolume {
+                    name: v.name,
+                    plugin: v.plugin,
+                    host_path: v.host_path.display().to_string(),
+                    problem,
+                }
+            });
+            Ok(listed.collect())
+        })
+        .await
+        .map_err(volume_status)?;
         Ok(Response::new(pb::ResolveVolumesResponse { volumes }))
     }
 }

@@ -226,8 +226,13 @@ fn contained(root: &Path, path: &Path, name: &str) -> Result<PathBuf, VolumeErro
 }
 
 /// Validates a path inside a volume ("/", "config", "/config/db") and returns it relative,
-/// without `.`; refuses `..` and any component that is a symlink leading outside the volume.
-pub fn subpath(volume: &Path, p: &str) -> Result<PathBuf, VolumeError> {
+/// without `.`; refuses `..`. This is only the path's form: where it leads is decided inside
+/// the sandbox, where it is opened beneath the volume (a check on the host would be stale by
+/// the time restic used the path).
+pub fn relative(p: &str) -> Result<PathBuf, VolumeError> {
+    if p.contains('\0') {
+        return Err(VolumeError::InvalidSubpath(p.into(), "NUL byte"));
+    }
     let mut rel = PathBuf::new();
     for c in Path::new(p).components() {
         match c {
@@ -237,36 +242,77 @@ pub fn subpath(volume: &Path, p: &str) -> Result<PathBuf, VolumeError> {
             Component::Prefix(_) => return Err(VolumeError::InvalidSubpath(p.into(), "not a path")),
         }
     }
-    if p.contains('\0') {
-        return Err(VolumeError::InvalidSubpath(p.into(), "NUL byte"));
-    }
-    // Walk existing prefixes: a symlinked directory inside the volume must not lead outside.
-    let mut cur = volume.to_path_buf();
-    for c in rel.components() {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let real = cur.canonicalize().map_err(|e| io_err(&cur, e))?;
-                let base = volume.canonicalize().map_err(|e| io_err(volume, e))?;
-                if !real.starts_with(&base) {
-                    return Err(VolumeError::InvalidSubpath(
-                        p.into(),
-                        "a symlink in it leads outside the volume",
-                    ));
-                }
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
     Ok(rel)
 }
 
-/// Whether a directory has anything in it (a file system's `lost+found` does not count).
-pub fn has_entries(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != "lost+found")))
-        .unwrap_or(false)
+/// How long one file-system call on a volume may take before the run gives up on it. A hung
+/// NFS server must stall one run, never the agent's runtime (health checks, Cancel).
+pub const FS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs a blocking file-system call on a volume off the async runtime, with [`FS_TIMEOUT`].
+/// On a timeout the thread is left to finish (or hang) on its own.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> Result<T, VolumeError> {
+    match tokio::time::timeout(FS_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(VolumeError::Io {
+            path: what.into(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(VolumeError::Io {
+            path: what.into(),
+            message: format!(
+                "no answer within {}s (a hung network volume?)",
+                FS_TIMEOUT.as_secs()
+            ),
+        }),
+    }
+}
+
+/// Whether anything is in the volume at any of `subpaths` (relative, resolved beneath the
+/// volume without following symlinks out of it; a file counts as an entry). Used to tell an
+/// empty volume from a backup that read nothing; an error or timeout answers "yes", so a
+/// snapshot of nothing is never trusted by mistake.
+pub async fn any_entries(volume: &Path, subpaths: &[PathBuf]) -> bool {
+    let volume = volume.to_path_buf();
+    let subpaths = subpaths.to_vec();
+    blocking("the volume", move || {
+        Ok(subpaths
+            .iter()
+            .any(|rel| entries_beneath(&volume, rel).unwrap_or(true)))
+    })
+    .await
+    .unwrap_or(true)
+}
+
+fn entries_beneath(volume: &Path, rel: &Path) -> nix::Result<bool> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    let base = open(
+        volume,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = openat2(&base, path, how)?;
+    use nix::sys::stat::SFlag;
+    let kind = SFlag::from_bits_truncate(nix::sys::stat::fstat(&fd)?.st_mode & SFlag::S_IFMT.bits());
+    if kind != SFlag::S_IFDIR {
+        return Ok(true);
+    }
+    let mut dir = nix::dir::Dir::from_fd(fd)?;
+    Ok(dir
+        .iter()
+        .flatten()
+        .any(|e| !matches!(e.file_name().to_bytes(), b"." | b".." | b"lost+found")))
 }
 
 /// Validates an absolute in-snapshot path such as `/data` or `/config/app`.
@@ -420,18 +466,35 @@ mod tests {
     }
 
     #[test]
-    fn subpaths_stay_inside_the_volume() {
+    fn subpaths_are_relative_and_never_climb() {
+        assert_eq!(relative("/config").unwrap(), PathBuf::from("config"));
+        assert_eq!(relative("./config/db/").unwrap(), PathBuf::from("config/db"));
+        assert_eq!(relative("/").unwrap(), PathBuf::new());
+        assert!(relative("../x").is_err());
+        assert!(relative("config/../../x").is_err());
+        assert!(relative("a\0b").is_err());
+    }
+
+    #[tokio::test]
+    async fn entries_are_looked_for_beneath_the_volume_only() {
         let (d, k) = kubelet();
         let vol = k.resolve(UID, "cache", None).unwrap().host_path;
-        std::fs::create_dir_all(vol.join("config")).unwrap();
-        assert_eq!(subpath(&vol, "/config").unwrap(), PathBuf::from("config"));
-        assert_eq!(subpath(&vol, "/").unwrap(), PathBuf::new());
-        assert!(subpath(&vol, "../x").is_err());
-        assert!(subpath(&vol, "config/../../x").is_err());
-        symlink(d.path(), vol.join("out")).unwrap();
-        assert!(subpath(&vol, "out/secret").is_err());
-        symlink(vol.join("config"), vol.join("in")).unwrap();
-        assert!(subpath(&vol, "in").is_ok());
+        std::fs::create_dir_all(vol.join("empty")).unwrap();
+        std::fs::create_dir_all(vol.join("full")).unwrap();
+        std::fs::write(vol.join("full/f"), b"x").unwrap();
+        std::fs::create_dir_all(d.path().join("outside")).unwrap();
+        std::fs::write(d.path().join("outside/secret"), b"x").unwrap();
+        symlink(d.path().join("outside"), vol.join("out")).unwrap();
+        assert!(!any_entries(&vol, &["empty".into()]).await);
+        assert!(any_entries(&vol, &["empty".into(), "full".into()]).await);
+        assert_eq!(
+            entries_beneath(&vol, Path::new("out")),
+            Err(nix::errno::Errno::EXDEV)
+        );
+        assert!(
+            any_entries(&vol, &["out".into()]).await,
+            "an error is never taken for empty"
+        );
     }
 
     #[test]

@@ -222,6 +222,107 @@ async fn clients_without_a_certificate_or_with_one_from_another_ca_are_refused()
 }
 
 #[tokio::test]
+async fn replaced_certificates_take_over_without_a_restart_and_the_run_in_flight_survives() -> Result<()> {
+    use restic_operator_e2e::certs::Ca;
+    use restic_operator_e2e::eventually;
+    let agent = Agent::start_with("tls-reload", &["--tls-reload-interval=200ms"])?;
+    let repo = s3_repository(&unique_name("tls-reload"), "repo");
+    let mut old = agent.client().await?;
+    init(&mut old, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let run_id = unique_name("across-reload");
+    // About twelve seconds of upload: still running after both replacements below.
+    let mut req = slow_backup(&agent, &uid, &run_id, &repo)?;
+    req.options.as_mut().unwrap().restic.as_mut().unwrap().extra_args = vec!["--limit-upload=2048".into()];
+    let mut running = old.backup(req).await?.into_inner();
+    while let Some(ev) = running.next().await {
+        if matches!(ev?.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    let list = |mut c: restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>| async move {
+        c.list_runs(pb::ListRunsRequest {}).await
+    };
+
+    // An unusable certificate is reported, and the previous configuration keeps serving.
+    agent.replace_pki_file(
+        "server.crt",
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )?;
+    eventually(
+        "the bad certificate reported",
+        Duration::from_secs(10),
+        || async { Ok(agent.log().contains("not usable").then_some(())) },
+    )
+    .await?;
+    list(agent.client().await?).await?;
+
+    // Everything from a new CA: its clients get in, the old CA's are refused, and the
+    // connection the old CA authenticated is closed.
+    let new_ca = Ca::new("agent-test-ca-renewed")?;
+    let new_identity = new_ca.client("restic-operator-coordinator", None)?;
+    agent.replace_pki(&new_ca)?;
+    let mut new = eventually(
+        "a client of the new CA served",
+        Duration::from_secs(10),
+        || async {
+            let Ok(mut c) = agent.client_trusting(&new_ca, Some(&new_identity)).await else {
+                return Ok(None);
+            };
+            Ok(c.list_runs(pb::ListRunsRequest {}).await.is_ok().then_some(c))
+        },
+    )
+    .await?;
+    ensure!(
+        agent.log().contains("reloaded the TLS certificate"),
+        "{}",
+        agent.log()
+    );
+    let refused = match agent.client().await {
+        Ok(c) => list(c).await.is_err(),
+        Err(_) => true,
+    };
+    ensure!(refused, "a client of the replaced CA was served");
+    // The old CA's client with the new agent certificate trusted: its certificate is refused.
+    let old_identity_new_trust = match agent.client_trusting(&new_ca, Some(&agent.client_cert)).await {
+        Ok(c) => list(c).await.is_err(),
+        Err(_) => true,
+    };
+    ensure!(
+        old_identity_new_trust,
+        "a client certificate of the replaced CA was accepted"
+    );
+    let mut old_stream_result = None;
+    while let Some(ev) = running.next().await {
+        match ev {
+            Ok(ev) => {
+                if let Some(Event::Result(r)) = ev.event {
+                    old_stream_result = Some(r);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    ensure!(
+        old_stream_result.is_none(),
+        "the old CA's connection stayed open to the end: {old_stream_result:?}"
+    );
+
+    // The run went on: the new client re-attaches by id and gets its result.
+    let (_, result) = collect(
+        new.attach(pb::AttachRequest {
+            run_id: run_id.clone(),
+        })
+        .await?
+        .into_inner(),
+    )
+    .await?;
+    ensure!(outcome(&result) == Outcome::Succeeded, "{result:?}");
+    ensure!(restic_snapshots(&repo)?.len() == 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn volume_names_and_symlinks_that_escape_the_pod_are_refused() -> Result<()> {
     let agent = Agent::start("escape")?;
     let repo = s3_repository(&unique_name("escape"), "repo");
@@ -716,40 +817,6 @@ async fn a_live_lock_blocks_an_exclusive_operation_and_is_reported_not_removed()
     ensure!(
         other.wait()?.success(),
         "the other backup failed: its lock was removed?"
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_mover_serves_exactly_its_one_volume() -> Result<()> {
-    let volume = restic_operator_e2e::state_dir().join(unique_name("mover-volume"));
-    make_tree(&volume)?;
-    let agent = Agent::start_with("mover", &[&format!("--mover-volume={}", volume.display())])?;
-    let repo = s3_repository(&unique_name("mover"), "repo");
-    let mut client = agent.client().await?;
-    init(&mut client, &repo, "init").await?;
-    let (_, r) = collect(
-        client
-            .backup(backup("mover-backup", &repo, "", "data"))
-            .await?
-            .into_inner(),
-    )
-    .await?;
-    ensure!(
-        outcome(&r) == Outcome::Succeeded && r.backup.as_ref().unwrap().files_new == 4,
-        "{r:?}"
-    );
-    ensure!(restic_snapshots(&repo)?[0]["paths"] == serde_json::json!(["/data"]));
-    // A mover has no kubelet: requests for pod volumes are refused.
-    let err = client
-        .backup(backup("mover-pod", &repo, &pod_uid(1), "data"))
-        .await
-        .expect_err("pod volume on a mover");
-    ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
-    let metrics = agent.metrics()?;
-    ensure!(
-        metrics.contains(r#"restic_agent_runs_total{kind="backup",outcome="succeeded"} 1"#),
-        "{metrics}"
     );
     Ok(())
 }

@@ -8,6 +8,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, Time},
 };
 use kube::{CustomResource, KubeSchema, ResourceExt};
+use restic_operator_args as args;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -214,19 +215,34 @@ pub struct CustomSource {
 #[serde(rename_all = "camelCase")]
 pub struct ResticOptions {
     /// Hostname recorded in snapshots (`restic backup --host`). Retention and "latest snapshot"
-    /// lookups group by it. Default: the name of this ResticBackup. To continue the snapshot
-    /// history of an old backup script, use the hostname it used.
+    /// lookups group by it. Default: `<name>.<namespace>` of this ResticBackup, so same-named
+    /// backups of two namespaces sharing a repository never thin each other's snapshots. To
+    /// continue the snapshot history of an old backup script, use the hostname it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// Tags added to every snapshot (`restic backup --tag`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
-    /// Further `restic backup` arguments, e.g. `--exclude-caches` or `--one-file-system`.
+    /// Further `restic backup` options, each one item written as `--flag` or `--flag=value`
+    /// (`--limit-upload=512`, not two items). Allowed: `--exclude-caches`, `--one-file-system`,
+    /// `--exclude-if-present=<file>`, `--exclude-larger-than=<size>`, `--exclude=<pattern>`,
+    /// `--iexclude=<pattern>`, `--skip-if-unchanged`, `--read-concurrency=<n>`, `--no-scan`,
+    /// `--ignore-ctime`, `--ignore-inode`, `--with-atime`, `--limit-upload=<KiB/s>`,
+    /// `--limit-download=<KiB/s>`, `--pack-size=<MiB>`, `--compression=auto|off|max`,
+    /// `--retry-lock=<duration>`, `--stuck-request-timeout=<duration>`, `--cleanup-cache`,
+    /// `--verbose`, and backend tuning such as `--option=s3.connections=<n>`,
+    /// `--option=s3.storage-class=<class>` or `--option=s3.region=<region>`. Anything else is
+    /// refused by the API server and again by the node agent: positional arguments, short
+    /// options, and options that run a command, read a file from the node, or change the
+    /// repository, host, tags or parent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
+    #[x_kube(validation = Rule::new(args::cel_rule(&[args::Op::Backup]))
+        .message(Message::Expression(args::cel_message(&[args::Op::Backup]))))]
     pub extra_args: Vec<String>,
     /// restic container image the specification's CronJobs would use. This operator runs
-    /// restic inside its node agent (and mover pods built from the agent image), which ship
-    /// restic 0.18; the field is kept for compatibility and is not used to pick a binary.
+    /// restic inside its node agents, which ship restic 0.18; the field is kept for
+    /// compatibility and is not used to pick a binary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// Absolute path at which the backed-up volume appears inside snapshots. restic only
@@ -355,7 +371,7 @@ pub struct ResticBackupStatus {
     pub snapshots_removed_by_retention: Option<i64>,
     /// The object doing this backup's work. The specification's operator made a CronJob; this
     /// one dispatches runs to its node agents, so this refers to the pod that runs (or last
-    /// ran) the work: a node agent or a mover pod.
+    /// ran) the work: the node agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron_job_ref: Option<ObjectReference>,
     /// The `spec.manualTrigger` value the operator last acted on. When it equals the spec's
@@ -450,14 +466,15 @@ pub struct BackupStatistics {
 }
 
 impl ResticBackup {
-    /// Hostname recorded in snapshots: `spec.restic.hostname`, or the name of this object.
+    /// Hostname recorded in snapshots: `spec.restic.hostname`, or `<name>.<namespace>`.
+    /// Namespaces hold no dots, so the last dot always separates the two.
     pub fn effective_hostname(&self) -> String {
         self.spec
             .restic
             .as_ref()
             .and_then(|r| r.hostname.clone())
             .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| self.name_any())
+            .unwrap_or_else(|| format!("{}.{}", self.name_any(), self.namespace().unwrap_or_default()))
     }
 
     /// Tags recorded in snapshots.
@@ -510,8 +527,8 @@ source: {pvc: {claimName: data}}
 ";
 
     #[test]
-    fn hostname_defaults_to_the_resource_name() {
-        assert_eq!(backup(MINIMAL).effective_hostname(), "emby-config");
+    fn hostname_defaults_to_the_resource_name_and_namespace() {
+        assert_eq!(backup(MINIMAL).effective_hostname(), "emby-config.media");
     }
 
     #[test]

@@ -472,8 +472,8 @@ pub enum ConcurrencyPolicy {
 
 /// How the operator runs the work of a backup. The operator runs restic in its per-node agent
 /// rather than in CronJobs; these settings keep the specification's names and apply to the runs
-/// and to the pods the operator starts for them (mover pods for volumes no running pod mounts,
-/// customSource pods, hook job pods).
+/// and to the pods the operator starts for them (holder pods, which only mount a claim no
+/// running pod mounts so that a node agent can read it; hook job pods).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobConfig {
@@ -669,6 +669,9 @@ pub mod reasons {
     pub const REPOSITORY_NOT_READY: &str = "RepositoryNotReady";
     /// The referenced repository does not allow this namespace (`spec.allowedNamespaces`).
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    /// An older backup of another namespace records the same snapshot hostname in the same
+    /// repository; this backup's retention would remove that namespace's snapshots.
+    pub const HOSTNAME_CONFLICT: &str = "HostnameConflict";
     /// A live restic lock held by another process blocks an exclusive operation.
     pub const REPOSITORY_LOCKED: &str = "RepositoryLocked";
     /// The credentials Secret is missing.
@@ -764,6 +767,9 @@ pub mod event_reasons {
     pub const BACKUP_SKIPPED: &str = "BackupSkipped";
     /// A backup or restore was refused because the repository does not allow the namespace.
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    /// A backup was refused because an older backup of another namespace records the same
+    /// snapshot hostname in the same repository.
+    pub const HOSTNAME_CONFLICT: &str = "HostnameConflict";
     /// A hook failed.
     pub const HOOK_FAILED: &str = "HookFailed";
     /// An integrity check started.
@@ -866,7 +872,7 @@ pub struct ActiveRun {
     /// Node the run executes on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
-    /// The pod doing the work: the node agent, or a mover pod the operator started.
+    /// The pod doing the work: the node agent (also for a claim mounted by a holder pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_pod: Option<ObjectReference>,
     /// How many times the run has been retried after a failure (see `jobConfig.backoffLimit`).

@@ -22,7 +22,7 @@ use crate::common::{
 // Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
 // duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "backup.resticbackup.io",
     version = "v1alpha1",
@@ -69,9 +69,14 @@ use crate::common::{
 #[serde(rename_all = "camelCase")]
 pub struct ResticRepositorySpec {
     /// restic repository URL, as given to `restic -r`: `s3:<host>/<bucket>[/<prefix>]`,
-    /// `sftp:user@host:/path`, `rest:https://host/`, `b2:`, `azure:`, `gs:`, `swift:`, ...
+    /// `rest:https://host/`, `b2:`, `azure:`, `gs:` or `swift:`. `sftp:user@host:/path` and
+    /// `rclone:remote:path` run ssh or rclone on the node, and node agents refuse them unless
+    /// started with `--allow-program-backends`; `local:/path` is refused unless the path is below
+    /// a directory the agents allow with `--allow-local-repository-dir`.
     #[serde(rename = "repositoryURL")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(s3|rest|b2|azure|gs|swift|sftp|rclone|local):[^[:cntrl:]]+$')")
+        .message("repositoryURL must name a restic backend (s3:, rest:, b2:, azure:, gs:, swift:, sftp:, rclone: or local:) and hold no control characters"))]
     pub repository_url: String,
     /// Secret (in this namespace) with the repository credentials. Every key is passed to restic
     /// as an environment variable: `RESTIC_PASSWORD` (required), and what the backend needs,

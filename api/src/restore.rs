@@ -309,7 +309,7 @@ pub struct ResticRestoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// The object doing the restore. The specification's operator made a Job; this one
-    /// dispatches the restore to a node agent or a mover pod, and this refers to that pod.
+    /// dispatches the restore to a node agent, and this refers to that pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_ref: Option<ObjectReference>,
     /// The restore run in flight, if any.

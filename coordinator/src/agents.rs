@@ -133,7 +133,7 @@ impl Agents {
             .ok_or_else(|| "no ready restic agent in the cluster".to_owned())
     }
 
-    /// A client for `address` (an agent pod or a mover pod).
+    /// A client for the agent at `address`.
     pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, String> {
         if let Some(ch) = self.channels.lock().expect("channel lock").get(address) {
             return Ok(AgentClient::new(ch.clone()));

@@ -91,20 +91,15 @@ pub struct Config {
     /// How long to keep trying to reach the agent of a run in flight before failing it.
     #[arg(long, value_parser = duration, default_value = "2m")]
     pub agent_lost_timeout: Duration,
-    /// Image of mover pods (the agent image); they serve one claim for a PVC backup no running
-    /// pod mounts.
-    #[arg(
-        long,
-        env = "MOVER_IMAGE",
-        default_value = "ghcr.io/restic-operator/restic-agent:latest"
-    )]
-    pub mover_image: String,
-    /// gRPC port of mover pods.
-    #[arg(long, default_value_t = 9443)]
-    pub mover_port: u16,
-    /// How long a mover pod may take to start.
+    /// Image of holder pods, which only keep a claim no running pod mounts mounted while its
+    /// node's agent backs it up. Nothing runs in them but this image's entrypoint; the
+    /// Kubernetes pause image is made for exactly that.
+    #[arg(long, env = "HOLDER_IMAGE", default_value = "registry.k8s.io/pause:3.10.1")]
+    pub holder_image: String,
+    /// How long a holder pod may take to run on a node (scheduling, attaching the claim,
+    /// pulling the image) before its run fails and it is deleted.
     #[arg(long, value_parser = duration, default_value = "5m")]
-    pub mover_start_timeout: Duration,
+    pub holder_start_timeout: Duration,
     /// `text` or `json`.
     #[arg(long, default_value = "text")]
     pub log_format: String,

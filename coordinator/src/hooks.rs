@@ -1,8 +1,9 @@
 //! Backup hooks: a command in a running pod (pods/exec through the API server) or a Job
-//! from a pod template, waited for with the hook's timeout. The result carries the output,
-//! so a failed hook's reason shows what it printed.
+//! from a pod template, waited for with the hook's timeout. The result carries the end of the
+//! output, so a failed hook's reason shows what it printed last. The pod is the user's: what
+//! it prints is read with a bounded buffer, however much it prints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
@@ -11,11 +12,11 @@ use kube::api::{AttachParams, ListParams, LogParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{Hook, label_selector_matches, parse_duration};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::BACKUP_LABEL;
+use crate::holder::fnv;
 use crate::run::truncate;
-use crate::sources::fnv;
 
 /// Which hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +45,10 @@ impl Phase {
 }
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bytes of output in a hook's result (it ends up in status messages and events).
 const OUTPUT_LIMIT: usize = 1000;
+/// Bytes kept of each output stream of an exec hook: its end.
+const STREAM_TAIL: usize = 64 << 10;
 
 /// Runs `hook`; `Ok(output)` or `Err(reason with output)`.
 pub async fn run(
@@ -106,27 +110,15 @@ async fn run_exec(
         .exec(&pod_name, exec.command.clone(), &params)
         .await
         .map_err(|e| format!("exec in pod {pod_name} container {container}: {e}"))?;
-    let mut stdout = process.stdout();
-    let mut stderr = process.stderr();
+    let stdout = process.stdout();
+    let stderr = process.stderr();
     let status = process.take_status();
-    let mut out = String::new();
-    let mut err = String::new();
-    let read_out = async {
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_string(&mut out).await;
-        }
-    };
-    let read_err = async {
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_string(&mut err).await;
-        }
-    };
-    tokio::join!(read_out, read_err);
+    let (out, err) = tokio::join!(read_tail_of(stdout), read_tail_of(stderr));
     let status = match status {
         Some(s) => s.await,
         None => None,
     };
-    let output = truncate(format!("{out}{err}").trim(), OUTPUT_LIMIT);
+    let output = ending(format!("{out}{err}").trim(), OUTPUT_LIMIT);
     match status {
         Some(s) if s.status.as_deref() == Some("Success") => Ok(output),
         Some(s) => Err(format!(
@@ -137,6 +129,75 @@ async fn run_exec(
             "command in pod {pod_name} container {container} ended without a status: {output}"
         )),
     }
+}
+
+async fn read_tail_of(stream: Option<impl AsyncRead + Unpin>) -> String {
+    match stream {
+        Some(mut s) => read_tail(&mut s, STREAM_TAIL).await.into_string(),
+        None => String::new(),
+    }
+}
+
+/// The end of a stream: its last bytes and how many came before them.
+#[derive(Debug)]
+struct Tail {
+    kept: VecDeque<u8>,
+    cut: u64,
+}
+
+impl Tail {
+    /// The kept bytes as text, after a note saying how much was cut from the start.
+    fn into_string(self) -> String {
+        let (a, b) = self.kept.as_slices();
+        let bytes = [a, b].concat();
+        if self.cut == 0 {
+            return String::from_utf8_lossy(&bytes).into_owned();
+        }
+        // Do not start in the middle of a UTF-8 character.
+        let start = bytes.iter().take(3).take_while(|b| (**b & 0xC0) == 0x80).count();
+        format!(
+            "[first {} bytes cut] {}",
+            self.cut + start as u64,
+            String::from_utf8_lossy(&bytes[start..])
+        )
+    }
+}
+
+/// Reads `reader` to its end (or its first error), keeping only the last `limit` bytes: memory
+/// stays at `limit` plus one read buffer however long the stream is.
+async fn read_tail<R: AsyncRead + Unpin>(reader: &mut R, limit: usize) -> Tail {
+    let mut tail = Tail {
+        kept: VecDeque::with_capacity(limit),
+        cut: 0,
+    };
+    let mut buf = vec![0u8; 8 << 10];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return tail,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        // Only the end of a chunk longer than the limit can be kept.
+        let skip = n.saturating_sub(limit);
+        tail.cut += skip as u64;
+        let chunk = &chunk[skip..];
+        let overflow = (tail.kept.len() + chunk.len()).saturating_sub(limit);
+        tail.kept.drain(..overflow);
+        tail.cut += overflow as u64;
+        tail.kept.extend(chunk);
+    }
+}
+
+/// The end of `s` in at most `max` bytes, with `…` where the start was cut.
+fn ending(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &s[start..])
 }
 
 /// Name of the Job of a hook run: stable per run, so a restarted coordinator finds it.
@@ -303,6 +364,57 @@ async fn job_output(client: &Client, ns: &str, job: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_exec_hook_printing_megabytes_keeps_only_the_end_of_its_output() {
+        // A pod printing 48 MiB through a small pipe, read as it is written.
+        let (mut pod, mut coordinator) = tokio::io::duplex(16 << 10);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let block = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n".repeat(1024);
+            for _ in 0..(48 << 20) / block.len() {
+                pod.write_all(&block).await.unwrap();
+            }
+            pod.write_all("the end: café".as_bytes()).await.unwrap();
+        });
+        let tail = read_tail(&mut coordinator, STREAM_TAIL).await;
+        writer.await.unwrap();
+        let total = (48 << 20) + "the end: café".len() as u64;
+        assert_eq!(tail.kept.len(), STREAM_TAIL);
+        assert!(
+            tail.kept.capacity() < 2 * STREAM_TAIL,
+            "the buffer grew to {} bytes",
+            tail.kept.capacity()
+        );
+        assert_eq!(tail.cut + tail.kept.len() as u64, total);
+        let text = tail.into_string();
+        assert!(
+            text.starts_with(&format!("[first {} bytes cut] ", total - STREAM_TAIL as u64)),
+            "{}",
+            &text[..80]
+        );
+        assert!(text.ends_with("abcde\nthe end: café"));
+        // What reaches the status message is the very end.
+        let message = ending(&text, OUTPUT_LIMIT);
+        assert!(
+            message.starts_with('…') && message.ends_with("the end: café"),
+            "{message}"
+        );
+        assert!(message.len() <= OUTPUT_LIMIT + '…'.len_utf8());
+    }
+
+    #[tokio::test]
+    async fn short_output_is_kept_whole_and_a_cut_never_splits_a_character() {
+        let mut short: &[u8] = b"pg_dump: done\n";
+        assert_eq!(read_tail(&mut short, 64).await.into_string(), "pg_dump: done\n");
+        // "é" is two bytes; the last 3 of "aéé" start inside the first "é".
+        let mut accents: &[u8] = "aéé".as_bytes();
+        assert_eq!(
+            read_tail(&mut accents, 3).await.into_string(),
+            "[first 3 bytes cut] é"
+        );
+        assert_eq!(ending("aéé", 3), "…é");
+    }
 
     #[test]
     fn hook_job_never_retries_and_is_owned_by_the_backup() {

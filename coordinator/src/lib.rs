@@ -8,14 +8,15 @@ pub mod agents;
 pub mod backup;
 pub mod config;
 pub mod context;
-pub mod credentials;
 pub mod error;
+pub mod holder;
 pub mod hooks;
 pub mod leader;
 pub mod locks;
 pub mod metrics;
 pub mod pki;
 pub mod repository;
+pub mod resolve;
 pub mod run;
 pub mod schedule;
 pub mod serve;
@@ -25,5 +26,5 @@ pub mod status;
 /// Field manager of every write the coordinator makes (status through server-side apply).
 pub const FIELD_MANAGER: &str = "restic-operator";
 
-/// Label put on objects the coordinator creates for a ResticBackup (hook Jobs, mover pods).
+/// Label put on objects the coordinator creates for a ResticBackup (hook Jobs, holder pods).
 pub const BACKUP_LABEL: &str = "backup.resticbackup.io/backup";

@@ -22,8 +22,8 @@ use restic_operator_api::repository::{
 use restic_operator_proto::v1 as pb;
 
 use crate::context::Context;
-use crate::credentials::{self, CredentialsError};
 use crate::error::{Error, Result, backoff};
+use crate::resolve::{self, CredentialsError};
 use crate::run::{self, Ended};
 use crate::schedule::Schedule;
 
@@ -140,7 +140,7 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
     }
 
     // Dereference: credentials.
-    let creds = match credentials::load(&ctx.client, repo).await {
+    let creds = match resolve::load_credentials(&ctx.client, repo).await {
         Ok(c) => c,
         Err(e) => {
             let nr = not_ready_from_credentials(&e);
@@ -403,7 +403,7 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
             let Ok(Some(repo)) = api.get_opt(&name).await else {
                 return;
             };
-            if let Ok(creds) = credentials::load(&ctx2.client, &repo).await {
+            if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
                 let _ = refresh(&repo, &ctx2, &creds).await;
             }
         }),

@@ -1,19 +1,14 @@
 //! Where a backup's data is: the running pod (and so the node and its agent) that mounts
-//! the volume, or, for a claim no running pod mounts, a mover pod that mounts it read-only
-//! and serves it with the agent binary.
+//! the volume, or, for a claim no running pod mounts, a holder pod to start for it (see
+//! `holder`). Either way the run reads a pod volume from the kubelet's directory.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    SecretVolumeSource, Volume, VolumeMount,
-};
-use kube::api::{ListParams, ObjectMeta};
-use kube::{Api, Client, Resource, ResourceExt};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::label_selector_matches;
 
-use crate::BACKUP_LABEL;
+// Hook Job names use it from here (`hooks`); it lives with the holder names now.
 
 /// The volume of a running pod to back up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,20 +25,18 @@ pub struct PodVolume {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
     Pod(PodVolume),
-    /// No running pod mounts the claim: start a mover for it.
-    Mover {
+    /// No running pod mounts the claim: start a holder pod for it.
+    Holder {
         claim: String,
+        /// The claim's PersistentVolume.
+        pv_name: String,
     },
 }
 
+/// A pod that can be a backup's source: running on a node, and not a holder (another run's
+/// holder goes away when that run ends, and is never one a user's backup should depend on).
 fn is_running(pod: &Pod) -> bool {
-    let is_mover = pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get("app.kubernetes.io/component"))
-        .is_some_and(|c| c == "mover");
-    !is_mover
+    !crate::holder::is_holder(pod)
         && pod.metadata.deletion_timestamp.is_none()
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some()
@@ -147,110 +140,13 @@ pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement
         });
         return Ok(match found {
             Some((pod, volume)) => Placement::Pod(pod_volume(pod, volume, pv_name)),
-            None => Placement::Mover { claim },
+            None => Placement::Holder { claim, pv_name },
         });
     }
     if source.custom_source.is_some() {
         return Err("customSource backups are not supported by this version of the coordinator".into());
     }
     Err("spec.source names no source (pvc or podVolumeBackup)".into())
-}
-
-/// Name of the mover pod of a run (and of its certificate Secret, with `-tls`).
-pub fn mover_name(backup: &str, run_id: &str) -> String {
-    let hash = fnv(run_id);
-    let prefix: String = backup.chars().take(40).collect();
-    format!("{}-mover-{hash:08x}", prefix.trim_end_matches('-'))
-}
-
-/// FNV-1a, 32 bits: short stable suffixes for generated names.
-pub fn fnv(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// The mover pod for `claim` (pure): the agent binary in mover mode, serving the claim
-/// mounted read-only at `/data`, with mutual TLS from the Secret `<name>-tls`.
-pub fn mover_pod(backup: &ResticBackup, name: &str, claim: &str, image: &str, port: u16) -> Pod {
-    let job = backup.spec.job_config.clone().unwrap_or_default();
-    let labels = BTreeMap::from([
-        (BACKUP_LABEL.to_owned(), backup.name_any()),
-        ("app.kubernetes.io/name".to_owned(), "restic-operator".to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "mover".to_owned()),
-    ]);
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: backup.namespace(),
-            labels: Some(labels),
-            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            restart_policy: Some("Never".into()),
-            containers: vec![Container {
-                name: "mover".into(),
-                image: Some(image.into()),
-                args: Some(vec![
-                    "serve".into(),
-                    "--mover-volume=/data".into(),
-                    format!("--listen=0.0.0.0:{port}"),
-                    "--tls-cert=/tls/tls.crt".into(),
-                    "--tls-key=/tls/tls.key".into(),
-                    "--tls-client-ca=/tls/ca.crt".into(),
-                    "--state-dir=/tmp/restic-agent".into(),
-                ]),
-                ports: Some(vec![ContainerPort {
-                    name: Some("grpc".into()),
-                    container_port: i32::from(port),
-                    ..Default::default()
-                }]),
-                resources: job.resources.clone(),
-                volume_mounts: Some(vec![
-                    VolumeMount {
-                        name: "data".into(),
-                        mount_path: "/data".into(),
-                        read_only: Some(true),
-                        ..Default::default()
-                    },
-                    VolumeMount {
-                        name: "tls".into(),
-                        mount_path: "/tls".into(),
-                        read_only: Some(true),
-                        ..Default::default()
-                    },
-                ]),
-                ..Default::default()
-            }],
-            volumes: Some(vec![
-                Volume {
-                    name: "data".into(),
-                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                        claim_name: claim.into(),
-                        read_only: Some(true),
-                    }),
-                    ..Default::default()
-                },
-                Volume {
-                    name: "tls".into(),
-                    secret: Some(SecretVolumeSource {
-                        secret_name: Some(format!("{name}-tls")),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            ]),
-            node_selector: job.node_selector.clone(),
-            tolerations: job.tolerations.clone(),
-            affinity: job.affinity.clone(),
-            security_context: job.security_context.clone(),
-            service_account_name: job.service_account_name.clone().filter(|s| !s.is_empty()),
-            automount_service_account_token: Some(false),
-            ..Default::default()
-        }),
-        status: None,
-    }
 }
 
 #[cfg(test)]
@@ -274,25 +170,13 @@ mod tests {
     }
 
     #[test]
-    fn mover_mounts_the_claim_read_only_and_is_owned_by_the_backup() {
-        let backup: ResticBackup = serde_yaml::from_str(
-            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {name: b, namespace: n, uid: '1234'}\n\
-             spec: {repositoryRef: {name: r}, schedule: '@daily', source: {pvc: {claimName: data}}}",
-        )
-        .unwrap();
-        let name = mover_name("b", "run-1");
-        let pod = mover_pod(&backup, &name, "data", "agent:dev", 9443);
-        let spec = pod.spec.unwrap();
-        let claim = spec.volumes.as_ref().unwrap()[0]
-            .persistent_volume_claim
-            .as_ref()
-            .unwrap();
-        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("data", Some(true)));
-        assert_eq!(
-            spec.containers[0].volume_mounts.as_ref().unwrap()[0].read_only,
-            Some(true)
+    fn a_holder_pod_is_never_chosen_as_a_source() {
+        let all = pods(
+            "- metadata: {name: b-holder-1, creationTimestamp: '2024-01-01T00:00:00Z', labels: {app.kubernetes.io/name: restic-operator, app.kubernetes.io/component: holder}}\n  spec: {nodeName: n1, containers: [], volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]}\n  status: {phase: Running}\n\
+             - metadata: {name: app, creationTimestamp: '2024-01-02T00:00:00Z'}\n  spec: {nodeName: n2, containers: [], volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]}\n  status: {phase: Running}\n",
         );
-        assert_eq!(pod.metadata.owner_references.unwrap()[0].kind, "ResticBackup");
-        assert_eq!(name, mover_name("b", "run-1"), "stable per run");
+        let (pod, _) = choose(&all, |p| claim_of(p, "data").map(|_| "data".to_owned())).unwrap();
+        assert_eq!(pod.name_any(), "app", "the younger app pod, not the older holder");
+        assert!(choose(&all[..1], |p| claim_of(p, "data").map(|_| "data".to_owned())).is_none());
     }
 }

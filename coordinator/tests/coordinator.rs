@@ -123,7 +123,8 @@ async fn scheduled_backup_runs_on_time_and_a_manual_trigger_starts_within_two_se
         Some(id),
         "status shows the snapshot restic lists"
     );
-    assert_eq!(snapshots[0]["hostname"], "web");
+    // The default hostname is namespace-qualified: `<name>.<namespace>`.
+    assert_eq!(snapshots[0]["hostname"], format!("web.{}", node.ns));
     assert_eq!(snapshots[0]["paths"], json!(["/data"]));
     assert!(status.last_successful_backup.is_some());
     assert_eq!(
@@ -238,7 +239,7 @@ fn slow_backup(name: &str) -> String {
         name,
         "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
          source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  \
-         restic: {extraArgs: ['--limit-upload', '512']}\n",
+         restic: {extraArgs: ['--limit-upload=512']}\n",
     )
 }
 
@@ -738,166 +739,489 @@ async fn a_backup_from_a_namespace_the_repository_does_not_allow_is_refused() ->
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_no_running_pod_mounts_is_backed_up_by_a_mover_pod_that_is_removed_afterwards() -> Result<()>
-{
-    let mover_port = restic_operator_e2e::process::free_port()?;
-    let node = Node::start_with(
-        "mover",
-        &[],
-        &[
-            format!("--mover-port={mover_port}"),
-            "--mover-image=restic-agent:test".into(),
-        ],
-    )
-    .await?;
-    let repo = ready_repository(&node, "main").await?;
-    // A claim bound to a volume, mounted by no pod.
-    let pv_name = format!("{}-pv", node.ns);
-    let pv: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": pv_name},
+/// A namespace for apps outside the test's own (which holds the operator's Secrets), so a
+/// test can see what the operator puts there.
+async fn app_namespace(name: &str) -> Result<String> {
+    let ns = unique_name(name);
+    Api::<Namespace>::all(restic_operator_e2e::TestEnv::get().client().await?)
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(ns)
+}
+
+/// Lets namespace `ns` use repository `repo` of the test namespace.
+async fn allow_namespace(node: &Node, repo: &str, ns: &str) -> Result<()> {
+    node.repositories()
+        .patch(
+            repo,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allowedNamespaces": {"names": [ns]}}})),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A PersistentVolume `pv` and a claim `data` in `ns` bound to it, mounted by no pod.
+async fn bound_claim(node: &Node, ns: &str, pv: &str) -> Result<()> {
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/srv/data"},
-                 "claimRef": {"namespace": node.ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
+                 "claimRef": {"namespace": ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
     }))?;
     Api::<PersistentVolume>::all(node.client.clone())
-        .create(&PostParams::default(), &pv)
+        .create(&PostParams::default(), &volume)
         .await?;
-    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "data"},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv_name}
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv}
     }))?;
-    Api::<PersistentVolumeClaim>::namespaced(node.client.clone(), &node.ns)
-        .create(&PostParams::default(), &pvc)
+    Api::<PersistentVolumeClaim>::namespaced(node.client.clone(), ns)
+        .create(&PostParams::default(), &claim)
         .await?;
-    node.apply_yaml(&backup_yaml(
-        "archive",
-        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  source: {pvc: {claimName: data}}\n  manualTrigger: go\n",
-    ))
-    .await?;
+    Ok(())
+}
 
-    // The mover pod: the agent image in mover mode, the claim read-only.
-    let mover = eventually("the mover pod", Duration::from_secs(30), || async {
-        Ok(node
-            .pods("app.kubernetes.io/component=mover")
-            .await?
-            .into_iter()
-            .next())
+/// The kubelet's directory of claim volume `pv` of pod `uid` on the test node.
+fn csi_mount(node: &Node, uid: &str, pv: &str) -> std::path::PathBuf {
+    node.agent()
+        .kubelet
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~csi")
+        .join(pv)
+        .join("mount")
+}
+
+/// A ResticBackup `name` in namespace `ns` (server-side apply).
+async fn apply_backup_in(node: &Node, ns: &str, name: &str, spec: &str) -> Result<()> {
+    let value: serde_json::Value = serde_yaml::from_str(&backup_yaml(name, spec))?;
+    Api::<restic_operator_api::backup::ResticBackup>::namespaced(node.client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&value),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_no_running_pod_mounts_is_backed_up_through_an_unprivileged_holder_pod_removed_afterwards()
+-> Result<()> {
+    let apps = app_namespace("holder-apps").await?;
+    let node = Node::start_with("holder", &[&apps], &[]).await?;
+    let repo = ready_repository(&node, "main").await?;
+    allow_namespace(&node, "main", &apps).await?;
+    let pv_name = format!("{}-pv", node.ns);
+    bound_claim(&node, &apps, &pv_name).await?;
+    apply_backup_in(
+        &node,
+        &apps,
+        "archive",
+        &format!(
+            "  repositoryRef: {{name: main, namespace: {}}}\n  schedule: '@yearly'\n  source: {{pvc: {{claimName: data}}}}\n  \
+             manualTrigger: go\n  jobConfig: {{nodeSelector: {{disk: ssd}}, securityContext: {{runAsUser: 0}}}}\n",
+            node.ns
+        ),
+    )
+    .await?;
+    let backups: Api<restic_operator_api::backup::ResticBackup> = Api::namespaced(node.client.clone(), &apps);
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &apps);
+    let secrets: Api<Secret> = Api::namespaced(node.client.clone(), &apps);
+
+    // The holder: the pause image and the claim, nothing else.
+    let holder = eventually("the holder pod", Duration::from_secs(30), || async {
+        let list = ListParams::default().labels("app.kubernetes.io/component=holder");
+        Ok(pods.list(&list).await?.items.into_iter().next())
     })
     .await
     .with_context(|| node.coordinator_log())?;
-    let spec = mover.spec.clone().unwrap();
-    let claim = spec.volumes.as_ref().unwrap()[0]
-        .persistent_volume_claim
-        .clone()
-        .unwrap();
+    let backup = backups.get("archive").await?;
+    let run_id = backup
+        .status
+        .as_ref()
+        .and_then(|s| s.active_run.as_ref())
+        .map(|a| a.run_id.clone())
+        .context("the run is in status")?;
+    assert_eq!(
+        holder.name_any(),
+        restic_operator_coordinator::holder::holder_name("archive", &run_id)
+    );
+    let labels = holder.labels();
+    assert_eq!(labels["backup.resticbackup.io/backup"], "archive");
+    assert_eq!(labels["app.kubernetes.io/name"], "restic-operator");
+    let owner = &holder.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), Some(owner.uid.clone()), owner.controller),
+        ("ResticBackup", backup.uid(), Some(true))
+    );
+    let spec = holder.spec.clone().unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.enable_service_links, Some(false));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(spec.node_selector.clone().unwrap()["disk"], "ssd");
+    let psc = spec.security_context.clone().unwrap();
+    assert_eq!(
+        (psc.run_as_non_root, psc.run_as_user, psc.run_as_group),
+        (Some(true), Some(65535), Some(65535)),
+        "non-root, whatever jobConfig.securityContext asks of restic"
+    );
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(spec.containers.len(), 1);
+    let c = &spec.containers[0];
+    assert_eq!(c.image.as_deref(), Some("registry.k8s.io/pause:3.10.1"));
+    assert!(c.command.is_none() && c.args.is_none() && c.env.is_none() && c.env_from.is_none());
+    assert!(c.ports.is_none());
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_owned()]));
+    assert!(c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some());
+    let volumes = spec.volumes.clone().unwrap();
+    assert_eq!(volumes.len(), 1, "the claim is the only volume: {volumes:?}");
+    let claim = volumes[0].persistent_volume_claim.clone().unwrap();
     assert_eq!((claim.claim_name.as_str(), claim.read_only), ("data", Some(true)));
-    let container = &spec.containers[0];
-    assert_eq!(container.image.as_deref(), Some("restic-agent:test"));
     assert!(
-        container
-            .args
-            .as_ref()
-            .unwrap()
-            .contains(&"--mover-volume=/data".to_owned())
+        secrets.list(&ListParams::default()).await?.items.is_empty(),
+        "nothing secret in the app namespace"
     );
 
-    // Play the kubelet: run the mover with the certificate from its Secret, serving a
-    // directory that stands for the mounted claim, and report the pod running.
-    let secret = Api::<Secret>::namespaced(node.client.clone(), &node.ns)
-        .get(&format!("{}-tls", mover.name_any()))
-        .await?;
-    let pki = node.dir.join("mover-pki");
-    std::fs::create_dir_all(&pki)?;
-    for key in ["tls.crt", "tls.key", "ca.crt"] {
-        std::fs::write(pki.join(key), &secret.data.as_ref().unwrap()[key].0)?;
-    }
-    let volume = node.dir.join("claim");
-    make_tree(&volume)?;
-    let p = |f: &str| pki.join(f).display().to_string();
-    let args = vec![
-        "serve".to_owned(),
-        format!("--mover-volume={}", volume.display()),
-        format!("--listen=127.0.0.1:{mover_port}"),
-        format!("--tls-cert={}", p("tls.crt")),
-        format!("--tls-key={}", p("tls.key")),
-        format!("--tls-client-ca={}", p("ca.crt")),
-        format!("--state-dir={}", node.dir.join("mover-state").display()),
-        format!(
-            "--restic={}",
-            restic_operator_e2e::tools::tool("restic")?.display()
-        ),
-        format!(
-            "--metrics-listen=127.0.0.1:{}",
-            restic_operator_e2e::process::free_port()?
-        ),
-    ];
-    let _mover_process = restic_operator_e2e::process::Process::spawn(
-        "restic-agent-mover",
-        &support::agent_binary()?,
-        &args,
-        &node.dir,
-    )?;
-    eventually("the mover listening", Duration::from_secs(20), || async {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", mover_port))
-            .ok()
-            .map(|_| ()))
-    })
-    .await?;
-    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &node.ns);
-    restic_operator_e2e::operator::mark_running(&node.client, &node.ns, &mover.name_any(), "127.0.0.1")
-        .await?;
-    // The scheduler would bind it; tests have none, so the node stays unset and the
-    // coordinator reaches the pod by IP.
+    // Play the scheduler and the kubelet: bind the holder to the node, mount the claim in its
+    // pod directory, report it running.
+    make_tree(&csi_mount(&node, &holder.uid().unwrap(), &pv_name))?;
+    restic_operator_e2e::operator::bind(&node.client, &apps, &holder.name_any(), &node.name).await?;
+    restic_operator_e2e::operator::mark_running(&node.client, &apps, &holder.name_any(), "10.1.0.11").await?;
 
-    let last = node.wait_succeeded("archive", 0, Duration::from_secs(60)).await?;
+    let last = node
+        .wait_succeeded_in(&apps, "archive", 0, Duration::from_secs(60))
+        .await?;
     let snapshots = restic_snapshots(&repo)?;
     assert_eq!(snapshots.len(), 1);
     assert_eq!(snapshots[0]["paths"], json!(["/data"]));
+    assert_eq!(snapshots[0]["hostname"], json!(backup.effective_hostname()));
     assert_eq!(last.snapshot_id.as_deref(), snapshots[0]["id"].as_str());
-    eventually(
-        "the mover pod and its Secret removed",
-        Duration::from_secs(30),
-        || async {
-            let pod_gone = pods.get_opt(&mover.name_any()).await?.is_none();
-            let secret_gone = Api::<Secret>::namespaced(node.client.clone(), &node.ns)
-                .get_opt(&format!("{}-tls", mover.name_any()))
-                .await?
-                .is_none();
-            Ok((pod_gone && secret_gone).then_some(()))
-        },
-    )
-    .await?;
+    // A bound pod is gone once its kubelet confirms; deletion requested is what the
+    // coordinator does. Then play the kubelet's part.
+    eventually("the holder pod deleted", Duration::from_secs(30), || async {
+        let p = pods.get_opt(&holder.name_any()).await?;
+        Ok(p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    let _ = pods
+        .delete(
+            &holder.name_any(),
+            &kube::api::DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(secrets.list(&ListParams::default()).await?.items.is_empty());
 
     // Once a running pod mounts the claim, the next run goes to its node's agent, which
-    // reads the claim's CSI directory (named after the PV), and no mover is started.
+    // reads the claim's CSI directory (named after the PV), and no holder is started.
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "archiver-0", "labels": {"app": "archiver"}},
         "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "busybox"}],
                  "volumes": [{"name": "archive", "persistentVolumeClaim": {"claimName": "data"}}]}
     }))?;
-    let uid = node.create_running_pod(pod, "10.1.0.10").await?;
-    let csi = node
-        .agent()
-        .kubelet
-        .join("pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~csi")
-        .join(&pv_name)
-        .join("mount");
+    let uid =
+        restic_operator_e2e::operator::create_running_pod(&node.client, &apps, pod, "10.1.0.10").await?;
+    let csi = csi_mount(&node, &uid, &pv_name);
     make_tree(&csi)?;
     std::fs::write(csi.join("added-later"), b"new")?;
-    node.trigger("archive", "again").await?;
-    let last = node.wait_succeeded("archive", 1, Duration::from_secs(60)).await?;
+    backups
+        .patch(
+            "archive",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"manualTrigger": "again"}})),
+        )
+        .await?;
+    let last = node
+        .wait_succeeded_in(&apps, "archive", 1, Duration::from_secs(60))
+        .await?;
     assert_eq!(
         last.files_new,
         Some(1),
-        "incremental over the mover's snapshot: only the new file"
+        "incremental over the holder run's snapshot: only the new file"
     );
     assert!(
-        node.pods("app.kubernetes.io/component=mover").await?.is_empty(),
-        "no mover this time"
+        pods.list(&ListParams::default().labels("app.kubernetes.io/component=holder"))
+            .await?
+            .items
+            .is_empty(),
+        "no holder this time"
     );
     assert_eq!(restic_snapshots(&repo)?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_a_user_created_under_the_holder_name_is_neither_used_nor_deleted() -> Result<()> {
+    let node = Node::start_with("holder-conflict", &[], &["--holder-start-timeout=5s".into()]).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let pv_name = format!("{}-pv", node.ns);
+    bound_claim(&node, &node.ns, &pv_name).await?;
+    node.apply_yaml(&backup_yaml(
+        "archive",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  source: {pvc: {claimName: data}}\n",
+    ))
+    .await?;
+
+    // The name the holder of trigger "go" will have: the run id is the backup's UID, the
+    // trigger and the generation that sets it (the next one).
+    let backup = node.backups().get("archive").await?;
+    let generation = backup.metadata.generation.unwrap_or(0) + 1;
+    let run_id = restic_operator_coordinator::backup::manual_run_id(&backup.uid().unwrap(), "go", generation);
+    let name = restic_operator_coordinator::holder::holder_name("archive", &run_id);
+
+    // A user's pod under that name, as tempting as it gets: a holder's labels (so it is no
+    // backup source either), the pause image, the claim as `data`, running on the node with
+    // readable data; only not created by the operator.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "restic-operator",
+            "app.kubernetes.io/component": "holder", "backup.resticbackup.io/backup": "archive"}},
+        "spec": {"nodeName": node.name, "containers": [{"name": "holder", "image": "registry.k8s.io/pause:3.10.1"}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": true}}]}
+    }))?;
+    let pod_uid = node.create_running_pod(pod, "10.1.0.12").await?;
+    make_tree(&csi_mount(&node, &pod_uid, &pv_name))?;
+
+    node.trigger("archive", "go").await?;
+    let done = node.wait_finished("archive", 0, Duration::from_secs(60)).await?;
+    let status = done.status.clone().unwrap();
+    let last = status.last_backup.clone().unwrap();
+    assert_eq!(last.run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(last.result.map(|r| r.to_string()).as_deref(), Some("Failed"));
+    let message = last.message.clone().unwrap_or_default();
+    assert!(
+        message.contains(&name) && message.contains("not created by the operator"),
+        "{message}"
+    );
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason.as_deref(), Some("HolderPodConflict"), "{ready:?}");
+    let event = wait_event(&node, "HolderPodConflict").await?;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.note.unwrap_or_default().contains(&name));
+
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &node.ns);
+    let still = pods.get(&name).await?;
+    assert_eq!(
+        still.uid().as_deref(),
+        Some(pod_uid.as_str()),
+        "the user's pod is still there"
+    );
+    assert!(
+        still.metadata.deletion_timestamp.is_none(),
+        "and not being deleted"
+    );
+    assert!(
+        restic_snapshots(&repo)?.is_empty(),
+        "nothing was backed up from it"
+    );
+    let mut agent = node.agent_client().await?;
+    let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    assert!(
+        runs.iter().all(|r| r.kind != pb::RunKind::Backup as i32),
+        "nothing was sent to the agent: {runs:?}"
+    );
+
+    // A holder that does not run in time (nothing binds it here) fails its run and goes.
+    node.trigger("archive", "again").await?;
+    let holder = eventually("the holder of the next run", Duration::from_secs(30), || async {
+        Ok(node
+            .pods("app.kubernetes.io/component=holder")
+            .await?
+            .into_iter()
+            .find(|p| p.name_any() != name))
+    })
+    .await?;
+    assert_ne!(holder.name_any(), name);
+    let done = node.wait_finished("archive", 1, Duration::from_secs(60)).await?;
+    let status = done.status.unwrap();
+    let message = status.last_backup.unwrap().message.unwrap_or_default();
+    assert!(message.contains("was not running within 5s"), "{message}");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason.as_deref(), Some("HolderNotStarted"));
+    eventually("the holder deleted", Duration::from_secs(30), || async {
+        Ok(pods.get_opt(&holder.name_any()).await?.is_none().then_some(()))
+    })
+    .await?;
+    assert_eq!(pods.get(&name).await?.uid().as_deref(), Some(pod_uid.as_str()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_switched_right_after_a_trigger_never_gets_a_backup_from_a_namespace_it_refuses()
+-> Result<()> {
+    let apps = app_namespace("switch-apps").await?;
+    let node = Node::start_with("repo-switch", &[&apps], &[]).await?;
+    let open = ready_repository(&node, "open").await?;
+    let closed = ready_repository(&node, "closed").await?;
+    allow_namespace(&node, "open", &apps).await?;
+    let uid = restic_operator_e2e::operator::app_pod(&node.client, &apps, &node.name, "app-0", "app", "data")
+        .await?;
+    std::fs::write(node.agent().empty_dir(&uid, "data")?.join("file"), b"data")?;
+    apply_backup_in(
+        &node,
+        &apps,
+        "app",
+        &format!(
+            "  repositoryRef: {{name: open, namespace: {}}}\n  schedule: '@yearly'\n  \
+             source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: app}}}}, volumeName: data}}}}\n",
+            node.ns
+        ),
+    )
+    .await?;
+    let backups: Api<restic_operator_api::backup::ResticBackup> = Api::namespaced(node.client.clone(), &apps);
+    let set_repository = |repo: &'static str| {
+        let backups = backups.clone();
+        let ns = node.ns.clone();
+        async move {
+            backups
+                .patch(
+                    "app",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"repositoryRef": {"name": repo, "namespace": ns}}})),
+                )
+                .await
+        }
+    };
+    // The open repository is usable (the reconcile has seen the current spec).
+    let accessible = || async {
+        let b = backups.get("app").await?;
+        let status = b.status.clone().unwrap_or_default();
+        let ok = status.observed_generation == b.metadata.generation
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "RepositoryReady" && c.reason.as_deref() == Some("RepositoryAccessible"));
+        Ok(ok.then_some(b))
+    };
+    let backup = eventually(
+        "the open repository accessible",
+        Duration::from_secs(30),
+        accessible,
+    )
+    .await
+    .with_context(|| node.coordinator_log())?;
+    let backup_uid = backup.uid().unwrap();
+
+    let (mut succeeded, mut refused_in_run, mut refused_at_start) = (0, 0, 0);
+    // Mostly at once; the last two switch a little later, around and after the dispatch.
+    for (i, delay) in [0, 0, 0, 100, 1500].into_iter().enumerate() {
+        let trigger = format!("switch-{i}");
+        // The ids of this trigger's run, whatever generation it gets.
+        let prefix = format!(
+            "rb-{backup_uid}-m{:08x}-",
+            restic_operator_coordinator::holder::fnv(&trigger)
+        );
+        backups
+            .patch(
+                "app",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"manualTrigger": trigger}})),
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        set_repository("closed").await?;
+        let handled = eventually(
+            &format!("trigger {trigger} handled"),
+            Duration::from_secs(60),
+            || async {
+                let b = backups.get("app").await?;
+                let s = b.status.clone().unwrap_or_default();
+                Ok(
+                    (s.last_manual_trigger.as_deref() == Some(trigger.as_str()) && s.active_run.is_none())
+                        .then_some(s),
+                )
+            },
+        )
+        .await
+        .with_context(|| node.coordinator_log())?;
+        let last = handled
+            .last_backup
+            .filter(|l| l.run_id.as_deref().is_some_and(|id| id.starts_with(&prefix)));
+        match last {
+            Some(last) if last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded") => {
+                succeeded += 1
+            }
+            other => {
+                if let Some(last) = other {
+                    let message = last.message.unwrap_or_default();
+                    assert!(
+                        message.starts_with("refused: ") && message.contains("does not allow namespace"),
+                        "run {:?} neither succeeded nor was refused: {message}",
+                        last.run_id
+                    );
+                    refused_in_run += 1;
+                } else {
+                    refused_at_start += 1;
+                }
+                let condition = handled
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "RepositoryReady")
+                    .and_then(|c| c.reason.clone());
+                assert_eq!(condition.as_deref(), Some("NamespaceNotAllowed"));
+                // The recorder folds repeats of an event into one series, so only the first
+                // refusal's note names its run.
+                eventually(
+                    "the NamespaceNotAllowed event",
+                    Duration::from_secs(30),
+                    || async {
+                        let all = Api::<Event>::namespaced(node.client.clone(), &apps)
+                            .list(&ListParams::default())
+                            .await?
+                            .items;
+                        Ok(all.into_iter().find(|e| {
+                            e.reason.as_deref() == Some("NamespaceNotAllowed")
+                                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("app")
+                                && e.note.as_deref().is_some_and(|n| n.contains("refused"))
+                        }))
+                    },
+                )
+                .await?;
+            }
+        }
+        set_repository("open").await?;
+        eventually(
+            "the open repository accessible again",
+            Duration::from_secs(30),
+            accessible,
+        )
+        .await?;
+    }
+    eprintln!(
+        "5 switched triggers: {succeeded} backed up into the allowed repository, {refused_in_run} refused by \
+         the run, {refused_at_start} refused before a run was recorded"
+    );
+    assert!(
+        restic_snapshots(&closed)?.is_empty(),
+        "the repository that does not allow the namespace never got a snapshot"
+    );
+    assert_eq!(restic_snapshots(&open)?.len(), succeeded);
+    let mut agent = node.agent_client().await?;
+    let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let backups_sent = runs
+        .iter()
+        .filter(|r| r.kind == pb::RunKind::Backup as i32)
+        .count();
+    assert_eq!(
+        backups_sent, succeeded,
+        "only the allowed runs reached the agent: {runs:?}"
+    );
     Ok(())
 }
 
@@ -981,8 +1305,22 @@ async fn the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_workin
             .log()
             .contains("renewed the agent certificate")
     );
-    // The coordinator's own client certificate was renewed too; the agent (still serving
-    // its first certificate, from the same CA) accepts it.
+    // The kubelet updates the agent's files; the agent serves the renewed certificate without
+    // a restart. The coordinator's own client certificate was renewed too, from the same CA.
+    let agent = node.agent();
+    agent.refresh_tls(&node.client, &node.ns).await?;
+    let agent_log = || std::fs::read_to_string(agent.process.log.clone()).unwrap_or_default();
+    eventually(
+        "the agent reloading its certificate",
+        Duration::from_secs(10),
+        || async { Ok(agent_log().contains("reloaded the TLS certificate").then_some(())) },
+    )
+    .await?;
+    assert!(
+        !agent_log().contains("closing connections"),
+        "the CA stayed, so no connection is closed:\n{}",
+        agent_log()
+    );
     let repo = ready_repository(&node, "main").await?;
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
     make_tree(&data)?;
@@ -997,10 +1335,43 @@ async fn the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_workin
     Ok(())
 }
 
+/// Whether the API server lets the coordinator's ServiceAccount of `node` do `verb` on
+/// `resource` (`resource[.group][/subresource]`), asked with a SubjectAccessReview.
+async fn coordinator_may(
+    node: &Node,
+    verb: &str,
+    resource: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<bool> {
+    use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+    let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+    let (resource, group) = resource.split_once('.').unwrap_or((resource, ""));
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": format!("system:serviceaccount:{}:{}", node.ns, support::COORDINATOR_SERVICE_ACCOUNT),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", node.ns), "system:authenticated"],
+            "resourceAttributes": {
+                "verb": verb, "group": group, "resource": resource, "subresource": subresource,
+                "namespace": namespace, "name": name
+            }
+        }
+    }))?;
+    let answer = Api::<SubjectAccessReview>::all(node.client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_works_with_only_its_cluster_role() -> Result<()> {
-    let role = include_str!("../rbac/clusterrole.yaml");
-    let node = Node::start_as("rbac", &[], &[], Some(role)).await?;
+    let rbac = support::CoordinatorRbac {
+        cluster_role: include_str!("../rbac/clusterrole.yaml"),
+        role: include_str!("../rbac/role.yaml"),
+    };
+    // The operator's namespace (which also holds an app) and a second app namespace.
+    let apps = app_namespace("rbac-apps").await?;
+    let node = Node::start_as("rbac", &[&apps], &[], Some(rbac)).await?;
     let repo = ready_repository(&node, "main").await?;
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
     make_tree(&data)?;
@@ -1029,10 +1400,369 @@ async fn the_coordinator_works_with_only_its_cluster_role() -> Result<()> {
     assert!(status.last_retention_run.is_some(), "retention ran");
     assert_eq!(restic_snapshots(&repo)?.len(), 1);
     wait_event(&node, "BackupCompleted").await?;
+
+    // A claim no running pod mounts, in the other namespace: a holder pod there.
+    allow_namespace(&node, "main", &apps).await?;
+    let pv_name = format!("{}-pv", node.ns);
+    bound_claim(&node, &apps, &pv_name).await?;
+    apply_backup_in(
+        &node,
+        &apps,
+        "archive",
+        &format!(
+            "  repositoryRef: {{name: main, namespace: {}}}\n  schedule: '@yearly'\n  \
+             source: {{pvc: {{claimName: data}}}}\n  manualTrigger: go\n",
+            node.ns
+        ),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(node.client.clone(), &apps);
+    let holder = eventually("the holder pod", Duration::from_secs(30), || async {
+        let list = ListParams::default().labels("app.kubernetes.io/component=holder");
+        Ok(pods.list(&list).await?.items.into_iter().next())
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    make_tree(&csi_mount(&node, &holder.uid().unwrap(), &pv_name))?;
+    restic_operator_e2e::operator::bind(&node.client, &apps, &holder.name_any(), &node.name).await?;
+    restic_operator_e2e::operator::mark_running(&node.client, &apps, &holder.name_any(), "10.1.0.11").await?;
+    node.wait_succeeded_in(&apps, "archive", 0, Duration::from_secs(60))
+        .await?;
+    eventually("the holder pod deleted", Duration::from_secs(30), || async {
+        let p = pods.get_opt(&holder.name_any()).await?;
+        Ok(p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    assert_eq!(restic_snapshots(&repo)?.len(), 2);
+
+    // An exec hook passes authorization (without a kubelet, the API server then cannot reach
+    // the container, so the hook itself fails).
+    node.apply_yaml(&backup_yaml(
+        "exec",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  \
+         hooks: {preBackup: {exec: {podSelector: {matchLabels: {app: db}}, command: [sync], timeout: 20s}}}\n  \
+         manualTrigger: go\n",
+    ))
+    .await?;
+    let done = node.wait_finished("exec", 0, Duration::from_secs(60)).await?;
+    let message = done
+        .status
+        .unwrap()
+        .last_backup
+        .unwrap()
+        .message
+        .unwrap_or_default();
+    assert!(message.contains("preBackup hook failed"), "{message}");
+    assert!(!message.to_lowercase().contains("forbidden"), "{message}");
+
     let log = node.coordinators[0].log();
     assert!(
         !log.to_lowercase().contains("forbidden"),
         "a request was forbidden:\n{log}"
     );
+
+    // And no more than that: what the roles leave out, asked of the API server.
+    let (own, other) = (node.ns.as_str(), apps.as_str());
+    for (verb, resource, ns, name, allowed) in [
+        // Repository credentials are read by name, never discovered.
+        ("get", "secrets", other, "creds", true),
+        ("list", "secrets", other, "", false),
+        ("watch", "secrets", own, "", false),
+        // Secrets are written only in its own namespace, and only its two.
+        ("create", "secrets", own, "", true),
+        ("create", "secrets", other, "", false),
+        ("update", "secrets", own, "restic-operator-agent-tls", true),
+        ("update", "secrets", own, "someone-elses", false),
+        ("update", "secrets", other, "restic-operator-agent-tls", false),
+        ("delete", "secrets", own, "restic-operator-ca", false),
+        // Its Lease only, in its namespace.
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            own,
+            "restic-operator-coordinator",
+            true,
+        ),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            other,
+            "kube-controller-manager",
+            false,
+        ),
+        // Holders and hooks in watched namespaces, but pods are never modified in place.
+        ("create", "pods", other, "", true),
+        ("update", "pods", other, "app", false),
+        ("create", "pods/exec", other, "app", true),
+        ("create", "pods/ephemeralcontainers", other, "app", false),
+        ("watch", "pods", other, "", false),
+        // Status only; specs are the users'.
+        (
+            "patch",
+            "resticbackups.backup.resticbackup.io/status",
+            other,
+            "db",
+            true,
+        ),
+        (
+            "patch",
+            "resticbackups.backup.resticbackup.io",
+            other,
+            "db",
+            false,
+        ),
+        (
+            "create",
+            "resticrepositories.backup.resticbackup.io",
+            own,
+            "",
+            false,
+        ),
+        ("delete", "jobs.batch", other, "hook", false),
+        (
+            "create",
+            "clusterrolebindings.rbac.authorization.k8s.io",
+            "",
+            "",
+            false,
+        ),
+    ] {
+        let may = coordinator_may(&node, verb, resource, ns, name).await?;
+        assert_eq!(
+            may, allowed,
+            "{verb} {resource} {ns}/{name}: allowed is {may}, expected {allowed}"
+        );
+    }
+    Ok(())
+}
+
+// ---- Tenants against each other: snapshot identity and secrets ----
+
+/// Two app namespaces allowed to use repository `shared` of the test namespace, each with a
+/// pod `db-0` whose volume names its owner.
+async fn two_teams(test: &str) -> Result<(Node, restic_operator_e2e::ResticRepo, [String; 2])> {
+    let teams = [app_namespace("team-a").await?, app_namespace("team-b").await?];
+    let node = Node::start_with(test, &[&teams[0], &teams[1]], &[]).await?;
+    let repo = ready_repository(&node, "shared").await?;
+    node.repositories()
+        .patch(
+            "shared",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allowedNamespaces": {"names": teams}}})),
+        )
+        .await?;
+    for ns in &teams {
+        let uid = restic_operator_e2e::operator::app_pod(&node.client, ns, &node.name, "db-0", "db", "data")
+            .await?;
+        let dir = node.agent().empty_dir(&uid, "data")?;
+        std::fs::write(dir.join("owner"), ns.as_bytes())?;
+    }
+    Ok((node, repo, teams))
+}
+
+fn team_backup(node: &Node, trigger: &str, extra: &str) -> String {
+    format!(
+        "  repositoryRef: {{name: shared, namespace: {}}}\n  schedule: '@yearly'\n  \
+         source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: db}}}}, volumeName: data}}}}\n  \
+         retention: {{enabled: true, policy: {{keepLast: 1}}}}\n  manualTrigger: '{trigger}'\n{extra}",
+        node.ns
+    )
+}
+
+fn snapshots_by_host(
+    repo: &restic_operator_e2e::ResticRepo,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    let mut hosts = std::collections::BTreeMap::new();
+    for s in restic_snapshots(repo)? {
+        *hosts
+            .entry(s["hostname"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    Ok(hosts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_named_backups_of_two_namespaces_in_one_repository_never_thin_each_others_snapshots()
+-> Result<()> {
+    let (node, repo, [a, b]) = two_teams("two-teams").await?;
+    apply_backup_in(&node, &a, "db", &team_backup(&node, "1", "")).await?;
+    node.wait_succeeded_in(&a, "db", 0, Duration::from_secs(60))
+        .await?;
+    apply_backup_in(&node, &b, "db", &team_backup(&node, "1", "")).await?;
+    node.wait_succeeded_in(&b, "db", 0, Duration::from_secs(60))
+        .await?;
+    // Team b runs again; its keepLast 1 retention must leave team a's snapshot alone.
+    apply_backup_in(&node, &b, "db", &team_backup(&node, "2", "")).await?;
+    node.wait_succeeded_in(&b, "db", 1, Duration::from_secs(60))
+        .await?;
+    let hosts = snapshots_by_host(&repo)?;
+    assert_eq!(
+        hosts,
+        [(format!("db.{a}"), 1), (format!("db.{b}"), 1)]
+            .into_iter()
+            .collect(),
+        "one snapshot per namespace, each under its own hostname"
+    );
+
+    // Team b claims team a's hostname so that its retention would thin team a's snapshots.
+    apply_backup_in(
+        &node,
+        &b,
+        "thief",
+        &team_backup(&node, "go", &format!("  restic: {{hostname: db.{a}}}\n")),
+    )
+    .await?;
+    // Refused before anything runs: the trigger is consumed, the condition says why.
+    let thief = Api::<restic_operator_api::backup::ResticBackup>::namespaced(node.client.clone(), &b);
+    let status = eventually("the thief refused", Duration::from_secs(30), || async {
+        let status = thief.get("thief").await?.status.unwrap_or_default();
+        let refused = restic_operator_api::common::find_condition(&status.conditions, "RepositoryReady")
+            .is_some_and(|c| c.reason.as_deref() == Some("HostnameConflict"));
+        let idle = status.active_run.is_none() && status.last_manual_trigger.as_deref() == Some("go");
+        Ok((refused && idle).then_some(status))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    let message = restic_operator_api::common::find_condition(&status.conditions, "RepositoryReady")
+        .and_then(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains(&format!("by ResticBackup {a}/db")), "{message}");
+    if let Some(last) = &status.last_backup {
+        assert_eq!(
+            last.result.map(|r| r.to_string()).as_deref(),
+            Some("Failed"),
+            "{last:?}"
+        );
+    }
+    assert_eq!(
+        snapshots_by_host(&repo)?,
+        hosts,
+        "the refused run made no snapshot and removed nothing"
+    );
+    let refused = Api::<Event>::namespaced(node.client.clone(), &b)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .any(|e| e.reason.as_deref() == Some("HostnameConflict"));
+    assert!(refused, "a HostnameConflict event in team b's namespace");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_password_appears_nowhere_but_in_its_secret() -> Result<()> {
+    let apps = app_namespace("canary-apps").await?;
+    let node = Node::start_with("canary", &[&apps], &[]).await?;
+    let mut repo = node.ctx.repository("vault");
+    let canary = format!("canary-{}", unique_name("pw"));
+    repo.password = canary.clone();
+    node.repository("vault", &repo).await?;
+    node.wait_repository_reason("vault", "RepositoryInitialized", Duration::from_secs(60))
+        .await?;
+    allow_namespace(&node, "vault", &apps).await?;
+    let uid = restic_operator_e2e::operator::app_pod(&node.client, &apps, &node.name, "app-0", "app", "data")
+        .await?;
+    let data = node.agent().empty_dir(&uid, "data")?;
+    make_tree(&data)?;
+    for i in 0..6 {
+        std::fs::write(data.join(format!("blob-{i}")), pseudo_random(4 << 20, 70 + i))?;
+    }
+    apply_backup_in(
+        &node,
+        &apps,
+        "app",
+        &format!(
+            "  repositoryRef: {{name: vault, namespace: {}}}\n  schedule: '@yearly'\n  \
+             source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: app}}}}, volumeName: data}}}}\n  \
+             restic: {{extraArgs: ['--limit-upload=4096']}}\n  manualTrigger: go\n",
+            node.ns
+        ),
+    )
+    .await?;
+
+    // While the run is in flight: no process's command line carries the password.
+    let mut scans = 0;
+    let mut seen_in_cmdline = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+                && String::from_utf8_lossy(&cmdline).contains(&canary)
+            {
+                seen_in_cmdline.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+            }
+        }
+        scans += 1;
+        let b = Api::<restic_operator_api::backup::ResticBackup>::namespaced(node.client.clone(), &apps)
+            .get("app")
+            .await?;
+        let done = b
+            .status
+            .as_ref()
+            .is_some_and(|s| s.active_run.is_none() && s.last_backup.is_some());
+        if done || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.wait_succeeded_in(&apps, "app", 0, Duration::from_secs(60))
+        .await?;
+    assert!(scans > 5, "the run was watched while in flight ({scans} scans)");
+    assert!(
+        seen_in_cmdline.is_empty(),
+        "in command lines: {seen_in_cmdline:?}"
+    );
+
+    let mut places: Vec<(String, String)> = vec![
+        ("the coordinator's log".into(), node.coordinators[0].log()),
+        (
+            "the agent's log".into(),
+            std::fs::read_to_string(&node.agent().process.log).unwrap_or_default(),
+        ),
+        (
+            "the coordinator's metrics".into(),
+            node.coordinators[0].metrics()?,
+        ),
+    ];
+    let events = Api::<Event>::all(node.client.clone())
+        .list(&ListParams::default())
+        .await?;
+    places.push(("events".into(), serde_json::to_string(&events.items)?));
+    // Everything in the app namespace a tenant can read, the backup's status included.
+    let dynamic = |kind: &str| {
+        Api::<kube::core::DynamicObject>::namespaced_with(
+            node.client.clone(),
+            &apps,
+            &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                if kind.starts_with("Restic") {
+                    "backup.resticbackup.io"
+                } else {
+                    ""
+                },
+                if kind.starts_with("Restic") {
+                    "v1alpha1"
+                } else {
+                    "v1"
+                },
+                kind,
+            )),
+        )
+    };
+    for kind in ["Pod", "Secret", "ConfigMap", "ResticBackup"] {
+        let list = dynamic(kind).list(&ListParams::default()).await?;
+        places.push((format!("{kind}s in {apps}"), serde_json::to_string(&list.items)?));
+    }
+    for (place, text) in &places {
+        assert!(!text.is_empty() || place.contains("metrics"), "{place} was read");
+        assert!(!text.contains(&canary), "the password is in {place}");
+    }
+    // The check can fail: the password is where it belongs.
+    let secret = Api::<Secret>::namespaced(node.client.clone(), &node.ns)
+        .get("vault-creds")
+        .await?;
+    assert_eq!(secret.data.unwrap()["RESTIC_PASSWORD"].0, canary.as_bytes());
     Ok(())
 }

@@ -137,6 +137,22 @@ go_install() {
   link "$name" "$v" "$binary"
 }
 
+# The sandbox probe (e2e/probe): our own test program, static, stamped by its source's hash.
+install_probe() {
+  local v st
+  v=$(cat "$here/probe/go.mod" "$here/probe/main.go" | sha256sum | cut -c1-12)
+  st=$(stamp sandbox-probe "$v")
+  if [ ! -f "$st" ]; then
+    need_go
+    log "building the sandbox probe"
+    local out="$cache/tools/sandbox-probe-$v"
+    mkdir -p "$out"
+    (cd "$here/probe" && GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/sandbox-probe" .)
+    touch "$st"
+  fi
+  link sandbox-probe "$v" sandbox-probe
+}
+
 install_all() {
   go_install restic "$RESTIC_VERSION" github.com/restic/restic \
     github.com/restic/restic/cmd/restic restic
@@ -148,12 +164,14 @@ install_all() {
     github.com/fullstorydev/grpcurl/cmd/grpcurl grpcurl "-X main.version=$GRPCURL_VERSION"
   install_etcd
   install_kubernetes
+  install_probe
 }
 
 case "${1:-all}" in
   all) install_all ;;
   kubernetes) install_kubernetes ;;
   etcd) install_etcd ;;
+  probe) install_probe ;;
   *) log "unknown target $1"; exit 2 ;;
 esac
 echo "$bin"

@@ -99,6 +99,22 @@ impl Coordinator {
     }
 }
 
+/// Writes `tls.crt`, `tls.key` and `ca.crt` of the agent certificate Secret into `dir`, each
+/// file replaced at once (written aside, then renamed) like the kubelet's Secret volumes.
+fn write_tls_files(secret: &Secret, dir: &Path) -> Result<()> {
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let v = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .with_context(|| format!("agent Secret lacks {key}"))?;
+        let aside = dir.join(format!(".{key}.new"));
+        std::fs::write(&aside, &v.0)?;
+        std::fs::rename(&aside, dir.join(key))?;
+    }
+    Ok(())
+}
+
 /// `GET path` on a loopback port, the whole response.
 pub fn http_get(port: u16, path: &str) -> Result<String> {
     use std::io::{Read, Write};
@@ -137,14 +153,7 @@ impl Agent {
         .await?;
         let pki = dir.join("agent-pki");
         std::fs::create_dir_all(&pki)?;
-        for key in ["tls.crt", "tls.key", "ca.crt"] {
-            let v = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .with_context(|| format!("agent Secret lacks {key}"))?;
-            std::fs::write(pki.join(key), &v.0)?;
-        }
+        write_tls_files(&secret, &pki)?;
         let kubelet = dir.join("kubelet");
         std::fs::create_dir_all(kubelet.join("pods"))?;
         let port = free_port()?;
@@ -156,6 +165,7 @@ impl Agent {
             format!("--tls-cert={}", p("tls.crt")),
             format!("--tls-key={}", p("tls.key")),
             format!("--tls-client-ca={}", p("ca.crt")),
+            "--tls-reload-interval=1s".into(),
             format!("--kubelet-root={}", kubelet.display()),
             format!("--state-dir={}", dir.join("agent-state").display()),
             format!("--restic={}", tool("restic")?.display()),
@@ -189,6 +199,15 @@ impl Agent {
             pki,
             process,
         })
+    }
+
+    /// Copies the agent certificate Secret of `namespace` into the agent's files again, as the
+    /// kubelet does some time after the Secret changed.
+    pub async fn refresh_tls(&self, client: &Client, namespace: &str) -> Result<()> {
+        let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+            .get(AGENT_TLS_SECRET)
+            .await?;
+        write_tls_files(&secret, &self.pki)
     }
 
     /// The directory of emptyDir volume `volume` of pod `uid`, created.
@@ -226,6 +245,20 @@ pub async fn mark_running(client: &Client, namespace: &str, name: &str, ip: &str
     Api::<Pod>::namespaced(client.clone(), namespace)
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await?;
+    Ok(())
+}
+
+/// Binds pod `name` to `node` through the `pods/binding` subresource, as the scheduler would
+/// (no scheduler runs here). The node object need not exist.
+pub async fn bind(client: &Client, namespace: &str, name: &str, node: &str) -> Result<()> {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node}
+    });
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create_subresource::<_, serde_json::Value>("binding", name, &PostParams::default(), &binding)
+        .await
+        .with_context(|| format!("binding pod {namespace}/{name} to node {node}"))?;
     Ok(())
 }
 

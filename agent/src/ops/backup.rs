@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_event::Event};
 
 use super::{check_common, execute, failed, failure_of};
 use crate::exec::{Executor, Invocation};
 use crate::restic;
 use crate::runs::Run;
-use crate::sandbox::Bind;
+use crate::sandbox::{Access, VolumeBind};
 use crate::volumes;
 
 /// A validated backup, ready to run.
@@ -20,41 +21,54 @@ pub struct Prepared {
     pub snapshot_path: PathBuf,
     /// Paths to back up, as restic sees them (under the snapshot path).
     pub paths: Vec<String>,
-    /// The same paths on the host, to tell an empty volume from a failed read.
-    pub host_paths: Vec<PathBuf>,
+    /// The same paths relative to the volume (empty: the whole volume). They are resolved
+    /// beneath the volume inside the sandbox, never on the host.
+    pub subpaths: Vec<PathBuf>,
 }
 
 pub fn prepare(req: pb::BackupRequest, host_path: PathBuf) -> Result<Prepared, String> {
-    check_common(req.options.as_ref(), req.repository.as_ref())?;
+    check_common(&[args::Op::Backup], req.options.as_ref(), req.repository.as_ref())?;
     if req.host.trim().is_empty() {
-        return Err("host is required (the operator uses the ResticBackup's name by default)".into());
+        return Err(
+            "host is required (the operator uses the ResticBackup's name and namespace by default)".into(),
+        );
     }
     restic::check_excludes(&req.excludes)?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
-    let subpaths = if req.paths.is_empty() {
-        vec!["/".to_string()]
-    } else {
-        req.paths.clone()
-    };
-    let mut paths = Vec::new();
-    let mut host_paths = Vec::new();
-    for p in &subpaths {
-        let rel = volumes::subpath(&host_path, p).map_err(|e| e.to_string())?;
-        // join("") would add a trailing slash, which --path filters do not match.
-        let inside = if rel.as_os_str().is_empty() {
-            snapshot_path.clone()
-        } else {
-            snapshot_path.join(&rel)
-        };
-        paths.push(inside.display().to_string());
-        host_paths.push(host_path.join(&rel));
+    let mut subpaths: Vec<PathBuf> = Vec::new();
+    for p in &req.paths {
+        subpaths.push(volumes::relative(p).map_err(|e| e.to_string())?);
     }
+    if subpaths.is_empty() || subpaths.iter().any(|p| p.as_os_str().is_empty()) {
+        subpaths = vec![PathBuf::new()];
+    }
+    // Each path is mounted on its own; one inside another would be mounted through the first.
+    for a in &subpaths {
+        if let Some(b) = subpaths.iter().find(|b| *b != a && b.starts_with(a)) {
+            return Err(format!(
+                "paths /{} and /{} overlap; list only /{}",
+                a.display(),
+                b.display(),
+                a.display()
+            ));
+        }
+    }
+    subpaths.sort();
+    subpaths.dedup();
+    let paths = subpaths
+        .iter()
+        // join("") would add a trailing slash, which --path filters do not match.
+        .map(|rel| match rel.as_os_str().is_empty() {
+            true => snapshot_path.display().to_string(),
+            false => snapshot_path.join(rel).display().to_string(),
+        })
+        .collect();
     Ok(Prepared {
         req,
         host_path,
         snapshot_path,
         paths,
-        host_paths,
+        subpaths,
     })
 }
 
@@ -62,11 +76,17 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     let req = &p.req;
     let repo = req.repository.as_ref().expect("checked in prepare");
     let options = req.options.as_ref().expect("checked in prepare");
-    let bind = vec![Bind {
-        source: p.host_path.clone(),
-        target: p.snapshot_path.clone(),
-        read_only: true,
-    }];
+    let binds: Vec<VolumeBind> = p
+        .subpaths
+        .iter()
+        .map(|rel| VolumeBind {
+            source: p.host_path.clone(),
+            subpath: rel.clone(),
+            target: p.snapshot_path.join(rel),
+            read_only: true,
+            ..Default::default()
+        })
+        .collect();
 
     // The parent: the latest snapshot of this host, tags and paths. restic would otherwise pick
     // by host and paths only, and a tagless lookup could pick another backup's snapshot.
@@ -89,6 +109,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         options,
         args: find,
         volumes: vec![],
+        access: Access::Repository,
         stream: false,
         step: "parent",
     };
@@ -138,7 +159,8 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         repo,
         options,
         args,
-        volumes: bind,
+        volumes: binds,
+        access: Access::ReadVolume,
         stream: true,
         step: "backup",
     };
@@ -181,7 +203,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         exit_code: out.exit_code.unwrap_or_default(),
         ..Default::default()
     };
-    if summary.total_files_processed == 0 && p.host_paths.iter().any(|h| volumes::has_entries(h)) {
+    if summary.total_files_processed == 0 && volumes::any_entries(&p.host_path, &p.subpaths).await {
         result.outcome = Outcome::Failed as i32;
         result.failure = FailureKind::EmptySnapshot as i32;
         result.reason =

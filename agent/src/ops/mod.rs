@@ -6,9 +6,10 @@ pub mod backup;
 pub mod repository;
 pub mod restore;
 
+use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome};
 
-use crate::exec::{Executor, Invocation, Output};
+use crate::exec::{ExecError, Executor, Invocation, Output};
 use crate::restic;
 
 /// A failed result with a reason.
@@ -49,6 +50,11 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
             format!("{what}: restic was killed by signal {sig}"),
         );
     }
+    if out.exit_code == Some(crate::sandbox::EXIT_REFUSED) {
+        let reason = out.stderr.lines().last().unwrap_or_default();
+        let reason = reason.strip_prefix("restic-agent sandbox: ").unwrap_or(reason);
+        return failed(FailureKind::InvalidRequest, format!("{what} refused: {reason}"));
+    }
     let (kind, reason) = restic::classify_failure(out.exit_code, &out.stderr);
     if out.timed_out {
         // A missing repository or a wrong password is answered at once; a run still opening the
@@ -69,12 +75,17 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
     r
 }
 
-/// Checks the parts every request shares: run options and repository.
-pub fn check_common(options: Option<&pb::RunOptions>, repo: Option<&pb::Repository>) -> Result<(), String> {
+/// Checks the parts every request shares: run options and repository. Extra arguments must
+/// each be allowed for one of `commands` (the restic commands the request runs).
+pub fn check_common(
+    commands: &[args::Op],
+    options: Option<&pb::RunOptions>,
+    repo: Option<&pb::Repository>,
+) -> Result<(), String> {
     let options = options.ok_or("options (with run_id) are required")?;
     crate::runs::validate_run_id(&options.run_id)?;
     if let Some(r) = &options.restic {
-        restic::check_extra_args(&r.extra_args)?;
+        check_extra_args(commands, &r.extra_args)?;
         if !matches!(r.compression.as_str(), "" | "auto" | "off" | "max") {
             return Err(format!(
                 "compression {:?} is not one of auto, off, max",
@@ -95,9 +106,27 @@ pub fn check_common(options: Option<&pb::RunOptions>, repo: Option<&pb::Reposito
     Ok(())
 }
 
-/// Runs restic; the agent's own failure to start it becomes the run's failed result.
+/// Each extra argument must be one allowed option of one of `commands` (see the args crate).
+fn check_extra_args(commands: &[args::Op], extra: &[String]) -> Result<(), String> {
+    if extra.len() > args::MAX_ITEMS {
+        return Err(args::ArgError::TooMany(extra.len()).to_string());
+    }
+    for arg in extra {
+        let results: Vec<_> = commands.iter().map(|op| args::check_one(*op, arg)).collect();
+        if !results.iter().any(Result::is_ok)
+            && let Some(Err(e)) = results.into_iter().next()
+        {
+            return Err(e.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// Runs restic; a refused repository or the agent's own failure to start it becomes the
+/// run's failed result.
 pub async fn execute(exec: &Executor, inv: Invocation<'_>) -> Result<Output, pb::Result> {
-    exec.run(inv)
-        .await
-        .map_err(|e| failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")))
+    exec.run(inv).await.map_err(|e| match e {
+        ExecError::Refused(reason) => failed(FailureKind::InvalidRequest, reason),
+        ExecError::Start(e) => failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+    })
 }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use restic_operator_proto::v1::{self as pb, FailureKind, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, failed, failure_of, succeeded};
+use super::{check_common, execute, failed, failure_of, succeeded};
 use crate::exec::{Executor, Invocation, Output};
 use crate::restic;
 use crate::runs::Run;
+use crate::sandbox::Access;
 
 /// A repository operation, validated.
 pub enum Op {
@@ -32,6 +33,20 @@ pub enum Op {
 }
 
 impl Op {
+    /// The restic commands this operation runs (its extra arguments must suit one of them).
+    fn commands(&self) -> &'static [restic_operator_args::Op] {
+        use restic_operator_args::Op as C;
+        match self {
+            Op::Init => &[C::Init],
+            Op::Snapshots { .. } => &[C::Snapshots],
+            Op::Forget(_) => &[C::Forget, C::Prune],
+            Op::Prune => &[C::Prune],
+            Op::Check { .. } => &[C::Check],
+            Op::Stats => &[C::Stats],
+            Op::Unlock => &[C::Unlock],
+        }
+    }
+
     pub fn kind(&self) -> RunKind {
         match self {
             Op::Init => RunKind::Init,
@@ -51,7 +66,7 @@ pub fn prepare(
     repo: Option<&pb::Repository>,
     op: &Op,
 ) -> Result<(), String> {
-    check_common(options, repo)?;
+    check_common(op.commands(), options, repo)?;
     match op {
         Op::Forget(req) => {
             restic::check_keep_policy(req.policy.as_ref())?;
@@ -259,8 +274,17 @@ impl Step<'_> {
             _ => RunKind::Unlock,
         };
         let mut args = args;
-        if let Some(o) = &self.options.restic {
-            args.extend(o.extra_args.iter().cloned());
+        // One request's extra arguments are checked against all its commands; each command
+        // gets the ones that are its own.
+        let command = args
+            .first()
+            .and_then(|c| restic_operator_args::Op::from_command(c));
+        if let (Some(o), Some(command)) = (&self.options.restic, command) {
+            let own = o
+                .extra_args
+                .iter()
+                .filter(|a| restic_operator_args::applies_to(command, a));
+            args.extend(own.cloned());
         }
         self.run.emit(Event::Started(pb::Started {
             kind: kind as i32,
@@ -272,13 +296,11 @@ impl Step<'_> {
             options: self.options,
             args,
             volumes: vec![],
+            access: Access::Repository,
             stream: false,
             step,
         };
-        self.exec
-            .run(inv)
-            .await
-            .map_err(|e| failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")))
+        execute(self.exec, inv).await
     }
 
     /// `restic unlock`: removes stale locks only. A missing or unreadable repository fails here

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RestoreMode, RunKind, run_event::Event};
+use restic_operator_args as args;
+use restic_operator_proto::v1::{self as pb, Outcome, RestoreMode, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, execute, failed, failure_of};
+use super::{check_common, execute, failure_of};
 use crate::exec::{Executor, Invocation};
 use crate::runs::Run;
-use crate::sandbox::Bind;
+use crate::sandbox::{Access, VolumeBind};
 use crate::volumes;
 
 /// Where the target volume appears inside the sandbox.
@@ -25,8 +26,12 @@ pub struct Prepared {
 }
 
 pub fn prepare(req: pb::RestoreRequest, host_path: PathBuf) -> Result<Prepared, String> {
-    check_common(req.options.as_ref(), req.repository.as_ref())?;
-    let subpath = volumes::subpath(&host_path, &req.target_subpath).map_err(|e| e.to_string())?;
+    check_common(
+        &[args::Op::Restore],
+        req.options.as_ref(),
+        req.repository.as_ref(),
+    )?;
+    let subpath = volumes::relative(&req.target_subpath).map_err(|e| e.to_string())?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
     if req.snapshot_id.is_empty() {
         return Err("snapshot_id is required (an id, or \"latest\" with host/tags)".into());
@@ -50,22 +55,19 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     let req = &p.req;
     let repo = req.repository.as_ref().expect("checked in prepare");
     let options = req.options.as_ref().expect("checked in prepare");
-    let target_host = p.host_path.join(&p.subpath);
     let mode = RestoreMode::try_from(req.mode).unwrap_or(RestoreMode::IfEmpty);
-    if mode == RestoreMode::IfEmpty && volumes::has_entries(&target_host) {
-        return failed(
-            FailureKind::InvalidRequest,
-            format!(
-                "the target {} is not empty; choose mode Overwrite or Mirror, or restore into an empty subdirectory",
-                if p.subpath.as_os_str().is_empty() {
-                    "volume".to_string()
-                } else {
-                    format!("directory /{}", p.subpath.display())
-                }
-            ),
-        );
-    }
-    let target_in = PathBuf::from(TARGET_IN_SANDBOX).join(&p.subpath);
+    // The target directory is opened beneath the volume and created inside the sandbox, and
+    // only it is mounted: a symlink in the volume cannot send a write anywhere else, and the
+    // IfEmpty check looks at exactly the directory restic writes into.
+    let target = VolumeBind {
+        source: p.host_path.clone(),
+        subpath: p.subpath.clone(),
+        target: TARGET_IN_SANDBOX.into(),
+        read_only: false,
+        create: true,
+        require_empty: mode == RestoreMode::IfEmpty,
+    };
+    let target_in = PathBuf::from(TARGET_IN_SANDBOX);
     let mut args = vec![
         "restore".to_string(),
         format!("{}:{}", req.snapshot_id, p.snapshot_path.display()),
@@ -101,18 +103,13 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         kind: RunKind::Restore as i32,
         command: display_command(&args),
     }));
-    std::fs::create_dir_all(&target_host).ok();
-    let bind = vec![Bind {
-        source: p.host_path.clone(),
-        target: TARGET_IN_SANDBOX.into(),
-        read_only: false,
-    }];
     let inv = Invocation {
         run: &run,
         repo,
         options,
         args,
-        volumes: bind,
+        volumes: vec![target],
+        access: Access::WriteVolume,
         stream: true,
         step: "restore",
     };

@@ -36,6 +36,11 @@ impl Agent {
     }
 
     pub fn start_with(name: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with_restic(name, &tool("restic")?, extra)
+    }
+
+    /// An agent whose "restic" is another program (the sandbox probe).
+    pub fn start_with_restic(name: &str, restic: &Path, extra: &[&str]) -> Result<Self> {
         let name = unique_name(name);
         let dir = state_dir().join(&name);
         let kubelet = dir.join("kubelet");
@@ -60,7 +65,7 @@ impl Agent {
             format!("--tls-client-ca={}", p("ca.crt")),
             format!("--kubelet-root={}", kubelet.display()),
             format!("--state-dir={}", dir.join("state").display()),
-            format!("--restic={}", tool("restic")?.display()),
+            format!("--restic={}", restic.display()),
             "--grace-period=3s".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -111,6 +116,23 @@ impl Agent {
         self.dir.join("pki").join(file)
     }
 
+    /// Replaces one of the agent's TLS files (`server.crt`, `server.key`, `ca.crt`) the way
+    /// the kubelet updates a mounted Secret: written aside, then renamed over it.
+    pub fn replace_pki_file(&self, file: &str, contents: &str) -> Result<()> {
+        let aside = self.pki(&format!(".{file}.new"));
+        std::fs::write(&aside, contents)?;
+        std::fs::rename(&aside, self.pki(file))?;
+        Ok(())
+    }
+
+    /// Gives the agent a serving certificate from `ca` and makes `ca` the only client CA.
+    pub fn replace_pki(&self, ca: &Ca) -> Result<()> {
+        let server = ca.server(SERVER_NAME, &[SERVER_NAME, "127.0.0.1"])?;
+        self.replace_pki_file("server.key", &server.key_pem)?;
+        self.replace_pki_file("server.crt", &server.cert_pem)?;
+        self.replace_pki_file("ca.crt", &ca.pair().cert_pem)
+    }
+
     /// A client with the coordinator's certificate.
     pub async fn client(&self) -> Result<AgentClient<Channel>> {
         self.client_with(Some(&self.client_cert)).await
@@ -118,8 +140,17 @@ impl Agent {
 
     /// A client presenting `identity` (or no certificate at all).
     pub async fn client_with(&self, identity: Option<&CertPair>) -> Result<AgentClient<Channel>> {
+        self.client_trusting(&self.ca, identity).await
+    }
+
+    /// A client that accepts only an agent certificate from `ca`, presenting `identity`.
+    pub async fn client_trusting(
+        &self,
+        ca: &Ca,
+        identity: Option<&CertPair>,
+    ) -> Result<AgentClient<Channel>> {
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.ca.pair().cert_pem))
+            .ca_certificate(Certificate::from_pem(ca.pair().cert_pem))
             .domain_name(SERVER_NAME);
         if let Some(id) = identity {
             tls = tls.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -23,9 +22,10 @@ use restic_operator_api::repository::ResticRepository;
 
 use crate::context::Context;
 use crate::error::{Error, Result, backoff};
+use crate::holder::fnv;
 use crate::repository::{from_time, to_time};
+use crate::resolve::{self, Access, ResolveError};
 use crate::schedule::{Due, Schedule, due};
-use crate::sources::fnv;
 
 pub const CONTROLLER: &str = "resticbackup";
 
@@ -39,7 +39,7 @@ pub struct NewRun {
 }
 
 /// The plan, the run it starts, and a run refused for its namespace (with why).
-type Decision = (Plan, Option<NewRun>, Option<(NewRun, String)>);
+type Decision = (Plan, Option<NewRun>, Option<(NewRun, &'static str, String)>);
 
 /// What reconcile decided (pure).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -175,6 +175,41 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
     plan
 }
 
+/// The event of a refusal: what the namespace may not do with the repository (as opposed to
+/// a repository that is not ready yet, which only delays runs).
+fn refusal_event(reason: &str) -> Option<&'static str> {
+    match reason {
+        reasons::NAMESPACE_NOT_ALLOWED => Some(er::NAMESPACE_NOT_ALLOWED),
+        reasons::HOSTNAME_CONFLICT => Some(er::HOSTNAME_CONFLICT),
+        _ => None,
+    }
+}
+
+/// Why a repository the backup may use cannot take a run yet (pure): its `Ready` condition.
+pub fn not_ready(access: &Access) -> Option<(&'static str, String)> {
+    let repo = access.repository();
+    let key = crate::status::key_of(repo);
+    match repo
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, ct::READY))
+    {
+        Some(c) if c.is_true() => None,
+        Some(c) => Some((
+            reasons::REPOSITORY_NOT_READY,
+            format!(
+                "ResticRepository {key} is not ready ({}): {}",
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            ),
+        )),
+        None => Some((
+            reasons::REPOSITORY_NOT_READY,
+            format!("ResticRepository {key} has not been checked yet"),
+        )),
+    }
+}
+
 fn condition(
     status: &mut ResticBackupStatus,
     type_: &str,
@@ -222,61 +257,25 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
         }
     };
 
-    // Dereference the repository and check it may be used from here.
-    let repo_ref = &backup.spec.repository_ref;
-    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
-    let repo = Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
-        .get_opt(&repo_ref.name)
-        .await?;
-    let repo_problem = match &repo {
-        None => Some((
-            reasons::REPOSITORY_NOT_FOUND,
-            format!("ResticRepository {repo_ns}/{} does not exist", repo_ref.name),
-        )),
-        Some(repo) => {
-            let labels = if repo_ns == ns {
-                Default::default()
+    // Dereference the repository and check it may be used from here. This only decides
+    // whether to record a run; the runner resolves again from the live object, and what it
+    // resolves is what it checks and sends.
+    // A hostname another namespace holds in a shared repository is refused like a namespace
+    // the repository does not allow (from the cache here; the runner checks the live list).
+    let repo_problem = match resolve::access(&ctx.client, backup).await {
+        Ok(access) => {
+            let identity = if resolve::shared(access.repository(), backup) {
+                resolve::check_hostname(backup, access.repository(), &ctx.cached_backups()).err()
             } else {
-                Api::<Namespace>::all(ctx.client.clone())
-                    .get_opt(&ns)
-                    .await?
-                    .and_then(|n| n.metadata.labels)
-                    .unwrap_or_default()
+                None
             };
-            if !repo.allows_namespace(&ns, &labels) {
-                Some((
-                    reasons::NAMESPACE_NOT_ALLOWED,
-                    format!(
-                        "ResticRepository {repo_ns}/{} does not allow namespace {ns} (spec.allowedNamespaces)",
-                        repo_ref.name
-                    ),
-                ))
-            } else {
-                match repo
-                    .status
-                    .as_ref()
-                    .and_then(|s| find_condition(&s.conditions, ct::READY))
-                {
-                    Some(c) if c.is_true() => None,
-                    Some(c) => Some((
-                        reasons::REPOSITORY_NOT_READY,
-                        format!(
-                            "ResticRepository {repo_ns}/{} is not ready ({}): {}",
-                            repo_ref.name,
-                            c.reason.clone().unwrap_or_default(),
-                            c.message.clone().unwrap_or_default()
-                        ),
-                    )),
-                    None => Some((
-                        reasons::REPOSITORY_NOT_READY,
-                        format!(
-                            "ResticRepository {repo_ns}/{} has not been checked yet",
-                            repo_ref.name
-                        ),
-                    )),
-                }
+            match identity {
+                Some(e) => Some((e.reason(), e.to_string())),
+                None => not_ready(&access),
             }
         }
+        Err(ResolveError::Api { source, .. }) => return Err(source.into()),
+        Err(e) => Some((e.reason(), e.to_string())),
     };
 
     let blocked = repo_problem.is_some();
@@ -289,8 +288,8 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
         .update(&api, &name, |fresh, s| {
             let mut plan = plan(fresh, &schedule, now, deadline);
             let refuse_event = match (&repo_problem, &plan.start) {
-                (Some((reason, message)), Some(run)) if *reason == reasons::NAMESPACE_NOT_ALLOWED => {
-                    Some((run.clone(), message.clone()))
+                (Some((reason, message)), Some(run)) if refusal_event(reason).is_some() => {
+                    Some((run.clone(), *reason, message.clone()))
                 }
                 _ => None,
             };
@@ -317,7 +316,7 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
                     );
                     // A refused manual trigger is recorded as handled: it will not run later
                     // by surprise when the repository's allow-list changes.
-                    if let Some((run, _)) = &refuse_event
+                    if let Some((run, _, _)) = &refuse_event
                         && let Some(m) = &run.manual
                     {
                         s.last_manual_trigger = Some(m.clone());
@@ -390,12 +389,12 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     {
         runner::publish(ctx, backup, EventType::Warning, er::BACKUP_SKIPPED, why.clone()).await;
     }
-    if let Some((run, message)) = refuse_event {
+    if let Some((run, reason, message)) = refuse_event {
         runner::publish(
             ctx,
             backup,
             EventType::Warning,
-            er::NAMESPACE_NOT_ALLOWED,
+            refusal_event(reason).unwrap_or(er::NAMESPACE_NOT_ALLOWED),
             format!("Run {} refused: {message}", run.run_id),
         )
         .await;
@@ -403,7 +402,7 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     if plan.cancel_active
         && let Some(active) = updated.status.as_ref().and_then(|s| s.active_run.clone())
     {
-        runner::cancel(ctx, &ns, &active).await;
+        runner::cancel(ctx, &active).await;
     }
     let start_recorded = start.is_some();
     if let Some(run) = start {
@@ -598,6 +597,37 @@ mod tests {
         let p = plan(&b, &schedule(), t("2024-01-15T04:00:00Z"), HOUR);
         assert!(p.start.is_none());
         assert_eq!(p.last_schedule, Some(t("2024-01-15T02:00:00Z")));
+    }
+
+    #[test]
+    fn only_a_ready_repository_takes_runs() {
+        let repo = |status: &str| -> ResticRepository {
+            serde_yaml::from_str(&format!(
+                "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\n\
+                 metadata: {{name: r, namespace: n}}\n\
+                 spec: {{repositoryURL: 's3:host/bucket', credentialsSecretRef: {{name: c}}}}\n{status}"
+            ))
+            .unwrap()
+        };
+        let access = |r: &ResticRepository| resolve::check_namespace(r, "n", &Default::default()).unwrap();
+        let ready =
+            repo("status: {conditions: [{type: Ready, status: 'True', reason: RepositoryInitialized}]}");
+        assert_eq!(not_ready(&access(&ready)), None);
+        let locked = repo(
+            "status: {conditions: [{type: Ready, status: 'False', reason: RepositoryLocked, message: held}]}",
+        );
+        let (reason, message) = not_ready(&access(&locked)).unwrap();
+        assert_eq!(reason, reasons::REPOSITORY_NOT_READY);
+        assert_eq!(
+            message,
+            "ResticRepository n/r is not ready (RepositoryLocked): held"
+        );
+        assert!(
+            not_ready(&access(&repo("")))
+                .unwrap()
+                .1
+                .contains("not been checked yet")
+        );
     }
 
     #[test]

@@ -1,32 +1,30 @@
-//! One backup run, from pre-hook to final status: placement, dispatch to the node's agent
-//! (or a mover pod), live progress, hooks, retention, events and metrics. The run id and
-//! node are in `status.activeRun` before anything is sent, so a restarted coordinator
-//! re-attaches with the same id and never starts a second snapshot.
+//! One backup run, from pre-hook to final status: the repository resolved once (and refused
+//! when the namespace may not use it), placement (a running pod, or a holder pod for a claim
+//! no running pod mounts), dispatch to that node's agent, live progress, hooks, retention,
+//! events and metrics. The run id and node are in `status.activeRun` before anything is
+//! sent, so a restarted coordinator re-attaches with the same id and never starts a second
+//! snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::backup::{BackupRun, BackupStatistics, ResticBackup};
 use restic_operator_api::common::{
-    ActiveRun, ObjectReference, Progress, RunResult, condition_types as ct, event_reasons as er,
-    format_bytes, format_duration, reasons,
+    ActiveRun, Condition, ObjectReference, Progress, RunResult, condition_types as ct, event_reasons as er,
+    format_bytes, format_duration, reasons, set_condition,
 };
-use restic_operator_api::repository::ResticRepository;
 use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
 
-use crate::agents::pod_is_serving;
 use crate::context::Context;
-use crate::credentials;
+use crate::holder::Holder;
 use crate::hooks::{self, Phase};
-use crate::pki;
 use crate::repository::to_time;
+use crate::resolve::{self, ResolveError, Resolved};
 use crate::run::{self, Ended};
-use crate::sources::{self, Placement};
+use crate::sources::{self, Placement, PodVolume};
 
 /// Starts the runner of run `run_id` of a backup unless it runs already. The runner takes
 /// the run from the live object's `status.activeRun`.
@@ -42,9 +40,9 @@ pub fn ensure_running(ctx: &Arc<Context>, ns: &str, name: &str, run_id: &str) {
     );
 }
 
-/// Asks the agent (or mover) to cancel the run in flight (`concurrencyPolicy: Replace`).
-pub async fn cancel(ctx: &Context, ns: &str, active: &ActiveRun) {
-    let Some(address) = recorded_address(ctx, ns, active).await else {
+/// Asks the agent to cancel the run in flight (`concurrencyPolicy: Replace`).
+pub async fn cancel(ctx: &Context, active: &ActiveRun) {
+    let Some(address) = recorded_address(ctx, active) else {
         return;
     };
     if let Ok(mut client) = ctx.agents.client(&address) {
@@ -56,17 +54,14 @@ pub async fn cancel(ctx: &Context, ns: &str, active: &ActiveRun) {
     }
 }
 
-/// Where a placed run went: the node's agent or the run's mover pod.
-async fn recorded_address(ctx: &Context, ns: &str, active: &ActiveRun) -> Option<String> {
-    let agent_pod = active.agent_pod.as_ref()?;
-    if agent_pod.kind.as_deref() == Some("Mover") {
-        mover_address(ctx, ns, &agent_pod.name).await
-    } else {
-        ctx.agents
-            .on_node(active.node_name.as_deref()?)
-            .ok()
-            .map(|a| a.address)
-    }
+/// Where a placed run went: the agent of the recorded node (holder runs too: the holder only
+/// keeps the claim mounted on that node).
+fn recorded_address(ctx: &Context, active: &ActiveRun) -> Option<String> {
+    active.agent_pod.as_ref()?;
+    ctx.agents
+        .on_node(active.node_name.as_deref()?)
+        .ok()
+        .map(|a| a.address)
 }
 
 pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, reason: &str, note: String) {
@@ -76,16 +71,32 @@ pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, rea
 /// How a run ended, before hooks and retention.
 struct Outcome {
     result: RunResult,
+    /// The `Ready` condition's reason when the run failed.
+    reason: &'static str,
     message: String,
     agent: Option<pb::Result>,
+    /// False for a run refused before anything of it ran: no hook runs after it either.
+    hooks: bool,
+    /// What the run was sent with (not known after a re-attach).
+    resolved: Option<Resolved>,
 }
 
 impl Outcome {
     fn failed(message: impl Into<String>) -> Self {
         Self {
             result: RunResult::Failed,
+            reason: reasons::BACKUP_FAILED,
             message: message.into(),
             agent: None,
+            hooks: true,
+            resolved: None,
+        }
+    }
+
+    fn failed_because(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            ..Self::failed(message)
         }
     }
 }
@@ -119,7 +130,11 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     let mut outcome = execute(&ctx, &api, &backup, &active).await;
 
     // Hooks after the run: postBackup on success, onFailure otherwise.
-    let hooks_spec = backup.spec.hooks.clone().unwrap_or_default();
+    let hooks_spec = if outcome.hooks {
+        backup.spec.hooks.clone().unwrap_or_default()
+    } else {
+        Default::default()
+    };
     let mut notes = Vec::new();
     if outcome.result != RunResult::Failed {
         if let Some(h) = &hooks_spec.post_backup
@@ -138,12 +153,25 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
         }
     }
 
-    // Retention after a run that made a snapshot.
+    // Retention after a run that made a snapshot, in the repository the run was sent to.
+    // After a re-attach that is not known, so it is resolved (and checked) again.
+    let mut resolved = outcome.resolved.take();
     let mut retention: Option<Result<pb::ForgetSummary, String>> = None;
     if outcome.result != RunResult::Failed
         && let Some(spec) = backup.active_retention()
     {
-        let r = apply_retention(&ctx, &backup, spec, &active.run_id).await;
+        let repository = match resolved.take() {
+            Some(r) => Ok(r),
+            None => resolve::resolve(&ctx.client, &backup).await,
+        };
+        let r = match repository {
+            Ok(repository) => {
+                let r = apply_retention(&ctx, &backup, spec, &active.run_id, &repository).await;
+                resolved = Some(repository);
+                r
+            }
+            Err(e) => Err(format!("retention failed: {e}")),
+        };
         match &r {
             Ok(summary) => {
                 publish(
@@ -172,85 +200,44 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     }
     let made_snapshot = outcome.result != RunResult::Failed;
     finish(&ctx, &api, &backup, &active, started, outcome, retention).await;
-    if made_snapshot {
-        let repo = &backup.spec.repository_ref;
-        crate::repository::refresh_soon(&ctx, repo.namespace_or(&ns), &repo.name);
+    if made_snapshot && let Some(resolved) = &resolved {
+        let repo = resolved.access().repository();
+        crate::repository::refresh_soon(&ctx, &repo.namespace().unwrap_or_default(), &repo.name_any());
     }
-    // The mover goes only after the result is in status: until then a restarted coordinator
-    // re-attaches to it.
-    let placed = api
+    // The holder goes only after the result is in status: until then a restarted coordinator
+    // re-attaches to the run it serves. Only a pod that is ours is deleted.
+    let in_flight = api
         .get_opt(&name)
         .await
         .ok()
         .flatten()
         .and_then(|b| b.status.and_then(|s| s.active_run))
         .is_some_and(|a| a.run_id == run_id);
-    if !placed {
-        let agent_pod = active.agent_pod.clone().or_else(|| {
-            Some(ObjectReference {
-                kind: Some("Mover".into()),
-                name: sources::mover_name(&name, &run_id),
-                namespace: Some(ns.clone()),
-            })
-        });
-        if let Some(p) = agent_pod {
-            cleanup_mover(&ctx, &ns, &p).await;
-        }
+    if !in_flight && let Some(pvc) = &backup.spec.source.pvc {
+        Holder::for_backup(&backup, &run_id, &pvc.claim_name, &ctx.config.holder_image, true)
+            .remove(&ctx.client)
+            .await;
     }
 }
 
-/// Pre-hook, placement, dispatch (or re-attach), following the run to its result.
+/// Re-attach, or: resolve the repository, pre-hook, placement, dispatch; following the run to
+/// its result.
 async fn execute(
     ctx: &Arc<Context>,
     api: &Api<ResticBackup>,
     backup: &ResticBackup,
     active: &ActiveRun,
 ) -> Outcome {
-    let ns = backup.namespace().unwrap_or_default();
-    let lost = ctx.config.agent_lost_timeout;
-
-    // Re-attach: the run was placed before a coordinator restart. Once placed, a run is never
-    // placed again (another node or a new mover would not know its id): the recorded target
-    // is retried until `agent_lost_timeout`, and only a target that answers "unknown run"
-    // (it was never sent) gets the dispatch below.
-    if let Some(agent_pod) = &active.agent_pod {
-        let deadline = tokio::time::Instant::now() + lost;
-        let mut wait = Duration::from_millis(500);
-        loop {
-            let ended = match recorded_address(ctx, &ns, active).await {
-                Some(address) => match ctx.agents.client(&address) {
-                    Ok(mut client) => {
-                        let mut progress = ProgressWriter::new(ctx, api, backup, active);
-                        let ended =
-                            run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await;
-                        progress.flush().await;
-                        ended
-                    }
-                    Err(e) => Ended::Unavailable(e),
-                },
-                None => Ended::Unavailable(format!(
-                    "{} {} is not serving",
-                    agent_pod.kind.as_deref().unwrap_or("Pod"),
-                    agent_pod.name
-                )),
-            };
-            match ended {
-                Ended::Result(r) => {
-                    tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
-                    return outcome_of(*r);
-                }
-                Ended::Unknown => break,
-                Ended::Unavailable(e) => {
-                    if tokio::time::Instant::now() > deadline {
-                        return Outcome::failed(format!("lost the run in flight: {e}"));
-                    }
-                    tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+    if let Some(outcome) = reattach(ctx, api, backup, active).await {
+        return outcome;
     }
+
+    // Dereference once: what is checked here is what the agent gets. A refusal comes before
+    // any hook, holder or agent call.
+    let resolved = match resolve::resolve(&ctx.client, backup).await {
+        Ok(r) => r,
+        Err(e) => return refuse(ctx, api, backup, active, e).await,
+    };
 
     let hooks_spec = backup.spec.hooks.clone().unwrap_or_default();
     if let Some(h) = &hooks_spec.pre_backup
@@ -260,70 +247,22 @@ async fn execute(
         return Outcome::failed(e);
     }
 
-    // Repository and credentials, checked again at dispatch time.
-    let repo_ref = &backup.spec.repository_ref;
-    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
-    let repo = match Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
-        .get_opt(&repo_ref.name)
-        .await
-    {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            return Outcome::failed(format!(
-                "ResticRepository {repo_ns}/{} does not exist",
-                repo_ref.name
-            ));
-        }
-        Err(e) => {
-            return Outcome::failed(format!(
-                "reading ResticRepository {repo_ns}/{}: {e}",
-                repo_ref.name
-            ));
-        }
+    let source = match place(ctx, backup, active).await {
+        Ok(s) => s,
+        Err(outcome) => return outcome,
     };
-    let creds = match credentials::load(&ctx.client, &repo).await {
-        Ok(c) => c,
-        Err(e) => return Outcome::failed(e.to_string()),
+    let agent = match ctx.agents.on_node(&source.node) {
+        Ok(agent) => agent,
+        Err(e) => return Outcome::failed(format!("{e} (pod {} mounts the volume there)", source.pod)),
     };
-
-    let placement = match sources::resolve(&ctx.client, backup).await {
-        Ok(p) => p,
-        Err(e) => return Outcome::failed(e),
-    };
-    let (address, volume, agent_ref, node) = match &placement {
-        Placement::Pod(pv) => match ctx.agents.on_node(&pv.node) {
-            Ok(agent) => (
-                agent.address.clone(),
-                pb::VolumeRef {
-                    pod_uid: pv.pod_uid.clone(),
-                    volume_name: pv.volume.clone(),
-                    pv_name: pv.pv_name.clone(),
-                },
-                ObjectReference {
-                    kind: Some("Pod".into()),
-                    name: agent.pod.clone(),
-                    namespace: Some(agent.namespace.clone()),
-                },
-                pv.node.clone(),
-            ),
-            Err(e) => return Outcome::failed(format!("{e} (pod {} mounts the volume there)", pv.pod)),
-        },
-        Placement::Mover { claim } => match start_mover(ctx, backup, claim, &active.run_id).await {
-            Ok((address, pod, node)) => (
-                address,
-                pb::VolumeRef::default(),
-                ObjectReference {
-                    kind: Some("Mover".into()),
-                    name: pod,
-                    namespace: Some(ns.clone()),
-                },
-                node,
-            ),
-            Err(e) => return Outcome::failed(e),
-        },
-    };
+    let node = source.node.clone();
 
     // Record where the run goes before sending it.
+    let agent_ref = ObjectReference {
+        kind: Some("Pod".into()),
+        name: agent.pod.clone(),
+        namespace: Some(agent.namespace.clone()),
+    };
     let _ = ctx
         .status
         .update(api, &backup.name_any(), |_, s| {
@@ -334,6 +273,170 @@ async fn execute(
         })
         .await;
 
+    let request = backup_request(ctx, backup, active, &resolved, &source);
+    let _shared = ctx.locks.shared(&resolved.access().key()).await;
+    publish(
+        ctx,
+        backup,
+        EventType::Normal,
+        er::BACKUP_STARTED,
+        format!("Starting backup {} on node {node}", active.run_id),
+    )
+    .await;
+    let mut progress = ProgressWriter::new(ctx, api, backup, active);
+    let ended = ctx
+        .dispatch(
+            "backup",
+            &agent.address,
+            &active.run_id,
+            |mut c| async move { c.backup(request).await },
+            &mut |e| progress.on_event(e),
+        )
+        .await;
+    progress.flush().await;
+    let mut outcome = match ended {
+        Ended::Result(r) => outcome_of(*r),
+        Ended::Unavailable(e) => Outcome::failed(format!("agent on node {node} unavailable: {e}")),
+        Ended::Unknown => Outcome::failed(format!("the agent on node {node} lost run {}", active.run_id)),
+    };
+    outcome.resolved = Some(resolved);
+    outcome
+}
+
+/// Re-attach: the run was placed before a coordinator restart. Once placed, a run is never
+/// placed again (another node would not know its id): the recorded node's agent is retried
+/// until `agent_lost_timeout`, and only an agent that answers "unknown run" (it was never
+/// sent) lets the run be dispatched. `None` when the run is to be dispatched.
+async fn reattach(
+    ctx: &Arc<Context>,
+    api: &Api<ResticBackup>,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+) -> Option<Outcome> {
+    active.agent_pod.as_ref()?;
+    let deadline = tokio::time::Instant::now() + ctx.config.agent_lost_timeout;
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let ended = match recorded_address(ctx, active) {
+            Some(address) => match ctx.agents.client(&address) {
+                Ok(mut client) => {
+                    let mut progress = ProgressWriter::new(ctx, api, backup, active);
+                    let ended = run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await;
+                    progress.flush().await;
+                    ended
+                }
+                Err(e) => Ended::Unavailable(e),
+            },
+            None => Ended::Unavailable(format!(
+                "no ready restic agent on node {}",
+                active.node_name.as_deref().unwrap_or("(none recorded)")
+            )),
+        };
+        match ended {
+            Ended::Result(r) => {
+                tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
+                return Some(outcome_of(*r));
+            }
+            Ended::Unknown => return None,
+            Ended::Unavailable(e) => {
+                if tokio::time::Instant::now() > deadline {
+                    return Some(Outcome::failed(format!("lost the run in flight: {e}")));
+                }
+                tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// A run whose repository could not be resolved ends here, having sent nothing. A namespace
+/// the repository does not allow gets the same condition and event as a refusal at
+/// reconcile time.
+async fn refuse(
+    ctx: &Context,
+    api: &Api<ResticBackup>,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    e: ResolveError,
+) -> Outcome {
+    let message = e.to_string();
+    // Refusals: what the namespace may not do with this repository. Other failures (a
+    // missing Secret, the API server) are ordinary failed runs.
+    let event_reason = match e {
+        ResolveError::NamespaceNotAllowed { .. } => er::NAMESPACE_NOT_ALLOWED,
+        ResolveError::HostnameConflict { .. } => er::HOSTNAME_CONFLICT,
+        _ => return Outcome::failed_because(e.reason(), message),
+    };
+    let reason = e.reason();
+    let generation = backup.meta().generation;
+    let _ = ctx
+        .status
+        .update(api, &backup.name_any(), |_, s| {
+            set_condition(
+                &mut s.conditions,
+                Condition::new(
+                    ct::REPOSITORY_READY,
+                    false,
+                    reason,
+                    message.clone(),
+                    generation,
+                    to_time(Utc::now()),
+                ),
+            );
+        })
+        .await;
+    publish(
+        ctx,
+        backup,
+        EventType::Warning,
+        event_reason,
+        format!("Run {} refused: {message}", active.run_id),
+    )
+    .await;
+    Outcome {
+        hooks: false,
+        ..Outcome::failed_because(reason, format!("refused: {message}"))
+    }
+}
+
+/// The pod volume the run reads: a running pod's, or a holder's started for the claim.
+async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Result<PodVolume, Outcome> {
+    let placement = sources::resolve(&ctx.client, backup)
+        .await
+        .map_err(Outcome::failed)?;
+    match placement {
+        Placement::Pod(pv) => Ok(pv),
+        Placement::Holder { claim, pv_name } => {
+            let holder = Holder::for_backup(backup, &active.run_id, &claim, &ctx.config.holder_image, true);
+            match holder.start(&ctx.client, ctx.config.holder_start_timeout).await {
+                Ok(held) => Ok(PodVolume {
+                    pod: held.pod,
+                    pod_uid: held.uid,
+                    node: held.node,
+                    volume: crate::holder::VOLUME.into(),
+                    pv_name,
+                }),
+                Err(e) => {
+                    if e.reason() == crate::holder::HOLDER_POD_CONFLICT {
+                        publish(ctx, backup, EventType::Warning, e.reason(), e.to_string()).await;
+                    }
+                    Err(Outcome::failed_because(e.reason(), e.to_string()))
+                }
+            }
+        }
+    }
+}
+
+/// The agent request of a run (pure but for the configured defaults): the volume, the
+/// resolved repository, and the backup's options.
+fn backup_request(
+    ctx: &Context,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    resolved: &Resolved,
+    source: &PodVolume,
+) -> pb::BackupRequest {
     let job = backup.spec.job_config.clone().unwrap_or_default();
     let mut options = run::options(
         &active.run_id,
@@ -368,42 +471,20 @@ async fn execute(
         (_, Some(p)) => (p.paths.clone(), p.excludes.clone()),
         _ => (vec![], vec![]),
     };
-    let request = pb::BackupRequest {
+    pb::BackupRequest {
         options: Some(options),
-        repository: Some(creds),
-        volume: Some(volume),
+        repository: Some(resolved.agent_repository()),
+        volume: Some(pb::VolumeRef {
+            pod_uid: source.pod_uid.clone(),
+            volume_name: source.volume.clone(),
+            pv_name: source.pv_name.clone(),
+        }),
         snapshot_path: backup.snapshot_path().to_owned(),
         host: backup.effective_hostname(),
         tags: backup.tags().to_vec(),
         paths,
         excludes,
         dry_run: false,
-    };
-
-    let _shared = ctx.locks.shared(&format!("{repo_ns}/{}", repo_ref.name)).await;
-    publish(
-        ctx,
-        backup,
-        EventType::Normal,
-        er::BACKUP_STARTED,
-        format!("Starting backup {} on node {node}", active.run_id),
-    )
-    .await;
-    let mut progress = ProgressWriter::new(ctx, api, backup, active);
-    let ended = ctx
-        .dispatch(
-            "backup",
-            &address,
-            &active.run_id,
-            |mut c| async move { c.backup(request).await },
-            &mut |e| progress.on_event(e),
-        )
-        .await;
-    progress.flush().await;
-    match ended {
-        Ended::Result(r) => outcome_of(*r),
-        Ended::Unavailable(e) => Outcome::failed(format!("agent on node {node} unavailable: {e}")),
-        Ended::Unknown => Outcome::failed(format!("the agent on node {node} lost run {}", active.run_id)),
     }
 }
 
@@ -420,6 +501,7 @@ fn outcome_of(r: pb::Result) -> Outcome {
         result,
         message,
         agent: Some(r),
+        ..Outcome::failed("")
     }
 }
 
@@ -532,18 +614,8 @@ async fn apply_retention(
     backup: &ResticBackup,
     spec: &restic_operator_api::backup::RetentionSpec,
     run_id: &str,
+    resolved: &Resolved,
 ) -> Result<pb::ForgetSummary, String> {
-    let ns = backup.namespace().unwrap_or_default();
-    let repo_ref = &backup.spec.repository_ref;
-    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
-    let repo = Api::<ResticRepository>::namespaced(ctx.client.clone(), &repo_ns)
-        .get_opt(&repo_ref.name)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("ResticRepository {repo_ns}/{} does not exist", repo_ref.name))?;
-    let creds = credentials::load(&ctx.client, &repo)
-        .await
-        .map_err(|e| e.to_string())?;
     let policy = spec.effective_policy();
     let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
     let group_by: Vec<String> = if spec.group_by.is_empty() {
@@ -554,7 +626,7 @@ async fn apply_retention(
     let forget_id = format!("{run_id}-forget");
     let request = pb::ForgetRequest {
         options: Some(run::options(&forget_id, ctx.config.maintenance_timeout)),
-        repository: Some(creds),
+        repository: Some(resolved.agent_repository()),
         policy: Some(pb::KeepPolicy {
             last: n(policy.keep_last),
             hourly: n(policy.keep_hourly),
@@ -571,7 +643,7 @@ async fn apply_retention(
         prune: spec.prune,
     };
     let agent = ctx.agents.any()?;
-    let _exclusive = ctx.locks.exclusive(&format!("{repo_ns}/{}", repo_ref.name)).await;
+    let _exclusive = ctx.locks.exclusive(&resolved.access().key()).await;
     match ctx
         .dispatch(
             "forget",
@@ -671,7 +743,7 @@ async fn finish(
                     RunResult::PartiallyFailed => {
                         (true, reasons::BACKUP_PARTIALLY_FAILED, outcome.message.clone())
                     }
-                    RunResult::Failed => (false, reasons::BACKUP_FAILED, outcome.message.clone()),
+                    RunResult::Failed => (false, outcome.reason, outcome.message.clone()),
                 };
                 let set = |s: &mut restic_operator_api::backup::ResticBackupStatus,
                            type_: &str,
@@ -798,136 +870,6 @@ async fn finish(
             .await
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mover pods
-// ---------------------------------------------------------------------------------------------
-
-/// Starts (or finds) the mover pod of this run and waits until it serves; returns its
-/// address, name and node.
-async fn start_mover(
-    ctx: &Context,
-    backup: &ResticBackup,
-    claim: &str,
-    run_id: &str,
-) -> Result<(String, String, String), String> {
-    let ns = backup.namespace().unwrap_or_default();
-    let name = sources::mover_name(&backup.name_any(), run_id);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let ca = ctx.pki();
-    let cert = pki::issue(
-        &ca.ca,
-        &ctx.config.agent_server_name,
-        true,
-        Duration::from_secs(7 * 86400),
-    )
-    .map_err(|e| format!("issuing the mover certificate: {e}"))?;
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}-tls")),
-            namespace: Some(ns.clone()),
-            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
-            labels: Some([(crate::BACKUP_LABEL.to_owned(), backup.name_any())].into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        string_data: Some(
-            [
-                (pki::TLS_CERT.to_owned(), cert.cert),
-                (pki::TLS_KEY.to_owned(), cert.key),
-                (pki::CA_CERT.to_owned(), ca.ca.cert.clone()),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    match secrets.create(&PostParams::default(), &secret).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(format!("creating the mover Secret: {e}")),
-    }
-    let pod = sources::mover_pod(
-        backup,
-        &name,
-        claim,
-        &ctx.config.mover_image,
-        ctx.config.mover_port,
-    );
-    match pods.create(&PostParams::default(), &pod).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(format!("creating mover pod {name}: {e}")),
-    }
-    let deadline = tokio::time::Instant::now() + ctx.config.mover_start_timeout;
-    loop {
-        match pods.get_opt(&name).await {
-            Ok(Some(p)) => {
-                let phase = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase.clone())
-                    .unwrap_or_default();
-                if pod_is_serving(&p) {
-                    let ip = p
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.pod_ip.clone())
-                        .unwrap_or_default();
-                    let node = p
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.node_name.clone())
-                        .unwrap_or_default();
-                    let port = crate::agents::grpc_port(&p, ctx.config.mover_port);
-                    return Ok((crate::agents::address(&ip, port), name, node));
-                }
-                if phase == "Failed" || phase == "Succeeded" {
-                    delete_mover(ctx, &ns, &name).await;
-                    return Err(format!("mover pod {name} ended ({phase}) before serving"));
-                }
-            }
-            Ok(None) => return Err(format!("mover pod {name} was deleted")),
-            Err(e) => tracing::warn!(error = %e, "reading the mover pod"),
-        }
-        if tokio::time::Instant::now() > deadline {
-            delete_mover(ctx, &ns, &name).await;
-            return Err(format!(
-                "mover pod {name} for PersistentVolumeClaim {claim} did not start within {}s",
-                ctx.config.mover_start_timeout.as_secs()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn mover_address(ctx: &Context, ns: &str, name: &str) -> Option<String> {
-    let p = Api::<Pod>::namespaced(ctx.client.clone(), ns)
-        .get_opt(name)
-        .await
-        .ok()??;
-    let ip = p.status.as_ref()?.pod_ip.clone()?;
-    Some(crate::agents::address(
-        &ip,
-        crate::agents::grpc_port(&p, ctx.config.mover_port),
-    ))
-}
-
-async fn cleanup_mover(ctx: &Context, ns: &str, agent_ref: &ObjectReference) {
-    if agent_ref.kind.as_deref() == Some("Mover") {
-        delete_mover(ctx, ns, &agent_ref.name).await;
-    }
-}
-
-async fn delete_mover(ctx: &Context, ns: &str, name: &str) {
-    let dp = DeleteParams::default();
-    let _ = Api::<Pod>::namespaced(ctx.client.clone(), ns)
-        .delete(name, &dp)
-        .await;
-    let _ = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-        .delete(&format!("{name}-tls"), &dp)
-        .await;
 }
 
 #[cfg(test)]

@@ -55,6 +55,16 @@ pub fn agent_binary() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
+/// The coordinator's RBAC manifests: its ClusterRole and the Role of its own namespace.
+pub struct CoordinatorRbac<'a> {
+    pub cluster_role: &'a str,
+    pub role: &'a str,
+}
+
+/// The user the coordinator is when it runs with `CoordinatorRbac`: ServiceAccount
+/// `coordinator` of the test namespace.
+pub const COORDINATOR_SERVICE_ACCOUNT: &str = "coordinator";
+
 /// One test's cluster: a namespace for the operator and the apps, a node with an agent.
 pub struct Node {
     pub ctx: TestContext,
@@ -82,36 +92,56 @@ impl Node {
         Self::start_as(test, extra_namespaces, flags, None).await
     }
 
-    /// Like `start_with`; the coordinator runs with the permissions of `cluster_role` (a
-    /// ClusterRole manifest) through a ServiceAccount, or as admin when `None`.
+    /// Like `start_with`; the coordinator runs as a ServiceAccount bound to exactly `rbac` (the
+    /// ClusterRole cluster-wide, the Role in the test namespace, which is the operator's), or as
+    /// admin when `None`.
     pub async fn start_as(
         test: &str,
         extra_namespaces: &[&str],
         flags: &[String],
-        cluster_role: Option<&str>,
+        rbac: Option<CoordinatorRbac<'_>>,
     ) -> Result<Self> {
         let ctx = TestContext::new(test).await?;
         let client = ctx.client.clone();
         install_crds(&client, &restic_operator_api::crds()).await?;
-        let kubeconfig = match cluster_role {
+        let kubeconfig = match rbac {
             None => ctx.env.kubeconfig.clone(),
-            Some(manifest) => {
-                use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-                let mut role: ClusterRole = serde_yaml::from_str(manifest)?;
+            Some(rbac) => {
+                use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+                let subjects = json!([{
+                    "kind": "ServiceAccount",
+                    "name": COORDINATOR_SERVICE_ACCOUNT,
+                    "namespace": ctx.namespace
+                }]);
+                // Cluster-scoped: renamed per test, so tests in parallel do not share it.
+                let mut cluster_role: ClusterRole = serde_yaml::from_str(rbac.cluster_role)?;
                 let name = format!("{}-coordinator", ctx.namespace);
-                role.metadata.name = Some(name.clone());
+                cluster_role.metadata.name = Some(name.clone());
                 Api::<ClusterRole>::all(client.clone())
-                    .create(&PostParams::default(), &role)
+                    .create(&PostParams::default(), &cluster_role)
                     .await?;
                 let binding: ClusterRoleBinding = serde_json::from_value(json!({
                     "metadata": {"name": name},
                     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-                    "subjects": [{"kind": "ServiceAccount", "name": "coordinator", "namespace": ctx.namespace}]
+                    "subjects": subjects
                 }))?;
                 Api::<ClusterRoleBinding>::all(client.clone())
                     .create(&PostParams::default(), &binding)
                     .await?;
-                ctx.kubeconfig_as_service_account("coordinator").await?
+                let role: Role = serde_yaml::from_str(rbac.role)?;
+                let role = Api::<Role>::namespaced(client.clone(), &ctx.namespace)
+                    .create(&PostParams::default(), &role)
+                    .await?;
+                let binding: RoleBinding = serde_json::from_value(json!({
+                    "metadata": {"name": role.metadata.name},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role.metadata.name},
+                    "subjects": subjects
+                }))?;
+                Api::<RoleBinding>::namespaced(client.clone(), &ctx.namespace)
+                    .create(&PostParams::default(), &binding)
+                    .await?;
+                ctx.kubeconfig_as_service_account(COORDINATOR_SERVICE_ACCOUNT)
+                    .await?
             }
         };
         let ns = ctx.namespace.clone();
@@ -290,7 +320,18 @@ impl Node {
         after_total: i64,
         timeout: Duration,
     ) -> Result<ResticBackup> {
-        let api = self.backups();
+        self.wait_finished_in(&self.ns, name, after_total, timeout).await
+    }
+
+    /// `wait_finished` for a backup in namespace `ns`.
+    pub async fn wait_finished_in(
+        &self,
+        ns: &str,
+        name: &str,
+        after_total: i64,
+        timeout: Duration,
+    ) -> Result<ResticBackup> {
+        let api: Api<ResticBackup> = Api::namespaced(self.client.clone(), ns);
         eventually(
             &format!("backup {name} run #{}", after_total + 1),
             timeout,
@@ -318,7 +359,18 @@ impl Node {
         after_total: i64,
         timeout: Duration,
     ) -> Result<restic_operator_api::backup::BackupRun> {
-        let done = self.wait_finished(name, after_total, timeout).await?;
+        self.wait_succeeded_in(&self.ns, name, after_total, timeout).await
+    }
+
+    /// `wait_succeeded` for a backup in namespace `ns`.
+    pub async fn wait_succeeded_in(
+        &self,
+        ns: &str,
+        name: &str,
+        after_total: i64,
+        timeout: Duration,
+    ) -> Result<restic_operator_api::backup::BackupRun> {
+        let done = self.wait_finished_in(ns, name, after_total, timeout).await?;
         let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
         anyhow::ensure!(
             last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded"),
@@ -347,7 +399,7 @@ impl Node {
         self.client_for(self.agent().port).await
     }
 
-    /// A gRPC client for an agent (or mover) on a loopback port.
+    /// A gRPC client for an agent on a loopback port.
     pub async fn client_for(&self, port: u16) -> Result<AgentClient<Channel>> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let ca = secrets.get("restic-operator-ca").await?;

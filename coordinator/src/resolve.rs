@@ -1,0 +1,440 @@
+//! Dereferencing, done once per run: a backup's `repositoryRef`, the ResticRepository it names,
+//! whether the backup's namespace may use that repository (`spec.allowedNamespaces`, by name or
+//! by a selector over the live Namespace's labels), and the repository's credentials Secret
+//! become one [`Resolved`] value. The only way to get one is [`resolve`], which refuses what
+//! the namespace may not use, and a run sends exactly the repository it holds. So the
+//! repository that was checked is the repository that is used, however the spec changes in
+//! between.
+//!
+//! Credentials: `RESTIC_PASSWORD` is required; every other key of the Secret that is a valid
+//! environment variable name (AWS_ACCESS_KEY_ID, B2_ACCOUNT_ID, ...) is passed to restic as
+//! is. Values are only ever sent to an agent over mutual TLS.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{Api, Client, ResourceExt};
+use restic_operator_api::backup::ResticBackup;
+use restic_operator_api::common::reasons;
+use restic_operator_api::repository::ResticRepository;
+use restic_operator_proto::v1 as pb;
+
+use crate::error::Class;
+
+pub const PASSWORD_KEY: &str = "RESTIC_PASSWORD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("Secret {namespace}/{name} does not exist")]
+    SecretNotFound { namespace: String, name: String },
+    #[error("Secret {namespace}/{name} has no key {key}")]
+    KeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+    },
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+/// Why a backup may not use its repository now.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("ResticRepository {namespace}/{name} does not exist")]
+    RepositoryNotFound { namespace: String, name: String },
+    #[error("ResticRepository {namespace}/{name} does not allow namespace {from} (spec.allowedNamespaces)")]
+    NamespaceNotAllowed {
+        namespace: String,
+        name: String,
+        from: String,
+    },
+    #[error(
+        "snapshot hostname {host:?} is already used in ResticRepository {repository} by ResticBackup {other}, \
+         an older backup of another namespace; its retention would remove that namespace's snapshots. \
+         Leave spec.restic.hostname unset (the default is <name>.<namespace>) or choose another"
+    )]
+    HostnameConflict {
+        host: String,
+        repository: String,
+        other: String,
+    },
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error("reading {what}: {source}")]
+    Api { what: String, source: kube::Error },
+}
+
+impl ResolveError {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ResolveError::RepositoryNotFound { .. } => reasons::REPOSITORY_NOT_FOUND,
+            ResolveError::NamespaceNotAllowed { .. } => reasons::NAMESPACE_NOT_ALLOWED,
+            ResolveError::HostnameConflict { .. } => reasons::HOSTNAME_CONFLICT,
+            ResolveError::Credentials(CredentialsError::SecretNotFound { .. }) => reasons::SECRET_NOT_FOUND,
+            ResolveError::Credentials(CredentialsError::KeyMissing { .. }) => reasons::SECRET_KEY_MISSING,
+            ResolveError::Credentials(CredentialsError::Api { .. }) | ResolveError::Api { .. } => {
+                reasons::REPOSITORY_NOT_READY
+            }
+        }
+    }
+
+    /// Whether trying again without a change can help (the API server may recover).
+    pub fn class(&self) -> Class {
+        match self {
+            ResolveError::Credentials(CredentialsError::Api { .. }) | ResolveError::Api { .. } => {
+                Class::Temporary
+            }
+            _ => Class::Permanent,
+        }
+    }
+}
+
+/// A repository that the namespace of a backup may use, as read when it was checked.
+#[derive(Clone, Debug)]
+pub struct Access {
+    repository: ResticRepository,
+}
+
+impl Access {
+    pub fn repository(&self) -> &ResticRepository {
+        &self.repository
+    }
+
+    /// `namespace/name` of the repository: the key of its locks.
+    pub fn key(&self) -> String {
+        crate::status::key_of(&self.repository)
+    }
+}
+
+/// Everything a run needs from outside the backup object: the repository it may use and that
+/// repository's credentials. Made only by [`resolve`].
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    access: Access,
+    credentials: pb::Repository,
+}
+
+impl Resolved {
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The repository message sent to agents: the checked repository's URL and credentials.
+    pub fn agent_repository(&self) -> pb::Repository {
+        self.credentials.clone()
+    }
+}
+
+/// Checks that `namespace` (with labels `namespace_labels`) may use `repo` (pure).
+pub fn check_namespace(
+    repo: &ResticRepository,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<Access, ResolveError> {
+    if repo.allows_namespace(namespace, namespace_labels) {
+        Ok(Access {
+            repository: repo.clone(),
+        })
+    } else {
+        Err(ResolveError::NamespaceNotAllowed {
+            namespace: repo.namespace().unwrap_or_default(),
+            name: repo.name_any(),
+            from: namespace.into(),
+        })
+    }
+}
+
+/// Reads the repository `backup` references and checks that the backup's namespace may use
+/// it (the Namespace's labels are read live for `allowedNamespaces.selector`).
+pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, ResolveError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let repo_ref = &backup.spec.repository_ref;
+    let repo_ns = repo_ref.namespace_or(&ns).to_owned();
+    let repo = Api::<ResticRepository>::namespaced(client.clone(), &repo_ns)
+        .get_opt(&repo_ref.name)
+        .await
+        .map_err(|source| ResolveError::Api {
+            what: format!("ResticRepository {repo_ns}/{}", repo_ref.name),
+            source,
+        })?
+        .ok_or_else(|| ResolveError::RepositoryNotFound {
+            namespace: repo_ns.clone(),
+            name: repo_ref.name.clone(),
+        })?;
+    // The repository's own namespace needs no labels; others are matched live, so a label
+    // removed from the Namespace takes effect at the next run.
+    let labels = if repo_ns == ns {
+        BTreeMap::new()
+    } else {
+        Api::<Namespace>::all(client.clone())
+            .get_opt(&ns)
+            .await
+            .map_err(|source| ResolveError::Api {
+                what: format!("Namespace {ns}"),
+                source,
+            })?
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default()
+    };
+    check_namespace(&repo, &ns, &labels)
+}
+
+/// Resolves what a run of `backup` (as read live by the caller) uses: [`access`], the snapshot
+/// hostname's ownership in a shared repository ([`check_hostname`]), then the repository's
+/// credentials.
+pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Resolved, ResolveError> {
+    let access = access(client, backup).await?;
+    if shared(access.repository(), backup) {
+        let all = Api::<ResticBackup>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .map_err(|source| ResolveError::Api {
+                what: "ResticBackups".into(),
+                source,
+            })?;
+        check_hostname(backup, access.repository(), &all.items)?;
+    }
+    let credentials = load_credentials(client, access.repository()).await?;
+    Ok(Resolved { access, credentials })
+}
+
+/// Whether backups of other namespaces than `backup`'s may use `repo`: only then can their
+/// hostnames collide.
+pub fn shared(repo: &ResticRepository, backup: &ResticBackup) -> bool {
+    repo.namespace() != backup.namespace() || repo.spec.allowed_namespaces.is_some()
+}
+
+/// Snapshot identity in a shared repository (pure). restic's retention selects snapshots by
+/// hostname (and tags), so two namespaces recording one hostname in one repository could
+/// remove each other's snapshots. Default hostnames (`<name>.<namespace>`) never collide; an
+/// explicit one (kept for migrations) might, by mistake or on purpose. Of the backups of
+/// different namespaces that use one hostname in one repository, the oldest keeps it and the
+/// others are refused.
+pub fn check_hostname<B: std::borrow::Borrow<ResticBackup>>(
+    backup: &ResticBackup,
+    repo: &ResticRepository,
+    all: &[B],
+) -> Result<(), ResolveError> {
+    let host = backup.effective_hostname();
+    let ns = backup.namespace().unwrap_or_default();
+    let repo_key = crate::status::key_of(repo);
+    let uses_repo = |b: &ResticBackup| {
+        let b_ns = b.namespace().unwrap_or_default();
+        b.spec.repository_ref.name == repo.name_any()
+            && b.spec.repository_ref.namespace_or(&b_ns) == repo.namespace().unwrap_or_default()
+    };
+    let age = |b: &ResticBackup| {
+        (
+            b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            b.namespace().unwrap_or_default(),
+            b.name_any(),
+        )
+    };
+    let older = all
+        .iter()
+        .map(|b| b.borrow())
+        .filter(|b| b.namespace().unwrap_or_default() != ns && uses_repo(b))
+        .filter(|b| b.effective_hostname() == host)
+        .filter(|b| age(b) < age(backup))
+        .min_by_key(|b| age(b));
+    match older {
+        Some(other) => Err(ResolveError::HostnameConflict {
+            host,
+            repository: repo_key,
+            other: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn is_env_name(key: &str) -> bool {
+    !key.is_empty()
+        && !key.starts_with(|c: char| c.is_ascii_digit())
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Builds the agent's repository message from a Secret's data (pure).
+pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<pb::Repository, CredentialsError> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let mut data: Vec<(String, Vec<u8>)> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    data.extend(
+        secret
+            .string_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+    );
+    let mut password = None;
+    let mut env = std::collections::HashMap::new();
+    for (k, v) in data {
+        let value = String::from_utf8_lossy(&v).into_owned();
+        if k == PASSWORD_KEY {
+            password = Some(value);
+        } else if is_env_name(&k) {
+            env.insert(k, value);
+        }
+    }
+    let password = password
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| CredentialsError::KeyMissing {
+            namespace: namespace.into(),
+            name,
+            key: PASSWORD_KEY.into(),
+        })?;
+    Ok(pb::Repository {
+        url: url.into(),
+        password,
+        env,
+    })
+}
+
+/// Reads the credentials of `repo` (the Secret is in the repository's namespace).
+pub async fn load_credentials(
+    client: &Client,
+    repo: &ResticRepository,
+) -> Result<pb::Repository, CredentialsError> {
+    let namespace = repo.metadata.namespace.clone().unwrap_or_default();
+    let name = repo.spec.credentials_secret_ref.name.clone();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    match api.get_opt(&name).await {
+        Ok(Some(secret)) => from_secret(&repo.spec.repository_url, &secret, &namespace),
+        Ok(None) => Err(CredentialsError::SecretNotFound { namespace, name }),
+        Err(source) => Err(CredentialsError::Api {
+            namespace,
+            name,
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repository(allowed: &str) -> ResticRepository {
+        serde_yaml::from_str(&format!(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\n\
+             metadata: {{name: shared, namespace: backup-system}}\n\
+             spec: {{repositoryURL: 's3:host/bucket', credentialsSecretRef: {{name: creds}}{allowed}}}"
+        ))
+        .unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn password_is_required_and_env_names_pass_through() {
+        let secret: Secret = serde_yaml::from_str(
+            "metadata: {name: creds}\nstringData: {RESTIC_PASSWORD: s3cret, AWS_ACCESS_KEY_ID: id, 'not-env': x}",
+        )
+        .unwrap();
+        let repo = from_secret("s3:host/bucket", &secret, "ns").unwrap();
+        assert_eq!(repo.password, "s3cret");
+        assert_eq!(repo.env.get("AWS_ACCESS_KEY_ID").map(String::as_str), Some("id"));
+        assert!(!repo.env.contains_key("not-env"));
+        assert!(!repo.env.contains_key(PASSWORD_KEY));
+
+        let secret: Secret =
+            serde_yaml::from_str("metadata: {name: creds}\nstringData: {AWS_ACCESS_KEY_ID: id}").unwrap();
+        let e = from_secret("s3:host/bucket", &secret, "ns").unwrap_err();
+        assert_eq!(e.to_string(), "Secret ns/creds has no key RESTIC_PASSWORD");
+    }
+
+    #[test]
+    fn a_repository_is_usable_from_its_own_namespace_only_by_default() {
+        let repo = repository("");
+        assert!(check_namespace(&repo, "backup-system", &labels(&[])).is_ok());
+        let refused = check_namespace(&repo, "team-a", &labels(&[("team", "a")])).unwrap_err();
+        assert_eq!(refused.reason(), reasons::NAMESPACE_NOT_ALLOWED);
+        assert_eq!(refused.class(), Class::Permanent);
+        assert_eq!(
+            refused.to_string(),
+            "ResticRepository backup-system/shared does not allow namespace team-a (spec.allowedNamespaces)"
+        );
+    }
+
+    #[test]
+    fn other_namespaces_are_allowed_by_name_or_by_the_labels_of_the_namespace() {
+        let by_name = repository(", allowedNamespaces: {names: [team-a]}");
+        assert!(check_namespace(&by_name, "team-a", &labels(&[])).is_ok());
+        assert!(check_namespace(&by_name, "team-b", &labels(&[])).is_err());
+
+        let by_label = repository(", allowedNamespaces: {selector: {matchLabels: {backup: allowed}}}");
+        let access = check_namespace(&by_label, "team-b", &labels(&[("backup", "allowed")])).unwrap();
+        assert_eq!(access.key(), "backup-system/shared");
+        assert!(check_namespace(&by_label, "team-b", &labels(&[("backup", "no")])).is_err());
+    }
+
+    fn backup(ns: &str, name: &str, created: &str, extra: &str) -> ResticBackup {
+        serde_yaml::from_str(&format!(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
+             metadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}\n\
+             spec: {{repositoryRef: {{name: shared, namespace: backup-system}}, schedule: '@daily', \
+             source: {{pvc: {{claimName: data}}}}{extra}}}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn same_named_backups_of_two_namespaces_keep_apart_by_default() {
+        let repo = repository(", allowedNamespaces: {names: [team-a, team-b]}");
+        let a = backup("team-a", "db", "2026-01-01T00:00:00Z", "");
+        let b = backup("team-b", "db", "2026-01-02T00:00:00Z", "");
+        let all = [a.clone(), b.clone()];
+        assert!(check_hostname(&a, &repo, &all).is_ok());
+        assert!(check_hostname(&b, &repo, &all).is_ok());
+    }
+
+    #[test]
+    fn a_hostname_another_namespace_records_first_is_refused_to_the_newer_backup() {
+        let repo = repository(", allowedNamespaces: {names: [team-a, team-b]}");
+        let a = backup("team-a", "db", "2026-01-01T00:00:00Z", "");
+        // Team b claims team a's hostname to have its retention thin team a's snapshots.
+        let b = backup(
+            "team-b",
+            "x",
+            "2026-01-02T00:00:00Z",
+            ", restic: {hostname: db.team-a}",
+        );
+        let all = [a.clone(), b.clone()];
+        assert!(
+            check_hostname(&a, &repo, &all).is_ok(),
+            "the older backup keeps its hostname"
+        );
+        let refused = check_hostname(&b, &repo, &all).unwrap_err();
+        assert_eq!(refused.reason(), reasons::HOSTNAME_CONFLICT);
+        assert!(refused.to_string().contains("team-a/db"), "{refused}");
+        // The same hostname within one namespace is that namespace's own business, and another
+        // repository is another snapshot space.
+        let a2 = backup(
+            "team-a",
+            "db2",
+            "2026-01-03T00:00:00Z",
+            ", restic: {hostname: db.team-a}",
+        );
+        assert!(check_hostname(&a2, &repo, &[a.clone(), a2.clone()]).is_ok());
+        let elsewhere: ResticBackup = serde_yaml::from_str(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
+             metadata: {name: x, namespace: team-b, creationTimestamp: '2026-01-02T00:00:00Z'}\n\
+             spec: {repositoryRef: {name: own}, schedule: '@daily', source: {pvc: {claimName: data}}, \
+             restic: {hostname: db.team-a}}",
+        )
+        .unwrap();
+        assert!(check_hostname(&a, &repo, &[a.clone(), elsewhere]).is_ok());
+    }
+}

@@ -1,0 +1,3 @@
+module restic-operator.local/sandbox-probe
+
+go 1.21
