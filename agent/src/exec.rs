@@ -113,7 +113,11 @@ impl Executor {
         };
 
         let cache = self.cache_dir.join(cache_key(&inv.repo.url));
-        let use_cache = inv.options.restic.as_ref().is_some_and(|o| o.use_cache);
+        // A restore writes into a volume its pod may change under it; a symlink swapped in
+        // there could send restic's writes anywhere writable in the sandbox, and the cache is
+        // shared with other runs of the repository. So restores run without it.
+        let use_cache =
+            inv.access != Access::WriteVolume && inv.options.restic.as_ref().is_some_and(|o| o.use_cache);
         if use_cache {
             std::fs::create_dir_all(&cache)?;
         }

@@ -10,7 +10,11 @@ use restic_operator_proto::v1::{self as pb, FailureKind};
 use serde::Deserialize;
 
 /// Environment variables a request may pass to restic: backend credentials and options, never
-/// anything that changes what runs (PATH, LD_*) or where the repository is.
+/// anything that changes what runs (PATH, LD_*, GODEBUG), where the repository is, or that names
+/// a file or a program for restic or a library it uses to read or run. The values come from a
+/// Secret that namespace users may be able to write, so `credential_process`-style indirections
+/// (`AWS_SHARED_CREDENTIALS_FILE`, `GOOGLE_APPLICATION_CREDENTIALS`, `RCLONE_*_SSH`,
+/// `RCLONE_PASSWORD_COMMAND`, ...) are refused by name.
 pub fn check_env_name(name: &str) -> Result<(), String> {
     const PREFIXES: &[&str] = &[
         "AWS_",
@@ -21,8 +25,8 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
         "ST_",
         "RCLONE_",
         "RESTIC_REST_",
-        "GODEBUG",
     ];
+    const EXACT: &[&str] = &["RESTIC_COMPRESSION", "RESTIC_PACK_SIZE"];
     const FORBIDDEN: &[&str] = &[
         "RESTIC_REPOSITORY",
         "RESTIC_REPOSITORY_FILE",
@@ -30,15 +34,29 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
         "RESTIC_PASSWORD_FILE",
         "RESTIC_PASSWORD_COMMAND",
     ];
+    /// Parts of names that point at a file, a program or a command.
+    const INDIRECT: &[&str] = &[
+        "_FILE",
+        "_PATH",
+        "COMMAND",
+        "PROCESS",
+        "PROGRAM",
+        "EXECUTABLE",
+        "_SSH",
+    ];
+    const INDIRECT_EXACT: &[&str] = &["GOOGLE_APPLICATION_CREDENTIALS", "RCLONE_CONFIG", "AWS_CA_BUNDLE"];
     if FORBIDDEN.contains(&name) {
         return Err(format!(
             "{name} must be given as the repository URL or password, not as env"
         ));
     }
-    if PREFIXES.iter().any(|p| name.starts_with(p))
-        || name == "RESTIC_COMPRESSION"
-        || name == "RESTIC_PACK_SIZE"
-    {
+    if INDIRECT.iter().any(|p| name.contains(p)) || INDIRECT_EXACT.contains(&name) {
+        return Err(format!(
+            "environment variable {name} names a file or a program for restic to read or run on the node; \
+             give the credentials themselves (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        ));
+    }
+    if PREFIXES.iter().any(|p| name.starts_with(p)) || EXACT.contains(&name) {
         return Ok(());
     }
     Err(format!(
@@ -491,8 +509,14 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
 pub fn secrets_of(repo: &pb::Repository) -> Vec<String> {
     let mut out = vec![repo.password.clone()];
     let env: BTreeMap<_, _> = repo.env.iter().collect();
+    // Values of secret-looking names, and every other value but short, common ones (a region,
+    // a connection count) that would blank ordinary words: names alone miss
+    // `AZURE_ACCOUNT_SAS`, `RCLONE_*_PASS`, ...
     for (k, v) in env {
-        if k.contains("SECRET") || k.contains("KEY") || k.contains("TOKEN") || k.contains("PASSWORD") {
+        let named = ["SECRET", "KEY", "TOKEN", "PASS", "SAS"]
+            .iter()
+            .any(|s| k.contains(s));
+        if (named || v.len() >= 8) && !v.is_empty() {
             out.push(v.clone());
         }
     }
@@ -582,6 +606,24 @@ mod tests {
         assert!(check_env_name("RESTIC_PASSWORD").is_err());
         assert!(check_env_name("LD_PRELOAD").is_err());
         assert!(check_env_name("PATH").is_err());
+        assert!(check_env_name("GODEBUG").is_err());
+        assert!(check_env_name("OS_APPLICATION_CREDENTIAL_SECRET").is_ok());
+        // Indirections to a file or a program, which a Secret's writer could point anywhere.
+        for name in [
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES",
+            "AZURE_CLIENT_CERTIFICATE_PATH",
+            "RCLONE_CONFIG",
+            "RCLONE_PASSWORD_COMMAND",
+            "RCLONE_CONFIG_R_SSH",
+            "RCLONE_SFTP_KEY_FILE",
+        ] {
+            let err = check_env_name(name).unwrap_err();
+            assert!(err.contains("names a file or a program"), "{name}: {err}");
+        }
     }
 
     #[test]
@@ -662,6 +704,19 @@ mod tests {
         };
         let text = "password hunter22 and key s3cr3t";
         assert_eq!(redact(text, &secrets_of(&repo)), "password *** and key ***");
+        let azure = pb::Repository {
+            url: "azure:c:/".into(),
+            password: "pw".into(),
+            env: [
+                ("AZURE_ACCOUNT_SAS".to_string(), "sv=2024&sig=abc".to_string()),
+                ("AZURE_ACCOUNT_NAME".to_string(), "acct".to_string()),
+            ]
+            .into(),
+        };
+        assert_eq!(
+            redact("sas sv=2024&sig=abc for acct", &secrets_of(&azure)),
+            "sas *** for acct"
+        );
     }
 
     #[test]

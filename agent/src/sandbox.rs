@@ -4,13 +4,15 @@
 //! control, while the agent is privileged. So restic gets a world of its own, built fresh for
 //! each process and gone when it exits (even after a SIGKILL: nothing propagates to the host):
 //!
-//! - **its own PID namespace** and a fresh `/proc`: restic is PID 1 and sees no other process,
-//!   so neither another run's environment (with its repository password) nor the node's; and
-//!   its own host name, so restic's same-host stale-lock test never misreads a PID (see
-//!   [`set_hostname`]);
+//! - **its own PID namespace and no `/proc`**: restic is PID 1 and could see no other process
+//!   even through a procfs; none is mounted, because restic does not need one and a procfs
+//!   would offer its own environment (the repository's password) to a symlink swapped into a
+//!   volume, and `/proc/sys` and `/proc/sysrq-trigger` to a root process. Its own host name
+//!   keeps restic's same-host stale-lock test from misreading a PID (see [`set_hostname`]);
 //! - **a minimal root**, a private tmpfs entered with `pivot_root` and then made read-only,
 //!   holding only restic, the CA certificates and name-resolution files, a few device nodes,
-//!   scratch space, restic's cache, and the volume at its stable snapshot path. The node's
+//!   scratch space, restic's cache, and the volume at its stable snapshot path. What is writable
+//!   is never executable (`noexec`), and only restic itself can be executed. The node's
 //!   `/usr`, `/lib` and `/etc` are there only for backends that start a program (sftp:
 //!   `ssh`, rclone:), which the agent refuses unless it is told to allow them. An absolute or
 //!   relative symlink planted in a volume therefore resolves inside this root;
@@ -295,6 +297,9 @@ fn forward(sig: Option<Signal>) {
 /// the root and becomes restic.
 pub fn init(spec_json: &str) -> Result<Infallible> {
     let spec: Spec = serde_json::from_str(spec_json).context("sandbox spec")?;
+    // Die with the sandbox's first stage from the start (set again after the credentials
+    // change, which clears it).
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("set the parent-death signal")?;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
         .context("unshare the mount and UTS namespaces (needs CAP_SYS_ADMIN)")?;
     set_hostname()?;
@@ -321,17 +326,6 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
     if !spec.binds.iter().any(|b| b.target == Path::new("/etc")) {
         write_identity(&spec.root)?;
     }
-    let proc_dir = spec.root.join("proc");
-    std::fs::create_dir_all(&proc_dir)?;
-    // This process is the PID namespace's init, so this /proc shows only the sandbox.
-    mount(
-        Some("proc"),
-        &proc_dir,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .context("mount the sandbox's /proc")?;
     for volume in &spec.volumes {
         mount_volume(&spec.root, volume)?;
     }
@@ -401,6 +395,10 @@ fn bind_mount(root: &Path, bind: &Bind) -> Result<()> {
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
     if bind.read_only {
         flags |= MsFlags::MS_RDONLY;
+    } else if !DEVICES.iter().any(|d| bind.target == Path::new(d)) {
+        // Writable means not executable: nothing restic (or anything it is tricked into)
+        // writes can be run.
+        flags |= MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     }
     // A bind mount takes its flags by remounting it.
     mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)

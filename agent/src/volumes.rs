@@ -299,16 +299,22 @@ fn entries_beneath(volume: &Path, rel: &Path) -> nix::Result<bool> {
     } else {
         rel
     };
+    let beneath = ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+    // O_PATH first: a device or FIFO the pod planted is never opened for real by the agent
+    // (no device cgroup limits it), only looked at.
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(beneath);
     let fd = openat2(&base, path, how)?;
     use nix::sys::stat::SFlag;
     let kind = SFlag::from_bits_truncate(nix::sys::stat::fstat(&fd)?.st_mode & SFlag::S_IFMT.bits());
     if kind != SFlag::S_IFDIR {
         return Ok(true);
     }
-    let mut dir = nix::dir::Dir::from_fd(fd)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(beneath);
+    let mut dir = nix::dir::Dir::from_fd(openat2(&fd, Path::new("."), how)?)?;
     Ok(dir
         .iter()
         .flatten()

@@ -220,8 +220,15 @@ pub struct ResticOptions {
     /// continue the snapshot history of an old backup script, use the hostname it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// Tags added to every snapshot (`restic backup --tag`).
+    /// Tags added to every snapshot (`restic backup --tag`). Each snapshot also carries
+    /// `restic-operator/namespace=<namespace>`: the parent of a backup and what its retention
+    /// removes are always snapshots of this namespace (or, for the parent, snapshots made
+    /// before the operator, such as an old script's), whatever hostname and tags are set.
+    /// Tags hold no commas or white space and may not start with `restic-operator/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^[^,[:space:][:cntrl:]]+$') && !t.startsWith('restic-operator/'))")
+        .message("tags may not contain commas or white space, nor start with restic-operator/ (the operator's own tags)"))]
     pub tags: Vec<String>,
     /// Further `restic backup` options, each one item written as `--flag` or `--flag=value`
     /// (`--limit-upload=512`, not two items). Allowed: `--exclude-caches`, `--one-file-system`,
@@ -477,13 +484,21 @@ impl ResticBackup {
             .unwrap_or_else(|| format!("{}.{}", self.name_any(), self.namespace().unwrap_or_default()))
     }
 
-    /// Tags recorded in snapshots.
-    pub fn tags(&self) -> &[String] {
-        self.spec
+    /// Tags recorded in snapshots: `spec.restic.tags` and the namespace tag
+    /// (`restic-operator/namespace=<namespace>`), which parent selection and retention require.
+    pub fn snapshot_tags(&self) -> Vec<String> {
+        let mut tags = self
+            .spec
             .restic
             .as_ref()
-            .map(|r| r.tags.as_slice())
-            .unwrap_or_default()
+            .map(|r| r.tags.clone())
+            .unwrap_or_default();
+        tags.push(format!(
+            "{}{}",
+            restic_operator_args::NAMESPACE_TAG_PREFIX,
+            self.namespace().unwrap_or_default()
+        ));
+        tags
     }
 
     /// Absolute path at which the volume appears inside snapshots.
@@ -529,6 +544,15 @@ source: {pvc: {claimName: data}}
     #[test]
     fn hostname_defaults_to_the_resource_name_and_namespace() {
         assert_eq!(backup(MINIMAL).effective_hostname(), "emby-config.media");
+    }
+
+    #[test]
+    fn every_snapshot_carries_the_namespace_tag_after_the_users_tags() {
+        let b = backup(&format!("{MINIMAL}restic: {{tags: [emby, media]}}"));
+        assert_eq!(
+            b.snapshot_tags(),
+            ["emby", "media", "restic-operator/namespace=media"]
+        );
     }
 
     #[test]

@@ -669,9 +669,6 @@ pub mod reasons {
     pub const REPOSITORY_NOT_READY: &str = "RepositoryNotReady";
     /// The referenced repository does not allow this namespace (`spec.allowedNamespaces`).
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
-    /// An older backup of another namespace records the same snapshot hostname in the same
-    /// repository; this backup's retention would remove that namespace's snapshots.
-    pub const HOSTNAME_CONFLICT: &str = "HostnameConflict";
     /// A live restic lock held by another process blocks an exclusive operation.
     pub const REPOSITORY_LOCKED: &str = "RepositoryLocked";
     /// The credentials Secret is missing.
@@ -767,9 +764,6 @@ pub mod event_reasons {
     pub const BACKUP_SKIPPED: &str = "BackupSkipped";
     /// A backup or restore was refused because the repository does not allow the namespace.
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
-    /// A backup was refused because an older backup of another namespace records the same
-    /// snapshot hostname in the same repository.
-    pub const HOSTNAME_CONFLICT: &str = "HostnameConflict";
     /// A hook failed.
     pub const HOOK_FAILED: &str = "HookFailed";
     /// An integrity check started.

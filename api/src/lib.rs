@@ -85,6 +85,17 @@ fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinitio
     serde_json::from_value(value).expect("a CRD with rewritten descriptions deserializes")
 }
 
+/// The OpenAPI v3 schema of a CRD's (only) version, as JSON: what the API server validates
+/// objects against, and what the tests and client-side validators read.
+pub fn openapi_schema(crd: &CustomResourceDefinition) -> serde_json::Value {
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("every CRD of this crate has a schema");
+    serde_json::to_value(schema).expect("a schema serializes to JSON")
+}
+
 /// File name a CRD is written to in `crds/`: `<plural>.<group>.yaml`.
 pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default())

@@ -19,16 +19,7 @@ fn crd(plural: &str) -> CustomResourceDefinition {
 }
 
 fn schema(crd: &CustomResourceDefinition) -> Value {
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    restic_operator_api::openapi_schema(crd)
 }
 
 #[test]

@@ -12,16 +12,7 @@ fn schema() -> Value {
         .into_iter()
         .find(|c| c.spec.names.kind == "ResticBackup")
         .unwrap();
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    restic_operator_api::openapi_schema(&crd)
 }
 
 fn backup(extra: &[&str]) -> Value {

@@ -44,16 +44,7 @@ fn schema_for(kind: &str) -> Value {
         .into_iter()
         .find(|c| c.spec.names.kind == kind)
         .unwrap_or_else(|| panic!("kind {kind}"));
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    restic_operator_api::openapi_schema(&crd)
 }
 
 /// Every error kube-apiserver would report for `object`, worded as it words them.

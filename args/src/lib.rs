@@ -17,6 +17,13 @@
 
 use std::fmt;
 
+/// Tags starting with this are the operator's; users' tags may not.
+pub const RESERVED_TAG_PREFIX: &str = "restic-operator/";
+/// Every snapshot of a ResticBackup carries `restic-operator/namespace=<its namespace>`. Parent
+/// selection and retention require it, so a backup of one namespace can never take another
+/// namespace's snapshot as its parent or remove it, whatever hostname and tags it sets.
+pub const NAMESPACE_TAG_PREFIX: &str = "restic-operator/namespace=";
+
 /// The restic command an argument is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {

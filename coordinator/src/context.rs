@@ -4,10 +4,7 @@ use std::sync::Arc;
 
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::Store;
 use kube::{Client, Resource};
-
-use restic_operator_api::backup::ResticBackup;
 
 use crate::agents::Agents;
 use crate::config::Config;
@@ -31,8 +28,6 @@ pub struct Context {
     pub repository_events: Recorder,
     /// Consecutive failures per object, for backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
-    /// The backup controllers' caches of ResticBackups, set once they exist.
-    pub backups: std::sync::OnceLock<Vec<Store<ResticBackup>>>,
 }
 
 impl Context {
@@ -53,16 +48,7 @@ impl Context {
             status: Arc::new(StatusWriter::default()),
             pki: std::sync::RwLock::new(pki),
             failures: Default::default(),
-            backups: Default::default(),
         }
-    }
-
-    /// Every cached ResticBackup (of the watched namespaces); empty before the caches exist.
-    pub fn cached_backups(&self) -> Vec<Arc<ResticBackup>> {
-        self.backups
-            .get()
-            .map(|stores| stores.iter().flat_map(Store::state).collect())
-            .unwrap_or_default()
     }
 
     /// Sends a run to the agent at `address` and follows it (re-attaching for up to

@@ -52,16 +52,6 @@ pub enum ResolveError {
         name: String,
         from: String,
     },
-    #[error(
-        "snapshot hostname {host:?} is already used in ResticRepository {repository} by ResticBackup {other}, \
-         an older backup of another namespace; its retention would remove that namespace's snapshots. \
-         Leave spec.restic.hostname unset (the default is <name>.<namespace>) or choose another"
-    )]
-    HostnameConflict {
-        host: String,
-        repository: String,
-        other: String,
-    },
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
     #[error("reading {what}: {source}")]
@@ -74,7 +64,6 @@ impl ResolveError {
         match self {
             ResolveError::RepositoryNotFound { .. } => reasons::REPOSITORY_NOT_FOUND,
             ResolveError::NamespaceNotAllowed { .. } => reasons::NAMESPACE_NOT_ALLOWED,
-            ResolveError::HostnameConflict { .. } => reasons::HOSTNAME_CONFLICT,
             ResolveError::Credentials(CredentialsError::SecretNotFound { .. }) => reasons::SECRET_NOT_FOUND,
             ResolveError::Credentials(CredentialsError::KeyMissing { .. }) => reasons::SECRET_KEY_MISSING,
             ResolveError::Credentials(CredentialsError::Api { .. }) | ResolveError::Api { .. } => {
@@ -184,72 +173,12 @@ pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, Re
     check_namespace(&repo, &ns, &labels)
 }
 
-/// Resolves what a run of `backup` (as read live by the caller) uses: [`access`], the snapshot
-/// hostname's ownership in a shared repository ([`check_hostname`]), then the repository's
-/// credentials.
+/// Resolves what a run of `backup` (as read live by the caller) uses: [`access`], then the
+/// repository's credentials.
 pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Resolved, ResolveError> {
     let access = access(client, backup).await?;
-    if shared(access.repository(), backup) {
-        let all = Api::<ResticBackup>::all(client.clone())
-            .list(&Default::default())
-            .await
-            .map_err(|source| ResolveError::Api {
-                what: "ResticBackups".into(),
-                source,
-            })?;
-        check_hostname(backup, access.repository(), &all.items)?;
-    }
     let credentials = load_credentials(client, access.repository()).await?;
     Ok(Resolved { access, credentials })
-}
-
-/// Whether backups of other namespaces than `backup`'s may use `repo`: only then can their
-/// hostnames collide.
-pub fn shared(repo: &ResticRepository, backup: &ResticBackup) -> bool {
-    repo.namespace() != backup.namespace() || repo.spec.allowed_namespaces.is_some()
-}
-
-/// Snapshot identity in a shared repository (pure). restic's retention selects snapshots by
-/// hostname (and tags), so two namespaces recording one hostname in one repository could
-/// remove each other's snapshots. Default hostnames (`<name>.<namespace>`) never collide; an
-/// explicit one (kept for migrations) might, by mistake or on purpose. Of the backups of
-/// different namespaces that use one hostname in one repository, the oldest keeps it and the
-/// others are refused.
-pub fn check_hostname<B: std::borrow::Borrow<ResticBackup>>(
-    backup: &ResticBackup,
-    repo: &ResticRepository,
-    all: &[B],
-) -> Result<(), ResolveError> {
-    let host = backup.effective_hostname();
-    let ns = backup.namespace().unwrap_or_default();
-    let repo_key = crate::status::key_of(repo);
-    let uses_repo = |b: &ResticBackup| {
-        let b_ns = b.namespace().unwrap_or_default();
-        b.spec.repository_ref.name == repo.name_any()
-            && b.spec.repository_ref.namespace_or(&b_ns) == repo.namespace().unwrap_or_default()
-    };
-    let age = |b: &ResticBackup| {
-        (
-            b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            b.namespace().unwrap_or_default(),
-            b.name_any(),
-        )
-    };
-    let older = all
-        .iter()
-        .map(|b| b.borrow())
-        .filter(|b| b.namespace().unwrap_or_default() != ns && uses_repo(b))
-        .filter(|b| b.effective_hostname() == host)
-        .filter(|b| age(b) < age(backup))
-        .min_by_key(|b| age(b));
-    match older {
-        Some(other) => Err(ResolveError::HostnameConflict {
-            host,
-            repository: repo_key,
-            other: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
-        }),
-        None => Ok(()),
-    }
 }
 
 fn is_env_name(key: &str) -> bool {
@@ -378,63 +307,5 @@ mod tests {
         let access = check_namespace(&by_label, "team-b", &labels(&[("backup", "allowed")])).unwrap();
         assert_eq!(access.key(), "backup-system/shared");
         assert!(check_namespace(&by_label, "team-b", &labels(&[("backup", "no")])).is_err());
-    }
-
-    fn backup(ns: &str, name: &str, created: &str, extra: &str) -> ResticBackup {
-        serde_yaml::from_str(&format!(
-            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
-             metadata: {{name: {name}, namespace: {ns}, creationTimestamp: '{created}'}}\n\
-             spec: {{repositoryRef: {{name: shared, namespace: backup-system}}, schedule: '@daily', \
-             source: {{pvc: {{claimName: data}}}}{extra}}}"
-        ))
-        .unwrap()
-    }
-
-    #[test]
-    fn same_named_backups_of_two_namespaces_keep_apart_by_default() {
-        let repo = repository(", allowedNamespaces: {names: [team-a, team-b]}");
-        let a = backup("team-a", "db", "2026-01-01T00:00:00Z", "");
-        let b = backup("team-b", "db", "2026-01-02T00:00:00Z", "");
-        let all = [a.clone(), b.clone()];
-        assert!(check_hostname(&a, &repo, &all).is_ok());
-        assert!(check_hostname(&b, &repo, &all).is_ok());
-    }
-
-    #[test]
-    fn a_hostname_another_namespace_records_first_is_refused_to_the_newer_backup() {
-        let repo = repository(", allowedNamespaces: {names: [team-a, team-b]}");
-        let a = backup("team-a", "db", "2026-01-01T00:00:00Z", "");
-        // Team b claims team a's hostname to have its retention thin team a's snapshots.
-        let b = backup(
-            "team-b",
-            "x",
-            "2026-01-02T00:00:00Z",
-            ", restic: {hostname: db.team-a}",
-        );
-        let all = [a.clone(), b.clone()];
-        assert!(
-            check_hostname(&a, &repo, &all).is_ok(),
-            "the older backup keeps its hostname"
-        );
-        let refused = check_hostname(&b, &repo, &all).unwrap_err();
-        assert_eq!(refused.reason(), reasons::HOSTNAME_CONFLICT);
-        assert!(refused.to_string().contains("team-a/db"), "{refused}");
-        // The same hostname within one namespace is that namespace's own business, and another
-        // repository is another snapshot space.
-        let a2 = backup(
-            "team-a",
-            "db2",
-            "2026-01-03T00:00:00Z",
-            ", restic: {hostname: db.team-a}",
-        );
-        assert!(check_hostname(&a2, &repo, &[a.clone(), a2.clone()]).is_ok());
-        let elsewhere: ResticBackup = serde_yaml::from_str(
-            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
-             metadata: {name: x, namespace: team-b, creationTimestamp: '2026-01-02T00:00:00Z'}\n\
-             spec: {repositoryRef: {name: own}, schedule: '@daily', source: {pvc: {claimName: data}}, \
-             restic: {hostname: db.team-a}}",
-        )
-        .unwrap();
-        assert!(check_hostname(&a, &repo, &[a.clone(), elsewhere]).is_ok());
     }
 }

@@ -165,7 +165,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         controllers.push(tokio::spawn(repo_controller));
         controllers.push(tokio::spawn(backup_controller));
     }
-    let _ = ctx.backups.set(backup_stores.clone());
     tracing::info!(identity = %identity, "coordinator running");
     // Metric series of deleted objects go with them (deletions do not wake a reconcile).
     {

@@ -469,17 +469,18 @@ async fn an_exec_hook_goes_through_the_api_server_to_the_pod_and_its_failure_is_
 async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Result<()> {
     let (node, repo) = db_node("retention").await?;
 
-    // History made by the old scripts: eight days of snapshots of this host and tag, and
-    // one of another host that retention must not touch.
+    // History: eight days of this backup's snapshots (its host, its tag and its namespace's
+    // tag), one of another host and one an old script made under the same host and tag (no
+    // namespace tag); retention must touch neither of those two.
     let src = node.dir.join("history");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("f"), b"old")?;
-    let backup_at = |host: &str, time: String| -> Result<String> {
+    let ns_tag = format!("restic-operator/namespace={}", node.ns);
+    let ours = format!("nightly,{ns_tag}");
+    let backup_tagged = |host: &str, tags: &str, time: String| -> Result<String> {
         let out = repo
             .restic()?
-            .args([
-                "backup", "--json", "--host", host, "--tag", "nightly", "--time", &time,
-            ])
+            .args(["backup", "--json", "--host", host, "--tag", tags, "--time", &time])
             .arg(&src)
             .output()?;
         ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -490,6 +491,14 @@ async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Resu
             .context("no summary")?;
         Ok(summary["snapshot_id"].as_str().unwrap_or_default().to_owned())
     };
+    let backup_at = |host: &str, time: String| backup_tagged(host, &ours, time);
+    let script = backup_tagged(
+        "db",
+        "nightly",
+        (Utc::now() - chrono::Duration::days(20))
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+    )?;
     for day in 1..=8 {
         let t = Utc::now() - chrono::Duration::days(day);
         backup_at("db", t.format("%Y-%m-%d %H:%M:%S").to_string())?;
@@ -515,7 +524,7 @@ async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Resu
             "--host",
             "db",
             "--tag",
-            "nightly",
+            &ours,
         ])
         .args(policy)
         .output()?;
@@ -555,7 +564,7 @@ async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Resu
 
     let mut remaining: Vec<String> = restic_snapshots(&repo)?
         .iter()
-        .filter(|s| s["hostname"] == "db")
+        .filter(|s| s["hostname"] == "db" && s["id"] != json!(script))
         .map(|s| s["id"].as_str().unwrap().to_owned())
         .collect();
     remaining.sort();
@@ -567,6 +576,10 @@ async fn retention_leaves_the_snapshots_restic_forget_dry_run_predicts() -> Resu
     assert!(
         all.iter().any(|s| s["id"].as_str() == Some(other.as_str())),
         "another host is untouched"
+    );
+    assert!(
+        all.iter().any(|s| s["id"].as_str() == Some(script.as_str())),
+        "an old script's snapshot of the same host and tag is left to global retention"
     );
     assert_eq!(status.snapshots_after_retention, Some(predicted.len() as i64));
     assert_eq!(
@@ -1607,7 +1620,13 @@ async fn same_named_backups_of_two_namespaces_in_one_repository_never_thin_each_
         "one snapshot per namespace, each under its own hostname"
     );
 
-    // Team b claims team a's hostname so that its retention would thin team a's snapshots.
+    // Team b copies team a's hostname, hoping its retention thins team a's snapshots and its
+    // snapshots become team a's parents. The namespace tag keeps them apart.
+    let a_first = restic_snapshots(&repo)?
+        .into_iter()
+        .find(|s| s["hostname"] == format!("db.{a}"))
+        .and_then(|s| s["id"].as_str().map(str::to_owned))
+        .unwrap();
     apply_backup_in(
         &node,
         &b,
@@ -1615,40 +1634,45 @@ async fn same_named_backups_of_two_namespaces_in_one_repository_never_thin_each_
         &team_backup(&node, "go", &format!("  restic: {{hostname: db.{a}}}\n")),
     )
     .await?;
-    // Refused before anything runs: the trigger is consumed, the condition says why.
-    let thief = Api::<restic_operator_api::backup::ResticBackup>::namespaced(node.client.clone(), &b);
-    let status = eventually("the thief refused", Duration::from_secs(30), || async {
-        let status = thief.get("thief").await?.status.unwrap_or_default();
-        let refused = restic_operator_api::common::find_condition(&status.conditions, "RepositoryReady")
-            .is_some_and(|c| c.reason.as_deref() == Some("HostnameConflict"));
-        let idle = status.active_run.is_none() && status.last_manual_trigger.as_deref() == Some("go");
-        Ok((refused && idle).then_some(status))
-    })
-    .await
-    .with_context(|| node.coordinator_log())?;
-    let message = restic_operator_api::common::find_condition(&status.conditions, "RepositoryReady")
-        .and_then(|c| c.message.clone())
-        .unwrap_or_default();
-    assert!(message.contains(&format!("by ResticBackup {a}/db")), "{message}");
-    if let Some(last) = &status.last_backup {
-        assert_eq!(
-            last.result.map(|r| r.to_string()).as_deref(),
-            Some("Failed"),
-            "{last:?}"
-        );
-    }
+    let thief = node
+        .wait_succeeded_in(&b, "thief", 0, Duration::from_secs(60))
+        .await?;
     assert_eq!(
-        snapshots_by_host(&repo)?,
-        hosts,
-        "the refused run made no snapshot and removed nothing"
+        thief.parent_snapshot_id, None,
+        "team a's snapshot is not team b's parent"
     );
-    let refused = Api::<Event>::namespaced(node.client.clone(), &b)
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .any(|e| e.reason.as_deref() == Some("HostnameConflict"));
-    assert!(refused, "a HostnameConflict event in team b's namespace");
+    let ids: Vec<String> = restic_snapshots(&repo)?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        ids.contains(&a_first),
+        "team b's retention left team a's snapshot"
+    );
+    // Team a's next run takes its own snapshot as parent, not team b's newer one, and its
+    // retention removes its own old snapshot only.
+    apply_backup_in(&node, &a, "db", &team_backup(&node, "2", "")).await?;
+    let second = node
+        .wait_succeeded_in(&a, "db", 1, Duration::from_secs(60))
+        .await?;
+    assert_eq!(second.parent_snapshot_id.as_deref(), Some(a_first.as_str()));
+    let by_namespace = |ns: &str| -> Result<usize> {
+        let tag = format!("restic-operator/namespace={ns}");
+        Ok(restic_snapshots(&repo)?
+            .iter()
+            .filter(|s| {
+                s["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t == &json!(tag)))
+            })
+            .count())
+    };
+    assert_eq!(by_namespace(&a)?, 1, "team a keeps one (keepLast 1)");
+    assert_eq!(
+        by_namespace(&b)?,
+        2,
+        "team b keeps one per hostname: db.{b} and its copy of db.{a}"
+    );
     Ok(())
 }
 

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unsafe"
 )
 
 type report struct {
@@ -38,6 +39,40 @@ func errText(err error) string {
 	return err.Error()
 }
 
+// capabilities reports the capability sets and no_new_privs as /proc/self/status words them.
+func capabilities() map[string]string {
+	type header struct {
+		version uint32
+		pid     int32
+	}
+	type data struct{ effective, permitted, inheritable uint32 }
+	hdr := header{version: 0x20080522}
+	var d [2]data
+	out := map[string]string{}
+	if _, _, e := syscall.RawSyscall(syscall.SYS_CAPGET, uintptr(unsafe.Pointer(&hdr)), uintptr(unsafe.Pointer(&d[0])), 0); e != 0 {
+		out["error"] = e.Error()
+		return out
+	}
+	word := func(lo, hi uint32) string { return fmt.Sprintf("%016x", uint64(lo)|uint64(hi)<<32) }
+	out["CapEff"] = word(d[0].effective, d[1].effective)
+	out["CapPrm"] = word(d[0].permitted, d[1].permitted)
+	out["CapInh"] = word(d[0].inheritable, d[1].inheritable)
+	var bnd, amb uint64
+	for c := uintptr(0); c < 64; c++ {
+		if r, _, e := syscall.RawSyscall(syscall.SYS_PRCTL, 23 /* PR_CAPBSET_READ */, c, 0); e == 0 && r == 1 {
+			bnd |= 1 << c
+		}
+		if r, _, e := syscall.RawSyscall6(syscall.SYS_PRCTL, 47 /* PR_CAP_AMBIENT */, 1 /* IS_SET */, c, 0, 0, 0); e == 0 && r == 1 {
+			amb |= 1 << c
+		}
+	}
+	out["CapBnd"] = fmt.Sprintf("%016x", bnd)
+	out["CapAmb"] = fmt.Sprintf("%016x", amb)
+	nnp, _, _ := syscall.RawSyscall(syscall.SYS_PRCTL, 39 /* PR_GET_NO_NEW_PRIVS */, 0, 0)
+	out["NoNewPrivs"] = strconv.Itoa(int(nnp))
+	return out
+}
+
 func main() {
 	// The agent first asks "restic snapshots" for the parent: answer "none", so that the
 	// backup itself, whose output the agent streams, runs the probe.
@@ -60,14 +95,9 @@ func main() {
 			}
 		}
 	}
-	if b, err := os.ReadFile("/proc/self/status"); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			for _, key := range []string{"CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb", "NoNewPrivs"} {
-				if strings.HasPrefix(line, key+":") {
-					r.Status[key] = strings.TrimSpace(strings.TrimPrefix(line, key+":"))
-				}
-			}
-		}
+	// Read from the kernel directly: the sandbox has no /proc/self/status.
+	for key, value := range capabilities() {
+		r.Status[key] = value
 	}
 	if root, err := os.ReadDir("/"); err == nil {
 		for _, e := range root {
@@ -97,7 +127,16 @@ func main() {
 	r.Attempts["mount"] = errText(syscall.Mount("tmpfs", "/tmp", "tmpfs", 0, ""))
 	r.Attempts["readHostShadow"] = errText(func() error { _, err := os.ReadFile("/etc/shadow"); return err }())
 	r.Attempts["chroot"] = errText(syscall.Chroot("/tmp"))
-	r.Attempts["kill1"] = errText(syscall.Kill(1, 0))
+	r.Attempts["writeCorePattern"] = errText(os.WriteFile("/proc/sys/kernel/core_pattern", []byte("|/data/x.sh"), 0o644))
+	r.Attempts["sysrq"] = errText(os.WriteFile("/proc/sysrq-trigger", []byte("h"), 0o200))
+	r.Attempts["mountProc"] = errText(syscall.Mount("proc", "/tmp", "proc", 0, ""))
+	r.Attempts["unshareUser"] = errText(syscall.Unshare(syscall.CLONE_NEWUSER))
+	r.Attempts["execTmp"] = errText(func() error {
+		if err := os.WriteFile("/tmp/x", []byte("#!/.restic/restic\n"), 0o755); err != nil {
+			return err
+		}
+		return syscall.Exec("/tmp/x", []string{"/tmp/x"}, nil)
+	}())
 	line, _ := json.Marshal(r)
 	fmt.Printf("probe: %s\n", line)
 	os.Exit(1)

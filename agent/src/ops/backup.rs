@@ -89,16 +89,18 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         .collect();
 
     // The parent: the latest snapshot of this host, tags and paths. restic would otherwise pick
-    // by host and paths only, and a tagless lookup could pick another backup's snapshot.
-    let mut find = vec![
-        "snapshots".to_string(),
-        "--latest".into(),
-        "1".into(),
-        "--host".into(),
-        req.host.clone(),
-    ];
-    if !req.tags.is_empty() {
-        find.extend(["--tag".into(), req.tags.join(",")]);
+    // by host and paths only, and a tagless lookup could pick another backup's snapshot. The
+    // namespace tag is matched in `choose_parent`, so that snapshots made before it existed
+    // (an old script's, continued) still count.
+    let mut find = vec!["snapshots".to_string(), "--host".into(), req.host.clone()];
+    let user_tags: Vec<&String> = req
+        .tags
+        .iter()
+        .filter(|t| !t.starts_with(args::NAMESPACE_TAG_PREFIX))
+        .collect();
+    if !user_tags.is_empty() {
+        let joined: Vec<&str> = user_tags.iter().map(|t| t.as_str()).collect();
+        find.extend(["--tag".into(), joined.join(",")]);
     }
     for path in &p.paths {
         find.extend(["--path".into(), path.clone()]);
@@ -120,10 +122,13 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     if !out.success() {
         return failure_of(&out, "looking up the parent snapshot");
     }
+    let namespace_tag = req
+        .tags
+        .iter()
+        .find(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX));
     let parent = serde_json::from_str::<Vec<restic::SnapshotJson>>(out.stdout.trim())
         .ok()
-        .and_then(|mut v| v.pop())
-        .map(|s| s.id);
+        .and_then(|found| choose_parent(&found, namespace_tag.map(String::as_str)));
 
     let mut args = vec!["backup".to_string(), "--host".into(), req.host.clone()];
     for t in &req.tags {
@@ -223,9 +228,61 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     result
 }
 
+/// The latest of `found` (snapshots of the backup's host, tags and paths) that this namespace
+/// made, or that no namespace did (made before the operator, e.g. by the script the backup
+/// continues). Never another namespace's: restic trusts a parent's metadata, so a parent
+/// chosen from another namespace's snapshot could lend its contents to unchanged-looking files.
+pub fn choose_parent(found: &[restic::SnapshotJson], namespace_tag: Option<&str>) -> Option<String> {
+    found
+        .iter()
+        .filter(|s| {
+            let tags = s.tags.as_deref().unwrap_or_default();
+            let theirs = tags.iter().find(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX));
+            match (namespace_tag, theirs) {
+                (_, None) => true,
+                (Some(ours), Some(theirs)) => theirs == ours,
+                (None, Some(_)) => false,
+            }
+        })
+        .max_by_key(|s| restic::parse_rfc3339_ms(&s.time).unwrap_or(0))
+        .map(|s| s.id.clone())
+}
+
 /// The command line for people (never includes credentials: those are in the environment).
 pub fn display_command(args: &[String]) -> Vec<String> {
     std::iter::once("restic".to_string())
         .chain(args.iter().cloned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(id: &str, time: &str, tags: &[&str]) -> restic::SnapshotJson {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "time": time, "hostname": "db", "paths": ["/data"], "tags": tags
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_parent_is_never_another_namespaces_snapshot() {
+        let ours = "restic-operator/namespace=team-a";
+        let found = [
+            snapshot("legacy", "2026-01-01T00:00:00Z", &["app"]),
+            snapshot("ours", "2026-01-02T00:00:00+01:00", &["app", ours]),
+            snapshot(
+                "theirs",
+                "2026-01-03T00:00:00Z",
+                &["app", "restic-operator/namespace=team-b"],
+            ),
+        ];
+        assert_eq!(choose_parent(&found, Some(ours)).as_deref(), Some("ours"));
+        // Before this namespace's first snapshot, an old script's continues the history.
+        assert_eq!(choose_parent(&found[..1], Some(ours)).as_deref(), Some("legacy"));
+        assert_eq!(choose_parent(&found[2..], Some(ours)), None);
+        // A request without a namespace tag (the debug CLI) takes no namespace's snapshot.
+        assert_eq!(choose_parent(&found, None).as_deref(), Some("legacy"));
+    }
 }

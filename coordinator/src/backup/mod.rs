@@ -180,7 +180,6 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
 fn refusal_event(reason: &str) -> Option<&'static str> {
     match reason {
         reasons::NAMESPACE_NOT_ALLOWED => Some(er::NAMESPACE_NOT_ALLOWED),
-        reasons::HOSTNAME_CONFLICT => Some(er::HOSTNAME_CONFLICT),
         _ => None,
     }
 }
@@ -260,20 +259,8 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     // Dereference the repository and check it may be used from here. This only decides
     // whether to record a run; the runner resolves again from the live object, and what it
     // resolves is what it checks and sends.
-    // A hostname another namespace holds in a shared repository is refused like a namespace
-    // the repository does not allow (from the cache here; the runner checks the live list).
     let repo_problem = match resolve::access(&ctx.client, backup).await {
-        Ok(access) => {
-            let identity = if resolve::shared(access.repository(), backup) {
-                resolve::check_hostname(backup, access.repository(), &ctx.cached_backups()).err()
-            } else {
-                None
-            };
-            match identity {
-                Some(e) => Some((e.reason(), e.to_string())),
-                None => not_ready(&access),
-            }
-        }
+        Ok(access) => not_ready(&access),
         Err(ResolveError::Api { source, .. }) => return Err(source.into()),
         Err(e) => Some((e.reason(), e.to_string())),
     };

@@ -365,7 +365,6 @@ async fn refuse(
     // missing Secret, the API server) are ordinary failed runs.
     let event_reason = match e {
         ResolveError::NamespaceNotAllowed { .. } => er::NAMESPACE_NOT_ALLOWED,
-        ResolveError::HostnameConflict { .. } => er::HOSTNAME_CONFLICT,
         _ => return Outcome::failed_because(e.reason(), message),
     };
     let reason = e.reason();
@@ -481,7 +480,7 @@ fn backup_request(
         }),
         snapshot_path: backup.snapshot_path().to_owned(),
         host: backup.effective_hostname(),
-        tags: backup.tags().to_vec(),
+        tags: backup.snapshot_tags(),
         paths,
         excludes,
         dry_run: false,
@@ -638,7 +637,7 @@ async fn apply_retention(
         }),
         group_by,
         host: backup.effective_hostname(),
-        tags: backup.tags().to_vec(),
+        tags: backup.snapshot_tags(),
         dry_run: false,
         prune: spec.prune,
     };
