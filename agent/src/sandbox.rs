@@ -22,7 +22,9 @@
 //!   redirect restic; a path that leaves the volume is refused (exit code [`EXIT_REFUSED`]);
 //! - **least privilege**: the capability bounding set is cut to what the operation needs
 //!   (reading any file for a backup; ownership and modes for a restore; nothing else for the
-//!   rest), `no_new_privs` is set, and restic dies with its parent (`PR_SET_PDEATHSIG`).
+//!   rest), `no_new_privs` is set, a seccomp filter refuses the system calls restic never makes
+//!   and a compromised restic would reach for (see [`DENIED_SYSCALLS`]), and restic dies with
+//!   its parent (`PR_SET_PDEATHSIG`).
 //!
 //! Two stages, both this binary: `sandbox` joins the run's cgroup, unshares the PID namespace
 //! and starts `sandbox-init`, the namespace's first process, forwarding SIGTERM and SIGINT to it
@@ -333,6 +335,8 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
     std::env::set_current_dir(&spec.cwd).with_context(|| format!("chdir {}", spec.cwd.display()))?;
     drop_privileges(&spec)?;
     let program = CString::new(spec.program.as_os_str().as_encoded_bytes())?;
+    // Last: after this, the only call this process makes is the exec.
+    install_seccomp()?;
     let mut argv = vec![program.clone()];
     for a in &spec.args {
         argv.push(CString::new(a.as_str())?);
@@ -549,6 +553,109 @@ fn drop_privileges(spec: &Spec) -> Result<()> {
     Ok(())
 }
 
+/// System calls restic never makes, refused with EPERM: handles that open any inode of a
+/// file system (`open_by_handle_at`, which `CAP_DAC_READ_SEARCH` would otherwise allow on the
+/// volume's whole file system), kernel keyrings, namespaces and mounts, kernel modules and
+/// images, BPF, tracing other processes, and other node-wide switches.
+pub const DENIED_SYSCALLS: &[i64] = {
+    use nix::libc::*;
+    &[
+        SYS_open_by_handle_at,
+        SYS_name_to_handle_at,
+        SYS_keyctl,
+        SYS_add_key,
+        SYS_request_key,
+        SYS_unshare,
+        SYS_setns,
+        SYS_mount,
+        SYS_umount2,
+        SYS_pivot_root,
+        SYS_chroot,
+        SYS_open_tree,
+        SYS_move_mount,
+        SYS_fsopen,
+        SYS_fsconfig,
+        SYS_fsmount,
+        SYS_fspick,
+        SYS_mount_setattr,
+        SYS_bpf,
+        SYS_userfaultfd,
+        SYS_perf_event_open,
+        SYS_ptrace,
+        SYS_process_vm_readv,
+        SYS_process_vm_writev,
+        SYS_kexec_load,
+        SYS_kexec_file_load,
+        SYS_init_module,
+        SYS_finit_module,
+        SYS_delete_module,
+        SYS_reboot,
+        SYS_swapon,
+        SYS_swapoff,
+        SYS_syslog,
+        SYS_acct,
+        SYS_quotactl,
+    ]
+};
+
+/// `clone` flags that make a new namespace; `clone` with any of them is refused too.
+const NAMESPACE_FLAGS: &[i32] = {
+    use nix::libc::*;
+    &[
+        CLONE_NEWNS,
+        CLONE_NEWCGROUP,
+        CLONE_NEWUTS,
+        CLONE_NEWIPC,
+        CLONE_NEWUSER,
+        CLONE_NEWPID,
+        CLONE_NEWNET,
+    ]
+};
+
+/// The seccomp filters restic runs under (inherited across exec; `no_new_privs` is set).
+fn seccomp_filters() -> Result<Vec<seccompiler::BpfProgram>> {
+    use std::collections::BTreeMap;
+
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|e| anyhow::anyhow!("seccomp on {}: {e}", std::env::consts::ARCH))?;
+    let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+    let mut clone_rules = Vec::new();
+    for flag in NAMESPACE_FLAGS {
+        let flag = u64::from(flag.cast_unsigned());
+        let has_flag = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)?;
+        clone_rules.push(SeccompRule::new(vec![has_flag])?);
+    }
+    denied.insert(nix::libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
+        denied,
+        SeccompAction::Allow,
+        SeccompAction::Errno(1 /* EPERM */),
+        arch,
+    )?;
+    // clone3 passes its flags in memory a filter cannot read: answer "not implemented", and
+    // callers fall back to clone, whose flags the first filter checks.
+    let clone3 = [(nix::libc::SYS_clone3, Vec::new())].into_iter().collect();
+    let clone3 = SeccompFilter::new(
+        clone3,
+        SeccompAction::Allow,
+        SeccompAction::Errno(38 /* ENOSYS */),
+        arch,
+    )?;
+    Ok(vec![deny.try_into()?, clone3.try_into()?])
+}
+
+fn install_seccomp() -> Result<()> {
+    for filter in seccomp_filters()? {
+        seccompiler::apply_filter(&filter).context("install the seccomp filter")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,6 +714,13 @@ mod tests {
                 assert!(!a.capabilities().contains(&cap), "{a:?} {cap}");
             }
         }
+    }
+
+    #[test]
+    fn the_seccomp_filters_compile_for_this_machine() {
+        let filters = seccomp_filters().unwrap();
+        assert_eq!(filters.len(), 2);
+        assert!(filters.iter().all(|f| !f.is_empty()));
     }
 
     #[test]

@@ -390,6 +390,10 @@ async fn a_program_smuggled_into_a_run_sees_no_process_and_can_do_nothing_outsid
     failed_with("mountProc", "operation not permitted")?;
     // What it writes cannot be run: scratch space is noexec.
     failed_with("execTmp", "permission denied")?;
+    // The seccomp filter: calls restic never makes are refused.
+    for call in ["openByHandle", "keyctl", "bpf", "cloneNewUser", "unshareUser"] {
+        failed_with(call, "operation not permitted")?;
+    }
     ensure!(!data.join("pwned").exists() && !data.join("planted").exists());
     // Nothing of the node's kubelet directory is visible: the volume is at /data only.
     let entries: Vec<String> = serde_json::from_value(report["dataEntries"].clone())?;

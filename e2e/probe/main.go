@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -131,6 +132,28 @@ func main() {
 	r.Attempts["sysrq"] = errText(os.WriteFile("/proc/sysrq-trigger", []byte("h"), 0o200))
 	r.Attempts["mountProc"] = errText(syscall.Mount("proc", "/tmp", "proc", 0, ""))
 	r.Attempts["unshareUser"] = errText(syscall.Unshare(syscall.CLONE_NEWUSER))
+	raw := func(nr uintptr, args ...uintptr) string {
+		for len(args) < 6 {
+			args = append(args, 0)
+		}
+		_, _, e := syscall.RawSyscall6(nr, args[0], args[1], args[2], args[3], args[4], args[5])
+		if e == 0 {
+			return "ok"
+		}
+		return e.Error()
+	}
+	// The "shocker" escape: a file handle opens any inode of the volume's file system.
+	handle := make([]byte, 8+128)
+	handle[0] = 128
+	// Numbers the syscall package does not name: x86_64, else arm64.
+	nr := map[string]uintptr{"open_by_handle_at": 304, "keyctl": 250, "bpf": 321}
+	if runtime.GOARCH == "arm64" {
+		nr = map[string]uintptr{"open_by_handle_at": 265, "keyctl": 219, "bpf": 280}
+	}
+	r.Attempts["openByHandle"] = raw(nr["open_by_handle_at"], uintptr(0), uintptr(unsafe.Pointer(&handle[0])), 0)
+	r.Attempts["keyctl"] = raw(nr["keyctl"], 1 /* JOIN_SESSION_KEYRING */, 0)
+	r.Attempts["bpf"] = raw(nr["bpf"], 0, 0, 0)
+	r.Attempts["cloneNewUser"] = raw(syscall.SYS_CLONE, syscall.CLONE_NEWUSER|uintptr(syscall.SIGCHLD))
 	r.Attempts["execTmp"] = errText(func() error {
 		if err := os.WriteFile("/tmp/x", []byte("#!/.restic/restic\n"), 0o755); err != nil {
 			return err
