@@ -9,60 +9,8 @@ use std::path::{Component, Path, PathBuf};
 use restic_operator_proto::v1::{self as pb, FailureKind};
 use serde::Deserialize;
 
-/// Environment variables a request may pass to restic: backend credentials and options, never
-/// anything that changes what runs (PATH, LD_*, GODEBUG), where the repository is, or that names
-/// a file or a program for restic or a library it uses to read or run. The values come from a
-/// Secret that namespace users may be able to write, so `credential_process`-style indirections
-/// (`AWS_SHARED_CREDENTIALS_FILE`, `GOOGLE_APPLICATION_CREDENTIALS`, `RCLONE_*_SSH`,
-/// `RCLONE_PASSWORD_COMMAND`, ...) are refused by name.
-pub fn check_env_name(name: &str) -> Result<(), String> {
-    const PREFIXES: &[&str] = &[
-        "AWS_",
-        "B2_",
-        "AZURE_",
-        "GOOGLE_",
-        "OS_",
-        "ST_",
-        "RCLONE_",
-        "RESTIC_REST_",
-    ];
-    const EXACT: &[&str] = &["RESTIC_COMPRESSION", "RESTIC_PACK_SIZE"];
-    const FORBIDDEN: &[&str] = &[
-        "RESTIC_REPOSITORY",
-        "RESTIC_REPOSITORY_FILE",
-        "RESTIC_PASSWORD",
-        "RESTIC_PASSWORD_FILE",
-        "RESTIC_PASSWORD_COMMAND",
-    ];
-    /// Parts of names that point at a file, a program or a command.
-    const INDIRECT: &[&str] = &[
-        "_FILE",
-        "_PATH",
-        "COMMAND",
-        "PROCESS",
-        "PROGRAM",
-        "EXECUTABLE",
-        "_SSH",
-    ];
-    const INDIRECT_EXACT: &[&str] = &["GOOGLE_APPLICATION_CREDENTIALS", "RCLONE_CONFIG", "AWS_CA_BUNDLE"];
-    if FORBIDDEN.contains(&name) {
-        return Err(format!(
-            "{name} must be given as the repository URL or password, not as env"
-        ));
-    }
-    if INDIRECT.iter().any(|p| name.contains(p)) || INDIRECT_EXACT.contains(&name) {
-        return Err(format!(
-            "environment variable {name} names a file or a program for restic to read or run on the node; \
-             give the credentials themselves (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-        ));
-    }
-    if PREFIXES.iter().any(|p| name.starts_with(p)) || EXACT.contains(&name) {
-        return Ok(());
-    }
-    Err(format!(
-        "environment variable {name} is not a restic backend setting"
-    ))
-}
+/// Environment variables a request may pass to restic (see [`restic_operator_args::check_env_name`]).
+pub use restic_operator_args::check_env_name;
 
 /// Where a repository lives, once its URL has passed [`check_repository_url`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -596,33 +544,6 @@ mod tests {
             "rclone:remote",
         ] {
             assert!(check_repository_url(bad, &policy).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn env_accepts_backend_credentials_only() {
-        assert!(check_env_name("AWS_ACCESS_KEY_ID").is_ok());
-        assert!(check_env_name("B2_ACCOUNT_KEY").is_ok());
-        assert!(check_env_name("RESTIC_PASSWORD").is_err());
-        assert!(check_env_name("LD_PRELOAD").is_err());
-        assert!(check_env_name("PATH").is_err());
-        assert!(check_env_name("GODEBUG").is_err());
-        assert!(check_env_name("OS_APPLICATION_CREDENTIAL_SECRET").is_ok());
-        // Indirections to a file or a program, which a Secret's writer could point anywhere.
-        for name in [
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "AWS_CONFIG_FILE",
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            "GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES",
-            "AZURE_CLIENT_CERTIFICATE_PATH",
-            "RCLONE_CONFIG",
-            "RCLONE_PASSWORD_COMMAND",
-            "RCLONE_CONFIG_R_SSH",
-            "RCLONE_SFTP_KEY_FILE",
-        ] {
-            let err = check_env_name(name).unwrap_err();
-            assert!(err.contains("names a file or a program"), "{name}: {err}");
         }
     }
 

@@ -766,6 +766,9 @@ pub mod event_reasons {
     pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
     /// A hook failed.
     pub const HOOK_FAILED: &str = "HookFailed";
+    /// Keys of a repository's credentials Secret that are not restic backend settings were
+    /// left out (the note names them).
+    pub const SECRET_KEYS_IGNORED: &str = "SecretKeysIgnored";
     /// An integrity check started.
     pub const INTEGRITY_CHECK_STARTED: &str = "IntegrityCheckStarted";
 }

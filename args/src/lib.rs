@@ -12,6 +12,10 @@
 //!
 //! The value checks are written twice, as Rust here and as RE2 regexes for CEL, and a test in the
 //! API crate runs both over the same corpus.
+//!
+//! The same goes for the environment restic gets from a repository's Secret
+//! ([`check_env_name`]): the coordinator leaves out what the agent would refuse, and the
+//! agent refuses it again. And for the operator's own snapshot tags ([`NAMESPACE_TAG_PREFIX`]).
 
 #![forbid(unsafe_code)]
 
@@ -525,6 +529,71 @@ pub fn cel_message(ops: &[Op]) -> String {
     )
 }
 
+/// Environment variables a request may pass to restic: backend credentials and options, never
+/// anything that changes what runs (PATH, LD_*, GODEBUG), where the repository is, or that names
+/// a file or a program for restic or a library it uses to read or run. The values come from a
+/// Secret that namespace users may be able to write, so `credential_process`-style indirections
+/// (`AWS_SHARED_CREDENTIALS_FILE`, `GOOGLE_APPLICATION_CREDENTIALS`, `RCLONE_*_SSH`,
+/// `RCLONE_PASSWORD_COMMAND`, ...) are refused by name.
+pub fn check_env_name(name: &str) -> Result<(), String> {
+    const PREFIXES: &[&str] = &[
+        "AWS_",
+        "B2_",
+        "AZURE_",
+        "GOOGLE_",
+        "OS_",
+        "ST_",
+        "RCLONE_",
+        "RESTIC_REST_",
+    ];
+    /// restic's own settings and the proxy variables Go's HTTP client reads.
+    const EXACT: &[&str] = &[
+        "RESTIC_COMPRESSION",
+        "RESTIC_PACK_SIZE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    ];
+    const FORBIDDEN: &[&str] = &[
+        "RESTIC_REPOSITORY",
+        "RESTIC_REPOSITORY_FILE",
+        "RESTIC_PASSWORD",
+        "RESTIC_PASSWORD_FILE",
+        "RESTIC_PASSWORD_COMMAND",
+    ];
+    /// Parts of names that point at a file, a program or a command.
+    const INDIRECT: &[&str] = &[
+        "_FILE",
+        "_PATH",
+        "COMMAND",
+        "PROCESS",
+        "PROGRAM",
+        "EXECUTABLE",
+        "_SSH",
+    ];
+    const INDIRECT_EXACT: &[&str] = &["GOOGLE_APPLICATION_CREDENTIALS", "RCLONE_CONFIG", "AWS_CA_BUNDLE"];
+    if FORBIDDEN.contains(&name) {
+        return Err(format!(
+            "{name} must be given as the repository URL or password, not as env"
+        ));
+    }
+    if INDIRECT.iter().any(|p| name.contains(p)) || INDIRECT_EXACT.contains(&name) {
+        return Err(format!(
+            "environment variable {name} names a file or a program for restic to read or run on the node; \
+             give the credentials themselves (e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        ));
+    }
+    if PREFIXES.iter().any(|p| name.starts_with(p)) || EXACT.contains(&name) {
+        return Ok(());
+    }
+    Err(format!(
+        "environment variable {name} is not a restic backend setting"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,5 +712,32 @@ mod tests {
         }
         assert!(re.contains("--exclude-caches|"));
         assert!(!re.contains("max-unused"));
+    }
+    #[test]
+    fn env_accepts_backend_credentials_only() {
+        assert!(check_env_name("AWS_ACCESS_KEY_ID").is_ok());
+        assert!(check_env_name("B2_ACCOUNT_KEY").is_ok());
+        assert!(check_env_name("RESTIC_PASSWORD").is_err());
+        assert!(check_env_name("LD_PRELOAD").is_err());
+        assert!(check_env_name("PATH").is_err());
+        assert!(check_env_name("HTTPS_PROXY").is_ok() && check_env_name("no_proxy").is_ok());
+        assert!(check_env_name("GODEBUG").is_err());
+        assert!(check_env_name("OS_APPLICATION_CREDENTIAL_SECRET").is_ok());
+        // Indirections to a file or a program, which a Secret's writer could point anywhere.
+        for name in [
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES",
+            "AZURE_CLIENT_CERTIFICATE_PATH",
+            "RCLONE_CONFIG",
+            "RCLONE_PASSWORD_COMMAND",
+            "RCLONE_CONFIG_R_SSH",
+            "RCLONE_SFTP_KEY_FILE",
+        ] {
+            let err = check_env_name(name).unwrap_err();
+            assert!(err.contains("names a file or a program"), "{name}: {err}");
+        }
     }
 }

@@ -60,13 +60,8 @@ pub fn not_ready_from(result: &pb::Result) -> NotReady {
 }
 
 pub fn not_ready_from_credentials(e: &CredentialsError) -> NotReady {
-    let reason = match e {
-        CredentialsError::SecretNotFound { .. } => reasons::SECRET_NOT_FOUND,
-        CredentialsError::KeyMissing { .. } => reasons::SECRET_KEY_MISSING,
-        CredentialsError::Api { .. } => reasons::REPOSITORY_NOT_READY,
-    };
     NotReady {
-        reason,
+        reason: e.reason(),
         message: e.to_string(),
     }
 }
@@ -141,7 +136,18 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
 
     // Dereference: credentials.
     let creds = match resolve::load_credentials(&ctx.client, repo).await {
-        Ok(c) => c,
+        Ok(c) => {
+            if !c.ignored.is_empty() {
+                // Identical events are folded into one, with a count.
+                let note = format!(
+                    "Secret {} keys left out, not restic backend settings: {}",
+                    repo.spec.credentials_secret_ref.name,
+                    c.ignored.join(", ")
+                );
+                publish(ctx, repo, EventType::Warning, er::SECRET_KEYS_IGNORED, note).await;
+            }
+            c.repository
+        }
         Err(e) => {
             let nr = not_ready_from_credentials(&e);
             ctx.status
@@ -404,7 +410,7 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
                 return;
             };
             if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
-                let _ = refresh(&repo, &ctx2, &creds).await;
+                let _ = refresh(&repo, &ctx2, &creds.repository).await;
             }
         }),
     );

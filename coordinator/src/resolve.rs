@@ -6,9 +6,10 @@
 //! repository that was checked is the repository that is used, however the spec changes in
 //! between.
 //!
-//! Credentials: `RESTIC_PASSWORD` is required; every other key of the Secret that is a valid
-//! environment variable name (AWS_ACCESS_KEY_ID, B2_ACCOUNT_ID, ...) is passed to restic as
-//! is. Values are only ever sent to an agent over mutual TLS.
+//! Credentials: `RESTIC_PASSWORD` is required; every other key of the Secret that is a restic
+//! backend setting (AWS_ACCESS_KEY_ID, B2_ACCOUNT_ID, HTTPS_PROXY, ...) is passed to restic as
+//! is, and the rest is left out (see [`from_secret`]). Values are only ever sent to an agent
+//! over mutual TLS.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,8 @@ use restic_operator_proto::v1 as pb;
 use crate::error::Class;
 
 pub const PASSWORD_KEY: &str = "RESTIC_PASSWORD";
+/// The old scripts' repository variable; the URL comes from the ResticRepository.
+pub const REPOSITORY_KEY: &str = "RESTIC_REPOSITORY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -33,12 +36,34 @@ pub enum CredentialsError {
         name: String,
         key: String,
     },
+    #[error(
+        "Secret {namespace}/{name} sets RESTIC_REPOSITORY to {secret_url:?}, but the ResticRepository's \
+         repositoryURL is {url:?}; remove the key or make them agree"
+    )]
+    RepositoryMismatch {
+        namespace: String,
+        name: String,
+        secret_url: String,
+        url: String,
+    },
     #[error("reading Secret {namespace}/{name}: {source}")]
     Api {
         namespace: String,
         name: String,
         source: kube::Error,
     },
+}
+
+impl CredentialsError {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CredentialsError::SecretNotFound { .. } => reasons::SECRET_NOT_FOUND,
+            CredentialsError::KeyMissing { .. } => reasons::SECRET_KEY_MISSING,
+            CredentialsError::RepositoryMismatch { .. } => reasons::INVALID_SPEC,
+            CredentialsError::Api { .. } => reasons::REPOSITORY_NOT_READY,
+        }
+    }
 }
 
 /// Why a backup may not use its repository now.
@@ -64,11 +89,8 @@ impl ResolveError {
         match self {
             ResolveError::RepositoryNotFound { .. } => reasons::REPOSITORY_NOT_FOUND,
             ResolveError::NamespaceNotAllowed { .. } => reasons::NAMESPACE_NOT_ALLOWED,
-            ResolveError::Credentials(CredentialsError::SecretNotFound { .. }) => reasons::SECRET_NOT_FOUND,
-            ResolveError::Credentials(CredentialsError::KeyMissing { .. }) => reasons::SECRET_KEY_MISSING,
-            ResolveError::Credentials(CredentialsError::Api { .. }) | ResolveError::Api { .. } => {
-                reasons::REPOSITORY_NOT_READY
-            }
+            ResolveError::Credentials(e) => e.reason(),
+            ResolveError::Api { .. } => reasons::REPOSITORY_NOT_READY,
         }
     }
 
@@ -177,18 +199,24 @@ pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, Re
 /// repository's credentials.
 pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Resolved, ResolveError> {
     let access = access(client, backup).await?;
-    let credentials = load_credentials(client, access.repository()).await?;
+    let credentials = load_credentials(client, access.repository()).await?.repository;
     Ok(Resolved { access, credentials })
 }
 
-fn is_env_name(key: &str) -> bool {
-    !key.is_empty()
-        && !key.starts_with(|c: char| c.is_ascii_digit())
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+/// A repository's credentials as the agents get them, and the keys of its Secret left out.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub repository: pb::Repository,
+    /// Keys that are not restic backend settings (the agent would refuse them), sorted.
+    pub ignored: Vec<String>,
 }
 
-/// Builds the agent's repository message from a Secret's data (pure).
-pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<pb::Repository, CredentialsError> {
+/// Builds the agent's repository message from a Secret's data (pure). Secrets written for the
+/// old scripts carry more than restic's backend settings: `RESTIC_REPOSITORY` is dropped when
+/// it names the repository's own URL (and is an error when it names another), and every other
+/// key the agent would refuse (see `restic_operator_args::check_env_name`) is left out and
+/// listed in `ignored`, so one stray key never makes the repository unusable.
+pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<Credentials, CredentialsError> {
     let name = secret.metadata.name.clone().unwrap_or_default();
     let mut data: Vec<(String, Vec<u8>)> = secret
         .data
@@ -205,14 +233,27 @@ pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<pb::Re
     );
     let mut password = None;
     let mut env = std::collections::HashMap::new();
+    let mut ignored = Vec::new();
     for (k, v) in data {
         let value = String::from_utf8_lossy(&v).into_owned();
         if k == PASSWORD_KEY {
             password = Some(value);
-        } else if is_env_name(&k) {
+        } else if k == REPOSITORY_KEY {
+            if value.trim() != url.trim() {
+                return Err(CredentialsError::RepositoryMismatch {
+                    namespace: namespace.into(),
+                    name,
+                    secret_url: value.trim().into(),
+                    url: url.into(),
+                });
+            }
+        } else if restic_operator_args::check_env_name(&k).is_ok() {
             env.insert(k, value);
+        } else {
+            ignored.push(k);
         }
     }
+    ignored.sort();
     let password = password
         .filter(|p| !p.is_empty())
         .ok_or_else(|| CredentialsError::KeyMissing {
@@ -220,10 +261,13 @@ pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<pb::Re
             name,
             key: PASSWORD_KEY.into(),
         })?;
-    Ok(pb::Repository {
-        url: url.into(),
-        password,
-        env,
+    Ok(Credentials {
+        repository: pb::Repository {
+            url: url.into(),
+            password,
+            env,
+        },
+        ignored,
     })
 }
 
@@ -231,7 +275,7 @@ pub fn from_secret(url: &str, secret: &Secret, namespace: &str) -> Result<pb::Re
 pub async fn load_credentials(
     client: &Client,
     repo: &ResticRepository,
-) -> Result<pb::Repository, CredentialsError> {
+) -> Result<Credentials, CredentialsError> {
     let namespace = repo.metadata.namespace.clone().unwrap_or_default();
     let name = repo.spec.credentials_secret_ref.name.clone();
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
@@ -272,7 +316,9 @@ mod tests {
             "metadata: {name: creds}\nstringData: {RESTIC_PASSWORD: s3cret, AWS_ACCESS_KEY_ID: id, 'not-env': x}",
         )
         .unwrap();
-        let repo = from_secret("s3:host/bucket", &secret, "ns").unwrap();
+        let creds = from_secret("s3:host/bucket", &secret, "ns").unwrap();
+        assert_eq!(creds.ignored, ["not-env"]);
+        let repo = creds.repository;
         assert_eq!(repo.password, "s3cret");
         assert_eq!(repo.env.get("AWS_ACCESS_KEY_ID").map(String::as_str), Some("id"));
         assert!(!repo.env.contains_key("not-env"));
@@ -282,6 +328,52 @@ mod tests {
             serde_yaml::from_str("metadata: {name: creds}\nstringData: {AWS_ACCESS_KEY_ID: id}").unwrap();
         let e = from_secret("s3:host/bucket", &secret, "ns").unwrap_err();
         assert_eq!(e.to_string(), "Secret ns/creds has no key RESTIC_PASSWORD");
+    }
+
+    /// The specification's migration scenario: the old scripts' Secret, as the seeds show it.
+    #[test]
+    fn a_secret_written_for_the_old_scripts_still_makes_a_usable_repository() {
+        let secret: Secret = serde_yaml::from_str(
+            "metadata: {name: restic-credentials}
+stringData: {RESTIC_REPOSITORY: 's3:s3.wasabisys.com/k3s', \
+             RESTIC_PASSWORD: pw, AWS_ACCESS_KEY_ID: id, AWS_SECRET_ACCESS_KEY: key, HTTPS_PROXY: 'http://proxy:3128', \
+             NO_PROXY: '.svc', RESTIC_HOSTNAME: emby, RESTIC_PASSWORD_COMMAND: 'cat /x', LD_PRELOAD: /x.so}",
+        )
+        .unwrap();
+        let creds = from_secret("s3:s3.wasabisys.com/k3s", &secret, "media").unwrap();
+        assert_eq!(
+            creds.ignored,
+            ["LD_PRELOAD", "RESTIC_HOSTNAME", "RESTIC_PASSWORD_COMMAND"],
+            "left out, and reported"
+        );
+        let env: Vec<&str> = {
+            let mut keys: Vec<&str> = creds.repository.env.keys().map(String::as_str).collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(
+            env,
+            [
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "HTTPS_PROXY",
+                "NO_PROXY"
+            ]
+        );
+        // Every key sent is one the agent accepts.
+        assert!(
+            env.iter()
+                .all(|k| restic_operator_args::check_env_name(k).is_ok())
+        );
+
+        let elsewhere = from_secret("s3:other/bucket", &secret, "media").unwrap_err();
+        assert!(matches!(elsewhere, CredentialsError::RepositoryMismatch { .. }));
+        assert!(
+            elsewhere
+                .to_string()
+                .contains("repositoryURL is \"s3:other/bucket\""),
+            "{elsewhere}"
+        );
     }
 
     #[test]

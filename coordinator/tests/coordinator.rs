@@ -1790,3 +1790,50 @@ async fn a_repository_password_appears_nowhere_but_in_its_secret() -> Result<()>
     assert_eq!(secret.data.unwrap()["RESTIC_PASSWORD"].0, canary.as_bytes());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_written_for_the_old_scripts_still_makes_the_repository_ready() -> Result<()> {
+    let node = Node::start("old-secret").await?;
+    let repo = node.ctx.repository("legacy");
+    // As the seeds' Secret: the repository URL in RESTIC_REPOSITORY, and settings of the old
+    // scripts the agent has no use for.
+    let mut data = serde_json::Map::new();
+    data.insert("RESTIC_PASSWORD".into(), json!(repo.password));
+    data.insert("RESTIC_REPOSITORY".into(), json!(repo.url));
+    data.insert("RESTIC_HOSTNAME".into(), json!("emby"));
+    data.insert("RESTIC_BACKUP_COMMAND".into(), json!("restic backup /config"));
+    for (k, v) in repo.s3.env() {
+        data.insert(k, json!(v));
+    }
+    node.apply_secret("legacy-creds", data).await?;
+    node.apply_yaml(&format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\nmetadata: {{name: legacy}}\n\
+         spec: {{repositoryURL: '{}', credentialsSecretRef: {{name: legacy-creds}}}}",
+        repo.url
+    ))
+    .await?;
+    node.wait_repository_reason("legacy", "RepositoryInitialized", Duration::from_secs(60))
+        .await?;
+    let event = wait_event(&node, "SecretKeysIgnored").await?;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("RESTIC_BACKUP_COMMAND, RESTIC_HOSTNAME") && !note.contains("RESTIC_REPOSITORY"),
+        "{note}"
+    );
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+
+    // A RESTIC_REPOSITORY naming another repository is a clear condition, not a guess.
+    let mut other = serde_json::Map::new();
+    other.insert("RESTIC_PASSWORD".into(), json!(repo.password));
+    other.insert("RESTIC_REPOSITORY".into(), json!("s3:elsewhere/bucket"));
+    node.apply_secret("mismatch-creds", other).await?;
+    node.apply_yaml(&format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\nmetadata: {{name: mismatch}}\n\
+         spec: {{repositoryURL: '{}', credentialsSecretRef: {{name: mismatch-creds}}}}",
+        repo.url
+    ))
+    .await?;
+    node.wait_repository_reason("mismatch", "InvalidSpec", Duration::from_secs(30))
+        .await?;
+    Ok(())
+}
