@@ -160,7 +160,8 @@ async fn connect(args: &Args) -> Result<Channel> {
 
 pub async fn run(args: Args) -> Result<()> {
     let channel = connect(&args).await?;
-    let mut client = AgentClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let mut client =
+        AgentClient::new(channel.clone()).max_decoding_message_size(restic_operator_proto::MAX_MESSAGE_SIZE);
     match &args.command {
         Cmd::Health => {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);

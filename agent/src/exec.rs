@@ -19,6 +19,8 @@ use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, Spec, VolumeBind};
 
 /// Largest stdout kept for commands whose output is one JSON document (snapshots, forget).
 const MAX_STDOUT: usize = 64 << 20;
+use restic_operator_proto::MAX_FAILED_PATHS;
+
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 40;
 
@@ -72,7 +74,9 @@ pub struct Output {
     pub signal: Option<i32>,
     pub stdout: String,
     pub summary: Option<Summary>,
+    /// The first `MAX_FAILED_PATHS` errors restic reported per file; `error_total` counts all.
     pub errors: Vec<ErrorMessage>,
+    pub error_total: u64,
     pub stderr: String,
     pub oom_killed: bool,
     pub cancelled: bool,
@@ -219,8 +223,8 @@ impl Executor {
                     }
                     Some(Message::Summary(s)) => out.summary = Some(*s),
                     Some(Message::Error(e)) => {
-                        emit_warning(run, &e, &secrets);
-                        out.errors.push(e);
+                        out.error_total += 1;
+                        keep_error(run, &mut out.errors, e, &secrets);
                     }
                     Some(_) => {}
                     None => run.emit(Event::Log(pb::LogLine {
@@ -236,12 +240,13 @@ impl Executor {
         let read_stderr = async {
             let mut tail: Vec<String> = Vec::new();
             let mut errors = Vec::new();
+            let mut total = 0u64;
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let line = restic::redact(&line, &secrets);
                 if let Some(Message::Error(e)) = restic::parse_line(&line) {
-                    emit_warning(run, &e, &secrets);
-                    errors.push(e);
+                    total += 1;
+                    keep_error(run, &mut errors, e, &secrets);
                     continue;
                 }
                 run.emit(Event::Log(pb::LogLine { line: line.clone() }));
@@ -250,7 +255,7 @@ impl Executor {
                     tail.remove(0);
                 }
             }
-            (tail.join("\n"), errors)
+            (tail.join("\n"), (errors, total))
         };
         let grace = self.grace;
         let timeout = match inv.options.timeout_seconds {
@@ -281,10 +286,12 @@ impl Executor {
                 }
             }
         };
-        let (mut out, (stderr_tail, mut stderr_errors), (status, cancelled)) =
+        let (mut out, (stderr_tail, (stderr_errors, stderr_total)), (status, cancelled)) =
             tokio::join!(read_stdout, read_stderr, wait);
         let status = status?;
-        out.errors.append(&mut stderr_errors);
+        let room = MAX_FAILED_PATHS.saturating_sub(out.errors.len());
+        out.errors.extend(stderr_errors.into_iter().take(room));
+        out.error_total += stderr_total;
         out.stderr = stderr_tail;
         out.exit_code = status.code();
         out.signal = std::os::unix::process::ExitStatusExt::signal(&status);
@@ -298,6 +305,22 @@ impl Executor {
         }
         tracing::debug!(run_id = %run.id, step = inv.step, code = ?out.exit_code, elapsed = ?started.elapsed(), "restic exited");
         Ok(out)
+    }
+}
+
+/// Keeps the first `MAX_FAILED_PATHS` errors, each also sent as a warning event: a volume
+/// with millions of unreadable files must not grow the run's memory, its event history or
+/// its result without bound.
+fn keep_error(run: &Run, kept: &mut Vec<ErrorMessage>, e: ErrorMessage, secrets: &[String]) {
+    if kept.len() < MAX_FAILED_PATHS {
+        emit_warning(run, &e, secrets);
+        kept.push(e);
+    } else if kept.len() == MAX_FAILED_PATHS {
+        // Said once: the extra error kept marks that it was.
+        run.emit(Event::Log(pb::LogLine {
+            line: format!("more than {MAX_FAILED_PATHS} files failed; further ones are counted, not listed"),
+        }));
+        kept.push(e);
     }
 }
 

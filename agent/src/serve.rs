@@ -230,7 +230,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     let agent = AgentServer::new(service)
         .max_decoding_message_size(4 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_encoding_message_size(restic_operator_proto::MAX_MESSAGE_SIZE);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen {}", args.listen))?;

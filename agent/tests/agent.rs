@@ -532,6 +532,54 @@ async fn an_unreadable_file_makes_the_run_partially_failed_with_its_path() -> Re
         .iter()
         .any(|e| matches!(&e.event, Some(Event::Warning(w)) if w.path == "/data/locked"));
     ensure!(warned, "no warning event for the unreadable file");
+    ensure!(result.failed_paths_total == 1, "{result:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_volume_full_of_unreadable_files_gives_a_bounded_result_with_the_count() -> Result<()> {
+    let agent = Agent::start("many-unreadable")?;
+    let repo = s3_repository(&unique_name("many-unreadable"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    std::fs::write(data.join("readable"), b"fine")?;
+    let many = restic_operator_proto::MAX_FAILED_PATHS + 150;
+    for i in 0..many {
+        let f = data.join(format!("locked-{i:04}"));
+        std::fs::write(&f, b"root only")?;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000))?;
+    }
+    let mut req = backup("many", &repo, &uid, "data");
+    let opts = req.options.as_mut().unwrap();
+    opts.run_as_user = Some(65534);
+    opts.run_as_group = Some(65534);
+    let (events, result) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&result) == Outcome::PartiallyFailed, "{result:?}");
+    ensure!(
+        result.failed_paths.len() == restic_operator_proto::MAX_FAILED_PATHS,
+        "the list is capped: {}",
+        result.failed_paths.len()
+    );
+    ensure!(
+        result.failed_paths_total == many as u64,
+        "all counted: {}",
+        result.failed_paths_total
+    );
+    ensure!(
+        result.reason.contains(&format!("{many} file(s)")),
+        "{}",
+        result.reason
+    );
+    let warnings = events
+        .iter()
+        .filter(|e| matches!(&e.event, Some(Event::Warning(_))))
+        .count();
+    ensure!(
+        warnings == restic_operator_proto::MAX_FAILED_PATHS,
+        "warning events are capped too: {warnings}"
+    );
     Ok(())
 }
 

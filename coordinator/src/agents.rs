@@ -9,6 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
+use restic_operator_proto::MAX_MESSAGE_SIZE;
 use restic_operator_proto::v1::agent_client::AgentClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -136,7 +137,7 @@ impl Agents {
     /// A client for the agent at `address`.
     pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, String> {
         if let Some(ch) = self.channels.lock().expect("channel lock").get(address) {
-            return Ok(AgentClient::new(ch.clone()));
+            return Ok(AgentClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE));
         }
         let tls = self.tls.read().expect("tls lock").clone();
         let channel = Endpoint::from_shared(address.to_owned())
@@ -151,7 +152,7 @@ impl Agents {
             .lock()
             .expect("channel lock")
             .insert(address.to_owned(), channel.clone());
-        Ok(AgentClient::new(channel))
+        Ok(AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE))
     }
 }
 

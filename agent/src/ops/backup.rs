@@ -7,7 +7,7 @@ use std::sync::Arc;
 use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_event::Event};
 
-use super::{check_common, execute, failed, failure_of};
+use super::{check_common, execute, failed, failure_of, set_failed_paths};
 use crate::exec::{Executor, Invocation};
 use crate::restic;
 use crate::runs::Run;
@@ -169,7 +169,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         stream: true,
         step: "backup",
     };
-    let out = match execute(&exec, inv).await {
+    let mut out = match execute(&exec, inv).await {
         Ok(out) => out,
         Err(failure) => return failure,
     };
@@ -177,15 +177,10 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     let partial = out.exit_code == Some(3);
     if !(out.success() || partial) || out.cancelled {
         let mut r = failure_of(&out, "backup");
-        r.failed_paths = out
-            .errors
-            .iter()
-            .map(|e| e.item.clone())
-            .filter(|p| !p.is_empty())
-            .collect();
+        set_failed_paths(&mut r, &out);
         return r;
     }
-    let Some(summary) = out.summary else {
+    let Some(summary) = out.summary.take() else {
         return failed(FailureKind::Restic, "restic exited without a summary");
     };
     let backup = pb::BackupSummary {
@@ -217,13 +212,8 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     }
     if partial {
         result.outcome = Outcome::PartiallyFailed as i32;
-        result.failed_paths = out
-            .errors
-            .iter()
-            .map(|e| e.item.clone())
-            .filter(|p| !p.is_empty())
-            .collect();
-        result.reason = format!("{} file(s) could not be read", result.failed_paths.len().max(1));
+        set_failed_paths(&mut result, &out);
+        result.reason = format!("{} file(s) could not be read", result.failed_paths_total.max(1));
     }
     result
 }

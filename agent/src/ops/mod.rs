@@ -75,6 +75,18 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
     r
 }
 
+/// The paths restic reported errors for: the first `MAX_FAILED_PATHS`, and how many in all.
+pub fn set_failed_paths(result: &mut pb::Result, out: &Output) {
+    result.failed_paths = out
+        .errors
+        .iter()
+        .map(|e| e.item.clone())
+        .filter(|p| !p.is_empty())
+        .take(restic_operator_proto::MAX_FAILED_PATHS)
+        .collect();
+    result.failed_paths_total = out.error_total.max(result.failed_paths.len() as u64);
+}
+
 /// Checks the parts every request shares: run options and repository. Extra arguments must
 /// each be allowed for one of `commands` (the restic commands the request runs).
 pub fn check_common(

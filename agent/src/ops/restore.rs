@@ -8,7 +8,7 @@ use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, Outcome, RestoreMode, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, execute, failure_of};
+use super::{check_common, execute, failure_of, set_failed_paths};
 use crate::exec::{Executor, Invocation};
 use crate::runs::Run;
 use crate::sandbox::{Access, VolumeBind};
@@ -113,21 +113,16 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         stream: true,
         step: "restore",
     };
-    let out = match execute(&exec, inv).await {
+    let mut out = match execute(&exec, inv).await {
         Ok(out) => out,
         Err(failure) => return failure,
     };
     if !out.success() || out.cancelled {
         let mut r = failure_of(&out, "restore");
-        r.failed_paths = out
-            .errors
-            .iter()
-            .map(|e| e.item.clone())
-            .filter(|p| !p.is_empty())
-            .collect();
+        set_failed_paths(&mut r, &out);
         return r;
     }
-    let s = out.summary.unwrap_or_default();
+    let s = out.summary.take().unwrap_or_default();
     let mut result = pb::Result {
         outcome: Outcome::Succeeded as i32,
         snapshot_id: req.snapshot_id.clone(),
@@ -141,10 +136,13 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         }),
         ..Default::default()
     };
-    if !out.errors.is_empty() {
+    if out.error_total > 0 {
         result.outcome = Outcome::PartiallyFailed as i32;
-        result.failed_paths = out.errors.iter().map(|e| e.item.clone()).collect();
-        result.reason = format!("{} file(s) could not be restored", result.failed_paths.len());
+        set_failed_paths(&mut result, &out);
+        result.reason = format!(
+            "{} file(s) could not be restored",
+            result.failed_paths_total.max(1)
+        );
     }
     result
 }

@@ -492,7 +492,10 @@ fn outcome_of(r: pb::Result) -> Outcome {
         pb::Outcome::Succeeded => (RunResult::Succeeded, String::new()),
         pb::Outcome::PartiallyFailed => (
             RunResult::PartiallyFailed,
-            format!("{} file(s) could not be read", r.failed_paths.len()),
+            format!(
+                "{} file(s) could not be read",
+                r.failed_paths_total.max(r.failed_paths.len() as u64)
+            ),
         ),
         _ => (RunResult::Failed, run::describe_failure(&r)),
     };
@@ -851,9 +854,16 @@ async fn finish(
                 EventType::Warning,
                 er::BACKUP_PARTIALLY_FAILED,
                 format!(
-                    "Backup completed with unreadable files (snapshot: {}): {}",
+                    "Backup completed with {} unreadable file(s) (snapshot: {}): {}{}",
+                    r.failed_paths_total.max(r.failed_paths.len() as u64),
                     r.snapshot_id,
-                    r.failed_paths.join(", ")
+                    r.failed_paths
+                        .iter()
+                        .take(10)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if r.failed_paths_total > 10 { ", ..." } else { "" }
                 ),
             )
             .await
