@@ -501,23 +501,30 @@ async fn two_calls_with_one_run_id_make_one_snapshot() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn an_unreadable_file_makes_the_run_partially_failed_with_its_path() -> Result<()> {
-    let agent = Agent::start("unreadable")?;
-    let repo = s3_repository(&unique_name("unreadable"), "repo");
+/// Backs up a volume with one readable file and root-only files `locked_names`, as the
+/// backup's securityContext user (65534), who cannot read them.
+async fn back_up_unreadable(test: &str, locked_names: &[String]) -> Result<(Vec<pb::RunEvent>, pb::Result)> {
+    let agent = Agent::start(test)?;
+    let repo = s3_repository(&unique_name(test), "repo");
     let mut client = agent.client().await?;
     init(&mut client, &repo, "init").await?;
     let uid = pod_uid(1);
     let data = agent.volume(&uid, EMPTY_DIR, "data")?;
     std::fs::write(data.join("readable"), b"fine")?;
-    std::fs::write(data.join("locked"), b"root only")?;
-    std::fs::set_permissions(data.join("locked"), std::fs::Permissions::from_mode(0o000))?;
-    // As the backup's securityContext user, restic cannot read a root-only file.
-    let mut req = backup("partial", &repo, &uid, "data");
+    for name in locked_names {
+        std::fs::write(data.join(name), b"root only")?;
+        std::fs::set_permissions(data.join(name), std::fs::Permissions::from_mode(0o000))?;
+    }
+    let mut req = backup(test, &repo, &uid, "data");
     let opts = req.options.as_mut().unwrap();
     opts.run_as_user = Some(65534);
     opts.run_as_group = Some(65534);
-    let (events, result) = collect(client.backup(req).await?.into_inner()).await?;
+    collect(client.backup(req).await?.into_inner()).await
+}
+
+#[tokio::test]
+async fn an_unreadable_file_makes_the_run_partially_failed_with_its_path() -> Result<()> {
+    let (events, result) = back_up_unreadable("unreadable", &["locked".to_owned()]).await?;
     ensure!(outcome(&result) == Outcome::PartiallyFailed, "{result:?}");
     ensure!(
         result.failed_paths == vec!["/data/locked".to_string()],
@@ -538,24 +545,9 @@ async fn an_unreadable_file_makes_the_run_partially_failed_with_its_path() -> Re
 
 #[tokio::test]
 async fn a_volume_full_of_unreadable_files_gives_a_bounded_result_with_the_count() -> Result<()> {
-    let agent = Agent::start("many-unreadable")?;
-    let repo = s3_repository(&unique_name("many-unreadable"), "repo");
-    let mut client = agent.client().await?;
-    init(&mut client, &repo, "init").await?;
-    let uid = pod_uid(1);
-    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
-    std::fs::write(data.join("readable"), b"fine")?;
     let many = restic_operator_proto::MAX_FAILED_PATHS + 150;
-    for i in 0..many {
-        let f = data.join(format!("locked-{i:04}"));
-        std::fs::write(&f, b"root only")?;
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o000))?;
-    }
-    let mut req = backup("many", &repo, &uid, "data");
-    let opts = req.options.as_mut().unwrap();
-    opts.run_as_user = Some(65534);
-    opts.run_as_group = Some(65534);
-    let (events, result) = collect(client.backup(req).await?.into_inner()).await?;
+    let names: Vec<String> = (0..many).map(|i| format!("locked-{i:04}")).collect();
+    let (events, result) = back_up_unreadable("many-unreadable", &names).await?;
     ensure!(outcome(&result) == Outcome::PartiallyFailed, "{result:?}");
     ensure!(
         result.failed_paths.len() == restic_operator_proto::MAX_FAILED_PATHS,
