@@ -134,7 +134,9 @@ impl Agents {
             .ok_or_else(|| "no ready restic agent in the cluster".to_owned())
     }
 
-    /// A client for the agent at `address`.
+    /// A client for the agent at `address`. Channels are kept per address, and those of
+    /// agents that no longer serve are dropped whenever a new one is made, so agent pods that
+    /// come and go (rollouts, node churn) do not pile up connections.
     pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, String> {
         if let Some(ch) = self.channels.lock().expect("channel lock").get(address) {
             return Ok(AgentClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE));
@@ -148,10 +150,10 @@ impl Agents {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
             .connect_lazy();
-        self.channels
-            .lock()
-            .expect("channel lock")
-            .insert(address.to_owned(), channel.clone());
+        let serving: Vec<String> = self.serving().into_iter().map(|a| a.address).collect();
+        let mut channels = self.channels.lock().expect("channel lock");
+        channels.retain(|known, _| serving.contains(known));
+        channels.insert(address.to_owned(), channel.clone());
         Ok(AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE))
     }
 }
@@ -184,5 +186,43 @@ mod tests {
         );
         assert!(!pod_is_serving(&not_ready));
         assert_eq!(address("fd00::1", 9443), "https://[fd00::1]:9443");
+    }
+
+    #[tokio::test]
+    async fn channels_of_agents_that_are_gone_are_dropped() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        let agent = |name: &str, ip: &str| {
+            pod(&format!(
+                "metadata: {{name: {name}, namespace: ops}}\nspec: {{nodeName: {name}, containers: []}}\n\
+                 status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}"
+            ))
+        };
+        let (a, b) = (agent("a", "10.0.0.1"), agent("b", "10.0.0.2"));
+        writer.apply_watcher_event(&Event::Apply(a.clone()));
+        writer.apply_watcher_event(&Event::Apply(b.clone()));
+        let ca = crate::pki::new_ca(Duration::from_secs(3600)).unwrap();
+        let client =
+            crate::pki::issue(&ca, crate::pki::CLIENT_NAME, false, Duration::from_secs(3600)).unwrap();
+        let pki = Pki {
+            ca,
+            client,
+            client_not_after: 0,
+        };
+        let agents = Agents::new(store, &pki, 9443, "restic-agent");
+        let known = |agents: &Agents| {
+            let mut k: Vec<String> = agents.channels.lock().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        agents.client("https://10.0.0.1:9443").unwrap();
+        agents.client("https://10.0.0.2:9443").unwrap();
+        assert_eq!(known(&agents), ["https://10.0.0.1:9443", "https://10.0.0.2:9443"]);
+        // Agent a's pod goes; the next new channel drops its channel.
+        writer.apply_watcher_event(&Event::Delete(a));
+        let c = agent("c", "10.0.0.3");
+        writer.apply_watcher_event(&Event::Apply(c));
+        agents.client("https://10.0.0.3:9443").unwrap();
+        assert_eq!(known(&agents), ["https://10.0.0.2:9443", "https://10.0.0.3:9443"]);
     }
 }

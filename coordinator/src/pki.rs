@@ -57,7 +57,7 @@ fn set_validity(params: &mut CertificateParams, validity: Duration) {
         ymd(Utc::now() + chrono::Duration::from_std(validity).unwrap_or(chrono::Duration::days(365)));
 }
 
-fn new_ca(validity: Duration) -> Result<Pem, PkiError> {
+pub(crate) fn new_ca(validity: Duration) -> Result<Pem, PkiError> {
     let mut params = CertificateParams::new(Vec::new())?;
     params
         .distinguished_name
