@@ -95,16 +95,26 @@ impl Cgroups {
     }
 }
 
-/// Prepares cgroup v2 below `base` (the agent's own cgroup): moves `pid` into the leaf
-/// `base/agent`, enables the memory controller for `base` and for `parent`
+/// Prepares cgroup v2 below `base` (the agent's own cgroup): moves its processes (`pid`, the
+/// agent, last) into the leaf `base/agent`, enables the memory controller for `base` and for `parent`
 /// (`base/restic-agent-runs`). Plain file operations, so a scratch directory can stand in for
 /// the cgroup file system in tests.
 fn setup_v2(base: &Path, parent: &Path, pid: u32) -> std::io::Result<()> {
     let procs = std::fs::read_to_string(base.join("cgroup.procs")).unwrap_or_default();
-    if procs.split_whitespace().any(|p| p == pid.to_string()) {
+    let procs: Vec<&str> = procs.split_whitespace().collect();
+    if !procs.is_empty() {
+        // Every process, not only the agent: an init such as tini, or anything exec'd into
+        // the container, would keep the cgroup "internal" and +memory would fail with EBUSY.
         let leaf = base.join("agent");
         std::fs::create_dir_all(&leaf)?;
-        std::fs::write(leaf.join("cgroup.procs"), pid.to_string())?;
+        for p in procs
+            .iter()
+            .filter(|p| **p != pid.to_string())
+            .chain([&pid.to_string().as_str()])
+        {
+            // One that exited meanwhile cannot be moved, and needs not be.
+            let _ = std::fs::write(leaf.join("cgroup.procs"), p);
+        }
     }
     enable_memory(base)?;
     std::fs::create_dir_all(parent)?;

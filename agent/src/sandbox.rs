@@ -143,6 +143,8 @@ const ETC_FILES: &[&str] = &[
     "/etc/nsswitch.conf",
     "/etc/ssl/certs",
     "/etc/pki/tls/certs",
+    // Red Hat family images: the two above are links into this.
+    "/etc/pki/ca-trust/extracted",
     "/etc/ssl/cert.pem",
 ];
 
@@ -331,6 +333,10 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
     for volume in &spec.volumes {
         mount_volume(&spec.root, volume)?;
     }
+    // After every mount point exists: creating one changes its parent's times.
+    for volume in &spec.volumes {
+        copy_parent_metadata(&spec.root, volume)?;
+    }
     enter_root(&spec.root)?;
     std::env::set_current_dir(&spec.cwd).with_context(|| format!("chdir {}", spec.cwd.display()))?;
     drop_privileges(&spec)?;
@@ -460,6 +466,63 @@ fn mount_volume(root: &Path, v: &VolumeBind) -> Result<()> {
     Ok(())
 }
 
+/// A path inside a volume is mounted on its own, so the directories above it in the sandbox
+/// (the snapshot path itself, `app` for `app/config`) are the sandbox's. restic records them
+/// in the snapshot and a restore writes them back, so they get the owner, mode and times of
+/// the volume's real directories (each opened beneath the volume).
+fn copy_parent_metadata(root: &Path, v: &VolumeBind) -> Result<()> {
+    use nix::sys::stat::{UtimensatFlags, fchmodat, utimensat};
+    use nix::sys::time::TimeSpec;
+    let depth = v.subpath.components().count();
+    if depth == 0 {
+        return Ok(());
+    }
+    let Some(top) = v.target.ancestors().nth(depth) else {
+        return Ok(());
+    };
+    let base = open(
+        &v.source,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut prefix = PathBuf::new();
+    let mut parents = vec![PathBuf::new()];
+    for c in v.subpath.components().take(depth - 1) {
+        prefix.push(c);
+        parents.push(prefix.clone());
+    }
+    for rel in parents {
+        let real = if rel.as_os_str().is_empty() {
+            fstat(&base)?
+        } else {
+            match open_beneath(&base, &rel, OFlag::O_PATH | OFlag::O_DIRECTORY) {
+                Ok(fd) => fstat(&fd)?,
+                // The path itself was opened already; a parent swapped since then only loses
+                // its metadata here.
+                Err(_) => continue,
+            }
+        };
+        let dir = inside(root, &top.join(&rel))?;
+        nix::unistd::chown(&dir, Some(real.st_uid.into()), Some(real.st_gid.into()))?;
+        fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &dir,
+            Mode::from_bits_truncate(real.st_mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
+        let atime = TimeSpec::new(real.st_atime, real.st_atime_nsec);
+        let mtime = TimeSpec::new(real.st_mtime, real.st_mtime_nsec);
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            &dir,
+            &atime,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )?;
+    }
+    Ok(())
+}
+
 /// `openat2` with `RESOLVE_BENEATH`: `..`, absolute symlinks and symlinks leading out of `dir`
 /// fail instead of being followed out.
 fn open_beneath(dir: &OwnedFd, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
@@ -492,9 +555,11 @@ fn create_beneath(base: OwnedFd, subpath: &Path, shown: &str) -> Result<OwnedFd>
 fn refusal(shown: &str, e: Errno) -> Refused {
     Refused(match e {
         Errno::ENOENT => format!("path {shown} does not exist in the volume"),
-        Errno::EXDEV | Errno::ELOOP | Errno::ENOTDIR => {
-            format!("path {shown} leaves the volume (through a symbolic link or '..'); refusing")
-        }
+        Errno::EXDEV => format!("path {shown} leaves the volume (through a symbolic link or '..'); refusing"),
+        Errno::ELOOP => format!(
+            "path {shown} goes through a symbolic link, which a restore target may not (or through too many links)"
+        ),
+        Errno::ENOTDIR => format!("path {shown} runs through something that is not a directory"),
         e => format!("path {shown} in the volume cannot be opened: {e}"),
     })
 }

@@ -179,6 +179,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    crate::volumes::check_openat2(&args.state_dir)?;
     let cgroups = Cgroups::detect(args.cgroup_parent.as_deref());
     if let Cgroups::Unavailable(why) = &cgroups {
         tracing::warn!(reason = %why, "restic runs will have no memory limit");

@@ -287,6 +287,17 @@ pub async fn any_entries(volume: &Path, subpaths: &[PathBuf]) -> bool {
     .unwrap_or(true)
 }
 
+/// Fails at start-up on a kernel without `openat2` (before Linux 5.6): every path inside a
+/// volume is resolved with it, and without it every such backup and restore would fail.
+pub fn check_openat2(dir: &Path) -> anyhow::Result<()> {
+    match entries_beneath(dir, Path::new("")) {
+        Err(nix::errno::Errno::ENOSYS) => {
+            anyhow::bail!("this kernel has no openat2(2); the agent needs Linux 5.6 or newer")
+        }
+        _ => Ok(()),
+    }
+}
+
 fn entries_beneath(volume: &Path, rel: &Path) -> nix::Result<bool> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     let base = open(

@@ -946,3 +946,53 @@ async fn shutting_the_agent_down_stops_restic_and_leaves_nothing_in_flight() -> 
     ensure!(agent.log().contains("shutting down"), "{}", agent.log());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_path_inside_the_volume_keeps_the_owner_and_mode_of_the_directories_above_it() -> Result<()> {
+    let agent = Agent::start("parents")?;
+    let repo = s3_repository(&unique_name("parents"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    std::fs::create_dir_all(data.join("app/config"))?;
+    std::fs::write(data.join("app/config/settings"), b"x")?;
+    nix::unistd::chown(&data.join("app"), Some(1000.into()), Some(1001.into()))?;
+    std::fs::set_permissions(data.join("app"), std::fs::Permissions::from_mode(0o750))?;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o770))?;
+    let mut req = backup("parents", &repo, &uid, "data");
+    req.paths = vec!["/app/config".into()];
+    let (_, result) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&result) == Outcome::Succeeded, "{result:?}");
+    let out = repo
+        .restic()?
+        .args(["ls", "--json", "--no-lock", &result.snapshot_id])
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nodes: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let node = |path: &str| {
+        nodes
+            .iter()
+            .find(|n| n["path"] == path)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let app = node("/data/app");
+    ensure!(
+        (app["uid"].as_u64(), app["gid"].as_u64()) == (Some(1000), Some(1001)),
+        "the snapshot records the real owner of /data/app: {app}"
+    );
+    ensure!(
+        app["mode"].as_u64().unwrap_or(0) & 0o777 == 0o750,
+        "and its mode: {app}"
+    );
+    let root = node("/data");
+    ensure!(
+        root["mode"].as_u64().unwrap_or(0) & 0o777 == 0o770,
+        "and the volume's: {root}"
+    );
+    Ok(())
+}

@@ -72,6 +72,14 @@ fn snapshot_ids(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Whether a run was refused for a path in the volume that leads out of it (the sandbox
+/// names the case it hit: out of the volume, a symbolic link, not a directory).
+fn refused_path(reason: &str) -> bool {
+    ["leaves the volume", "symbolic link", "not a directory"]
+        .iter()
+        .any(|r| reason.contains(r))
+}
+
 /// Swaps two names (a directory and a symlink) back and forth until stopped, as a pod would to
 /// win a race between a check and a use.
 fn flip(a: std::path::PathBuf, b: std::path::PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
@@ -212,7 +220,7 @@ async fn a_symlink_flipped_during_subpath_backups_never_brings_outside_files_int
             made += 1;
         } else {
             ensure!(result.failure == FailureKind::InvalidRequest as i32, "{result:?}");
-            ensure!(result.reason.contains("leaves the volume"), "{}", result.reason);
+            ensure!(refused_path(&result.reason), "{}", result.reason);
             refused += 1;
         }
     }
@@ -277,7 +285,8 @@ async fn a_symlink_flipped_during_restores_never_lets_a_write_leave_the_target()
         };
         let (_, result) = collect(client.restore(req).await?.into_inner()).await?;
         ensure!(
-            result.outcome == Outcome::Succeeded as i32 || result.reason.contains("leaves the volume"),
+            result.outcome == Outcome::Succeeded as i32
+                || (result.failure == FailureKind::InvalidRequest as i32 && refused_path(&result.reason)),
             "{result:?}"
         );
     }

@@ -425,7 +425,7 @@ pub struct BackupRun {
     /// What happened, for a person (the error on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Files restic could not read (the first 20).
+    /// Files restic could not read (the first 100; the message says how many in all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_paths: Vec<String>,
     /// Files new in this snapshot.

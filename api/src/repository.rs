@@ -78,9 +78,12 @@ pub struct ResticRepositorySpec {
     #[x_kube(validation = Rule::new("self.matches('^(s3|rest|b2|azure|gs|swift|sftp|rclone|local):[^[:cntrl:]]+$')")
         .message("repositoryURL must name a restic backend (s3:, rest:, b2:, azure:, gs:, swift:, sftp:, rclone: or local:) and hold no control characters"))]
     pub repository_url: String,
-    /// Secret (in this namespace) with the repository credentials. Every key is passed to restic
-    /// as an environment variable: `RESTIC_PASSWORD` (required), and what the backend needs,
-    /// e.g. `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` for S3.
+    /// Secret (in this namespace) with the repository credentials: `RESTIC_PASSWORD` (required),
+    /// and what the backend needs as environment variables, e.g. `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` for S3, plus proxy variables. Keys that are not restic backend
+    /// settings, or that name a file or a program (`*_FILE`, `*_COMMAND`,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`, ...), are left out with a `SecretKeysIgnored` warning
+    /// event; `RESTIC_REPOSITORY`, if present, must equal `repositoryURL`.
     pub credentials_secret_ref: SecretReference,
     /// Periodic `restic check` of the repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]

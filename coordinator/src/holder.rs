@@ -215,6 +215,16 @@ pub enum NotOurs {
     Volumes,
 }
 
+/// Whether `pod` is a holder (by its component label) that the object with `owner_uid`
+/// controls (pure).
+pub fn controlled_holder(pod: &Pod, owner_uid: &str) -> bool {
+    let controlled = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.uid == owner_uid);
+    !owner_uid.is_empty() && is_holder(pod) && controlled
+}
+
 /// Whether `existing` is the holder `expected` (as [`holder_pod`] built it) and controlled by
 /// the object with `owner_uid` (pure). The API server adds defaults, so this compares what
 /// makes a pod a holder, not every field.
@@ -447,14 +457,18 @@ impl Holder {
         })
     }
 
-    /// Deletes the holder if it exists and is ours; anything else under its name stays.
+    /// Deletes the holder if it exists and the backup controls it as a holder; anything else
+    /// under its name stays. This is looser than [`check_ours`] on purpose: once created, a
+    /// holder may have been changed by admission webhooks (an injected sidecar, a mirrored
+    /// image) or the flags and claim it was built from may have changed, and it must still go,
+    /// or its claim stays mounted.
     pub async fn remove(&self, client: &Client) {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
         match pods.get_opt(&self.name).await {
-            Ok(Some(p)) => match self.ours(&p) {
-                Ok(()) => self.delete(client, &p.uid().unwrap_or_default()).await,
-                Err(e) => tracing::warn!(error = %e, "not deleting a pod that is not ours"),
-            },
+            Ok(Some(p)) if controlled_holder(&p, &self.owner_uid) => {
+                self.delete(client, &p.uid().unwrap_or_default()).await
+            }
+            Ok(Some(_)) => tracing::warn!(pod = %self.name, "not deleting a pod that is not ours"),
             Ok(None) => {}
             Err(e) => tracing::warn!(pod = %self.name, error = %e, "reading the holder pod to delete it"),
         }
@@ -700,5 +714,30 @@ mod tests {
             })),
             NotOurs::Volumes
         );
+    }
+
+    #[test]
+    fn a_holder_changed_by_admission_webhooks_is_still_removed_but_a_lookalike_is_not() {
+        let backup = backup("");
+        let uid = backup.uid().unwrap();
+        let mut pod = holder_pod(&backup, "b-holder-1", "data", "pause:1", true);
+        // A service mesh injected a sidecar: no longer exactly a holder, still ours to delete.
+        pod.spec.as_mut().unwrap().containers.push(Default::default());
+        assert!(
+            check_ours(
+                &pod,
+                &holder_pod(&backup, "b-holder-1", "data", "pause:1", true),
+                &uid
+            )
+            .is_err()
+        );
+        assert!(controlled_holder(&pod, &uid));
+        // A user's pod with the labels but not controlled by the backup is never deleted.
+        pod.metadata.owner_references = None;
+        assert!(!controlled_holder(&pod, &uid));
+        assert!(!controlled_holder(
+            &holder_pod(&backup, "x", "data", "pause:1", true),
+            ""
+        ));
     }
 }

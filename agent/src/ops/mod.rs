@@ -50,6 +50,14 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
             format!("{what}: restic was killed by signal {sig}"),
         );
     }
+    if out.exit_code == Some(crate::sandbox::EXIT_SETUP) {
+        let reason = out.stderr.lines().last().unwrap_or_default();
+        let reason = reason.strip_prefix("restic-agent sandbox: ").unwrap_or(reason);
+        return failed(
+            FailureKind::Unspecified,
+            format!("{what}: the agent could not set up restic's sandbox on this node: {reason}"),
+        );
+    }
     if out.exit_code == Some(crate::sandbox::EXIT_REFUSED) {
         let reason = out.stderr.lines().last().unwrap_or_default();
         let reason = reason.strip_prefix("restic-agent sandbox: ").unwrap_or(reason);
