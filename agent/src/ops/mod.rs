@@ -50,18 +50,26 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
             format!("{what}: restic was killed by signal {sig}"),
         );
     }
-    if out.exit_code == Some(crate::sandbox::EXIT_SETUP) {
-        let reason = out.stderr.lines().last().unwrap_or_default();
-        let reason = reason.strip_prefix("restic-agent sandbox: ").unwrap_or(reason);
-        return failed(
-            FailureKind::Unspecified,
-            format!("{what}: the agent could not set up restic's sandbox on this node: {reason}"),
-        );
-    }
-    if out.exit_code == Some(crate::sandbox::EXIT_REFUSED) {
-        let reason = out.stderr.lines().last().unwrap_or_default();
-        let reason = reason.strip_prefix("restic-agent sandbox: ").unwrap_or(reason);
-        return failed(FailureKind::InvalidRequest, format!("{what} refused: {reason}"));
+    // The sandbox's own exits: its last stderr line says why.
+    let sandbox_says = || {
+        let line = out.stderr.lines().last().unwrap_or_default();
+        line.strip_prefix("restic-agent sandbox: ")
+            .unwrap_or(line)
+            .to_owned()
+    };
+    match out.exit_code {
+        Some(crate::sandbox::EXIT_SETUP) => {
+            let why = sandbox_says();
+            let reason = format!("{what}: the agent could not set up restic's sandbox on this node: {why}");
+            return failed(FailureKind::Unspecified, reason);
+        }
+        Some(crate::sandbox::EXIT_REFUSED) => {
+            return failed(
+                FailureKind::InvalidRequest,
+                format!("{what} refused: {}", sandbox_says()),
+            );
+        }
+        _ => {}
     }
     let (kind, reason) = restic::classify_failure(out.exit_code, &out.stderr);
     if out.timed_out {
