@@ -53,6 +53,8 @@ pub struct Run {
     pub repository_url: String,
     pub volume: Option<pb::VolumeRef>,
     pub cancel: CancellationToken,
+    /// Set when the agent itself stops (SIGTERM), so a cancelled run says why.
+    stopping: std::sync::atomic::AtomicBool,
     created_ms: i64,
     state: Mutex<RunData>,
     /// The number of events so far; subscribers wait on changes.
@@ -81,6 +83,7 @@ impl Run {
             repository_url,
             volume,
             cancel: CancellationToken::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             created_ms: now_ms(),
             state: Mutex::new(RunData {
                 state: RunState::Queued as i32,
@@ -92,7 +95,17 @@ impl Run {
 
     /// Appends an event. Consecutive progress events are coalesced, and logs and warnings are
     /// capped, so the history of a ten-hour backup stays small.
-    pub fn emit(&self, event: Event) {
+    pub fn emit(&self, mut event: Event) {
+        if let Event::Result(r) = &mut event
+            && r.outcome == Outcome::Cancelled as i32
+            && self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            r.reason = format!(
+                "the agent stopped while the run was in flight (its pod was deleted, evicted or \
+                 replaced, or its node is shutting down): {}",
+                r.reason
+            );
+        }
         let mut d = self.state.lock().unwrap();
         if d.result.is_some() {
             return; // nothing follows the result
@@ -411,6 +424,7 @@ impl Runs {
     pub async fn shutdown(&self, timeout: Duration) {
         let runs: Vec<_> = self.runs.lock().unwrap().values().cloned().collect();
         for r in &runs {
+            r.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
             r.cancel.cancel();
         }
         let deadline = Instant::now() + timeout;
@@ -513,6 +527,28 @@ mod tests {
         let last = second.subscribe().collect::<Vec<_>>().await.pop().unwrap();
         assert!(matches!(last.event, Some(Event::Result(ref r)) if r.outcome == Outcome::Succeeded as i32));
         assert!(first.is_finished());
+    }
+
+    #[tokio::test]
+    async fn runs_stopped_by_an_agent_shutdown_say_so() {
+        let (_d, runs) = registry(1);
+        let (run, _) = runs.start_or_attach("s", RunKind::Backup, "repo", None, |run| async move {
+            run.cancel.cancelled().await;
+            cancelled_result("backup was cancelled")
+        });
+        runs.shutdown(Duration::from_secs(5)).await;
+        let last = run.subscribe().collect::<Vec<_>>().await.pop().unwrap();
+        let Some(Event::Result(r)) = last.event else {
+            panic!("no result: {last:?}");
+        };
+        assert_eq!(r.outcome, Outcome::Cancelled as i32);
+        assert!(
+            r.reason
+                .starts_with("the agent stopped while the run was in flight"),
+            "{}",
+            r.reason
+        );
+        assert!(r.reason.ends_with("backup was cancelled"), "{}", r.reason);
     }
 
     #[tokio::test]

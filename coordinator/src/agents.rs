@@ -125,6 +125,26 @@ impl Agents {
             .ok_or_else(|| format!("no ready restic agent on node {node}"))
     }
 
+    /// The agent of `node`, waiting up to `timeout` for one to serve there: an agent pod being
+    /// replaced (a rollout, a restart, a deleted pod) is back within seconds, and a run should
+    /// not fail for that.
+    pub async fn wait_on_node(
+        &self,
+        node: &str,
+        timeout: std::time::Duration,
+    ) -> Result<AgentEndpoint, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.on_node(node) {
+                Ok(agent) => return Ok(agent),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("{e} (waited {}s)", timeout.as_secs()));
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
+    }
+
     /// An agent for repository-wide work (init, stats, check, forget): the first by node
     /// name, so the choice is stable.
     pub fn any(&self) -> Result<AgentEndpoint, String> {

@@ -88,7 +88,8 @@ pub struct Config {
     /// How often live progress is written to a backup's status.
     #[arg(long, value_parser = duration, default_value = "3s")]
     pub progress_interval: Duration,
-    /// How long to keep trying to reach the agent of a run in flight before failing it.
+    /// How long to keep trying to reach the agent of a run in flight before failing it, and how
+    /// long a new backup waits for its node's agent to be ready (an agent pod being replaced).
     #[arg(long, value_parser = duration, default_value = "2m")]
     pub agent_lost_timeout: Duration,
     /// Image of holder pods, which only keep a claim no running pod mounts mounted while its

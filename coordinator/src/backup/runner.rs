@@ -251,7 +251,11 @@ async fn execute(
         Ok(s) => s,
         Err(outcome) => return outcome,
     };
-    let agent = match ctx.agents.on_node(&source.node) {
+    let agent = match ctx
+        .agents
+        .wait_on_node(&source.node, ctx.config.agent_lost_timeout)
+        .await
+    {
         Ok(agent) => agent,
         Err(e) => return Outcome::failed(format!("{e} (pod {} mounts the volume there)", source.pod)),
     };
