@@ -330,6 +330,22 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("agent said {:?}: {}", s.code(), s.message())
 }
 
+/// The words beside the bar: the stage, the files, and the time left only where restic can
+/// estimate it (at 100 % the upload of the last packs may still take a while).
+fn progress_message(p: &pb::Progress) -> String {
+    let files = format!("{}/{} files", p.files_done, p.total_files);
+    let current = p.current_files.first().cloned().unwrap_or_default();
+    match p.stage.as_str() {
+        "uploading" => format!("{files}, all read: uploading the last packs, saving the snapshot"),
+        "scanning" => format!("scanning, {files} so far {current}"),
+        "reading" | "restoring" if p.seconds_remaining > 0 => {
+            format!("{}, {files}, {}s left {current}", p.stage, p.seconds_remaining)
+        }
+        "" => format!("{files} {current}"),
+        stage => format!("{stage}, {files} {current}"),
+    }
+}
+
 /// Shows a run's events with a progress bar; returns its result, failing unless it succeeded.
 async fn follow(mut stream: tonic::Streaming<pb::RunEvent>) -> Result<pb::Result> {
     let bar = ProgressBar::new(0);
@@ -346,13 +362,7 @@ async fn follow(mut stream: tonic::Streaming<pb::RunEvent>) -> Result<pb::Result
             Some(Event::Progress(p)) => {
                 bar.set_length(p.total_bytes);
                 bar.set_position(p.bytes_done);
-                bar.set_message(format!(
-                    "{}/{} files, {}s left {}",
-                    p.files_done,
-                    p.total_files,
-                    p.seconds_remaining,
-                    p.current_files.first().cloned().unwrap_or_default()
-                ));
+                bar.set_message(progress_message(&p));
             }
             Some(Event::Warning(w)) => bar.println(format!("warning: {} {}", w.path, w.message)),
             Some(Event::Log(l)) => bar.println(l.line),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use restic_operator_proto::v1::{self as pb, run_event::Event};
+use restic_operator_proto::v1::{self as pb, RunKind, run_event::Event};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -202,6 +202,8 @@ impl Executor {
             let mut lines = BufReader::new(stdout).lines();
             let mut last_progress: Option<Instant> = None;
             let mut pending: Option<pb::Progress> = None;
+            let mut stages = restic::Stages::default();
+            let restore = run.kind == RunKind::Restore;
             while let Ok(Some(line)) = lines.next_line().await {
                 if !stream {
                     if out.stdout.len() + line.len() < MAX_STDOUT {
@@ -212,7 +214,11 @@ impl Executor {
                 }
                 match restic::parse_line(&line) {
                     Some(Message::Status(s)) => {
-                        let p = s.to_progress();
+                        let mut p = s.to_progress();
+                        p.stage = stages.stage(restore, &s).into();
+                        if p.stage == "uploading" {
+                            p.seconds_remaining = 0;
+                        }
                         if last_progress.is_none_or(|t| t.elapsed() >= interval) {
                             run.emit(Event::Progress(p));
                             last_progress = Some(Instant::now());

@@ -237,6 +237,36 @@ impl Status {
             seconds_elapsed: self.seconds_elapsed,
             seconds_remaining: self.seconds_remaining,
             error_count: self.error_count,
+            stage: String::new(),
+        }
+    }
+}
+
+/// The stage of a backup or restore, from its status lines: restic's `--json` status has no
+/// phase, and its percentage counts bytes read, not uploaded, so a backup that has read
+/// everything shows 100 % while the last packs are still going out (for many seconds with
+/// `--limit-upload`).
+#[derive(Debug, Default)]
+pub struct Stages {
+    /// restic estimates the time left only once its scanner has counted every file.
+    scan_finished: bool,
+}
+
+impl Stages {
+    pub fn stage(&mut self, restore: bool, s: &Status) -> &'static str {
+        if restore {
+            return "restoring";
+        }
+        if s.seconds_remaining > 0 {
+            self.scan_finished = true;
+        }
+        let all_read = s.total_bytes > 0 && s.bytes_done >= s.total_bytes;
+        if all_read && (self.scan_finished || s.percent_done >= 1.0) {
+            "uploading"
+        } else if self.scan_finished {
+            "reading"
+        } else {
+            "scanning"
         }
     }
 }
@@ -651,5 +681,31 @@ mod tests {
             parse_rfc3339_ms("2024-01-15T01:00:00.123456789Z"),
             Some(1_705_280_400_123)
         );
+    }
+
+    #[test]
+    fn stages_follow_restics_status_lines_to_the_upload_at_the_end() {
+        let status = |done: u64, total: u64, eta: u64| {
+            let line = format!(
+                r#"{{"message_type":"status","percent_done":{},"bytes_done":{done},"total_bytes":{total},"seconds_remaining":{eta}}}"#,
+                done as f64 / total.max(1) as f64
+            );
+            match parse_line(&line) {
+                Some(Message::Status(s)) => s,
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut stages = Stages::default();
+        // The scanner still counts: no estimate yet.
+        assert_eq!(stages.stage(false, &status(10, 100, 0)), "scanning");
+        // Counted: restic estimates the time left.
+        assert_eq!(stages.stage(false, &status(50, 1000, 20)), "reading");
+        // The estimate runs out before the end: still reading.
+        assert_eq!(stages.stage(false, &status(990, 1000, 0)), "reading");
+        // Everything read, the process still running: the last packs go out.
+        assert_eq!(stages.stage(false, &status(1000, 1000, 0)), "uploading");
+        // A backup too small for an estimate still reaches the upload.
+        assert_eq!(Stages::default().stage(false, &status(5, 5, 0)), "uploading");
+        assert_eq!(Stages::default().stage(true, &status(5, 10, 3)), "restoring");
     }
 }

@@ -81,10 +81,17 @@ fn default_paths() -> Vec<String> {
         priority = 1
     ),
     printcolumn(
+        name = "Stage",
+        type_ = "string",
+        json_path = ".status.progress.stage",
+        description = "Phase of the backup in flight",
+        priority = 1
+    ),
+    printcolumn(
         name = "Snapshot",
         type_ = "string",
-        json_path = ".status.lastBackup.snapshotID",
-        description = "Snapshot made by the last backup",
+        json_path = ".status.lastBackup.shortSnapshotID",
+        description = "Short id of the snapshot made by the last backup",
         priority = 1
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -415,6 +422,10 @@ pub struct BackupRun {
     /// Id of the snapshot the run made.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "snapshotID")]
     pub snapshot_id: Option<String>,
+    /// The snapshot's short id, as restic prints it (its first 8 characters), which restic
+    /// commands accept in place of the full id.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "shortSnapshotID")]
+    pub short_snapshot_id: Option<String>,
     /// Id of the snapshot restic compared against (the previous snapshot of this backup).
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "parentSnapshotID")]
     pub parent_snapshot_id: Option<String>,

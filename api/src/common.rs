@@ -841,10 +841,14 @@ pub struct Progress {
     /// Total files to process (known once restic has scanned the source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_files: Option<i64>,
-    /// Estimated seconds until the run is done.
+    /// Estimated seconds until restic has read everything; only while `reading` (restic cannot
+    /// estimate the rest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds_remaining: Option<i64>,
-    /// Phase of the run in words, e.g. `pre-backup hook`, `scanning`, `uploading`, `forget`.
+    /// Phase of the run: `Queued`, `Running` (until restic reports), then `scanning` (restic
+    /// still counts the files), `reading` (with `secondsRemaining`), `uploading` (every byte
+    /// is read, so `percentDone` is 100, and the last packs are uploaded and the snapshot saved;
+    /// no estimate of the time left).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
 }

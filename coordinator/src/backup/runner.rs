@@ -564,7 +564,12 @@ impl<'a> ProgressWriter<'a> {
 
     fn on_event(&mut self, event: &pb::RunEvent) {
         match &event.event {
-            Some(RunEventKind::Progress(p)) => self.latest = Some(p.clone()),
+            Some(RunEventKind::Progress(p)) => {
+                if !p.stage.is_empty() {
+                    self.stage = Some(p.stage.clone());
+                }
+                self.latest = Some(p.clone());
+            }
             Some(RunEventKind::Queued(_)) => self.stage = Some("Queued".into()),
             Some(RunEventKind::Started(_)) => self.stage = Some("Running".into()),
             _ => return,
@@ -584,12 +589,16 @@ impl<'a> ProgressWriter<'a> {
             run_id: Some(self.run_id.clone()),
             start_time: self.start.clone(),
             update_time: Some(to_time(Utc::now())),
-            percent_done: Some((p.percent_done * 1000.0).round() / 10.0),
+            // The agent reports 0-100; one decimal is enough.
+            percent_done: Some((p.percent_done * 10.0).round() / 10.0),
             bytes_done: i64::try_from(p.bytes_done).ok(),
             total_bytes: i64::try_from(p.total_bytes).ok(),
             files_done: i64::try_from(p.files_done).ok(),
             total_files: i64::try_from(p.total_files).ok(),
-            seconds_remaining: i64::try_from(p.seconds_remaining).ok(),
+            // restic's estimate covers reading only; while the last packs upload it is unknown.
+            seconds_remaining: i64::try_from(p.seconds_remaining)
+                .ok()
+                .filter(|_| matches!(p.stage.as_str(), "reading" | "restoring")),
             stage: self.stage.clone(),
         };
         // The write runs beside the stream, so a slow API server never stalls reading it.
@@ -692,6 +701,7 @@ async fn finish(
         completion_time: Some(to_time(now)),
         duration: Some(format_duration(duration)),
         snapshot_id: Some(r.snapshot_id.clone()).filter(|s| !s.is_empty()),
+        short_snapshot_id: Some(r.snapshot_id.chars().take(8).collect::<String>()).filter(|s| !s.is_empty()),
         parent_snapshot_id: Some(summary.parent_snapshot_id.clone()).filter(|s| !s.is_empty()),
         result: Some(outcome.result),
         message: Some(outcome.message.clone()).filter(|m| !m.is_empty()),

@@ -186,8 +186,8 @@ fn helm_template_renders_the_same_bytes_every_time() -> Result<()> {
 fn the_charts_crds_are_the_generated_ones_byte_for_byte() -> Result<()> {
     let generated = yaml_files(&repo().join("crds"))?;
     let shipped = yaml_files(&chart().join("crds"))?;
-    let refresh = "refresh them from the repository root with \
-                   `rm charts/restic-operator/crds/*.yaml && cp crds/*.yaml charts/restic-operator/crds/`";
+    let refresh = "regenerate both from the repository root with \
+                   `cargo run -p restic-operator-api --bin crdgen`";
     ensure!(
         generated.keys().eq(shipped.keys()),
         "the chart ships CRDs {:?} but crds/ has {:?}; {refresh}",
