@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The README's first command: runs the system for real on this machine. Installs what it needs,
-# starts a local Kubernetes control plane and S3 server, installs the CRDs and the samples, then
-# runs the coordinator and a node agent: a demo app is backed up on a manual trigger and its
-# snapshot restored and compared with the volume.
-# Pass --exit to tear everything down after showing the result instead of staying up.
+# builds the images, starts a single-node Kubernetes cluster (kubelet, containerd, a CNI bridge,
+# a default StorageClass) and an S3 server, installs the chart with helm, deploys a demo app
+# with data on a claim, backs it up on a manual trigger, restores the snapshot with restic and
+# compares it with the app's volume, then prints how to look around.
+# Needs root (the node's bridge, mounts and cgroups). Pass --exit to tear everything down after
+# showing the result instead of staying up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash e2e/scripts/install-deps.sh

@@ -5,6 +5,14 @@ need=()
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v protoc >/dev/null || need+=(protobuf-compiler)   # tonic/prost code generation
+# The cluster tier's node: container runtime, CNI plugins, kube-proxy's iptables, image
+# assembly without a daemon, and the busybox of the demo app's image.
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v iptables >/dev/null || need+=(iptables)
+command -v umoci >/dev/null || need+=(umoci)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-deps] installing ${need[*]} from Debian" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

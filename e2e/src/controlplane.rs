@@ -2,6 +2,7 @@
 //! token signing) and kube-controller-manager (garbage collection, namespaces, service accounts,
 //! Jobs, CronJobs). Flags follow controller-runtime's envtest and `hack/local-up-cluster.sh`.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,18 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager with state under `dir`, and waits
-    /// until the API server is ready and the controllers run.
+    /// until the API server is ready and the controllers run. The API server listens on loopback,
+    /// for tests with pretend nodes.
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_on(dir, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`ControlPlane::start`], with the API server listening on `address`: the cluster
+    /// tier's bridge address, which pods reach through the `kubernetes` Service (kube-proxy)
+    /// and which the API server advertises as that Service's endpoint. The controllers that
+    /// need real kubelets (node lifecycle, pod garbage collection) only run then.
+    pub fn start_on(dir: &Path, address: Ipv4Addr) -> Result<Self> {
+        let real_nodes = !address.is_loopback();
         let started = Instant::now();
         std::fs::create_dir_all(dir)?;
         let pki = dir.join("pki");
@@ -39,6 +50,7 @@ impl ControlPlane {
             "kube-apiserver",
             &[
                 "127.0.0.1",
+                &address.to_string(),
                 "10.0.0.1",
                 "localhost",
                 "kubernetes",
@@ -55,7 +67,13 @@ impl ControlPlane {
         let etcd_port = free_port()?;
         let peer_port = free_port()?;
         let api_port = free_port()?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{address}:{api_port}");
+        // The API server's identity towards kubelets (exec, logs, port-forward).
+        write_pair(
+            &pki,
+            "apiserver-kubelet-client",
+            &ca.client("kube-apiserver-kubelet-client", Some("system:masters"))?,
+        )?;
         let mut processes = Vec::new();
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -88,8 +106,12 @@ impl ControlPlane {
             &tool("kube-apiserver")?,
             &args(&[
                 ("--etcd-servers", etcd_url),
-                ("--bind-address", "127.0.0.1".into()),
-                ("--advertise-address", "127.0.0.1".into()),
+                ("--bind-address", address.to_string()),
+                ("--advertise-address", address.to_string()),
+                ("--kubelet-client-certificate", p("apiserver-kubelet-client.crt")),
+                ("--kubelet-client-key", p("apiserver-kubelet-client.key")),
+                // The node's name resolves nowhere; its InternalIP is the bridge address.
+                ("--kubelet-preferred-address-types", "InternalIP".into()),
                 ("--secure-port", api_port.to_string()),
                 ("--cert-dir", p("")),
                 ("--tls-cert-file", p("apiserver.crt")),
@@ -106,7 +128,10 @@ impl ControlPlane {
                 ("--allow-privileged", "true".into()),
                 ("--storage-backend", "etcd3".into()),
                 // The loopback address cannot be an endpoint of the `kubernetes` Service.
-                ("--endpoint-reconciler-type", "none".into()),
+                (
+                    "--endpoint-reconciler-type",
+                    if real_nodes { "lease" } else { "none" }.into(),
+                ),
                 ("--v", "1".into()),
             ]),
             dir,
@@ -154,9 +179,17 @@ impl ControlPlane {
                 ("--cluster-signing-cert-file", p("ca.crt")),
                 ("--cluster-signing-key-file", p("ca.key")),
                 ("--service-cluster-ip-range", SERVICE_CIDR.into()),
-                // No kubelets run here: node lifecycle would mark the tests' pods not ready
-                // and pod GC would delete pods bound to the nodes the tests pretend exist.
-                ("--controllers", "*,-nodelifecycle,-podgc".into()),
+                // Without kubelets, node lifecycle would mark the tests' pods not ready and pod
+                // GC would delete pods bound to the nodes the tests pretend exist.
+                (
+                    "--controllers",
+                    if real_nodes {
+                        "*"
+                    } else {
+                        "*,-nodelifecycle,-podgc"
+                    }
+                    .into(),
+                ),
                 // Garbage collection and Job bookkeeping should feel instant in tests.
                 ("--concurrent-gc-syncs", "5".into()),
                 ("--v", "1".into()),

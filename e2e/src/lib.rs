@@ -13,10 +13,13 @@
 //! If the environment cannot start, every test fails with the reason; nothing is skipped.
 
 pub mod certs;
+pub mod cluster;
 pub mod controlplane;
 pub mod fixtures;
+pub mod node;
 pub mod operator;
 pub mod process;
+pub mod provisioner;
 pub mod s3;
 pub mod tools;
 

@@ -1,7 +1,7 @@
 //! Running the operator on this machine without a kubelet: the real `restic-coordinator`
 //! and `restic-agent` binaries, an agent announced by a pod object on a pretend node, and
 //! app pods whose UIDs map to a kubelet-shaped directory the agent reads. Used by the
-//! coordinator's tests and benchmark and by `devenv`.
+//! coordinator's tests and benchmark.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

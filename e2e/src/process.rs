@@ -47,11 +47,23 @@ pub struct Process {
 impl Process {
     /// Starts `program args...` with stdout and stderr appended to `<log_dir>/<name>.log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Result<Self> {
+        Self::spawn_with_death_signal(name, program, args, log_dir, "KILL")
+    }
+
+    /// Like [`Process::spawn`], with `signal` (e.g. `TERM`) sent when this process exits, for
+    /// a child that has to clean up.
+    pub fn spawn_with_death_signal(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        signal: &str,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new("setpriv");
         cmd.arg("--pdeathsig")
-            .arg("KILL")
+            .arg(signal)
             .arg("--")
             .arg(program)
             .args(args)

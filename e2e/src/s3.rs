@@ -1,6 +1,7 @@
-//! A real S3 server on loopback: Versity's S3 gateway over a POSIX directory, the same binary
+//! A real S3 server on loopback (or the cluster tier's bridge): Versity's S3 gateway over a POSIX directory, the same binary
 //! people run in production in front of file systems.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,21 +43,27 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// Starts the server on loopback.
     pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_on(dir, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts the server on `address` (the cluster tier's bridge, which pods reach).
+    pub fn start_on(dir: &Path, address: Ipv4Addr) -> Result<Self> {
         let root = dir.join("s3-data");
         let sidecar = dir.join("s3-metadata");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&sidecar)?;
         let port = free_port()?;
         let endpoint = S3Endpoint {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{address}:{port}"),
             access_key: "e2e-access-key".into(),
             secret_key: format!("e2e-secret-{}", std::process::id()),
             region: "us-east-1".into(),
         };
         let args: Vec<String> = vec![
             "--port".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{address}:{port}"),
             "--access".into(),
             endpoint.access_key.clone(),
             "--secret".into(),
@@ -73,7 +80,7 @@ impl S3Server {
         ];
         let mut process = Process::spawn("versitygw", &tool("versitygw")?, &args, dir)?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((address, port)).is_err() {
             process.check_running()?;
             if Instant::now() > deadline {
                 bail!(

@@ -1,0 +1,466 @@
+//! Backups on the real node: a live pod's claim read from the kubelet's directory, exec hooks
+//! in the running container, schedules and manual triggers, a recreated pod, a claim no pod
+//! mounts, and an agent killed mid-backup.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams};
+use restic_operator_api::common::{RunResult, RunTrigger};
+use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
+
+use crate::support::{Ctx, OPERATOR_NAMESPACE};
+
+/// A claim and a Deployment of one busybox pod that mounts it at /data.
+fn app(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}-data}}
+spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  strategy: {{type: Recreate}}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: app
+          image: e2e.local/busybox:1.35
+          imagePullPolicy: Never
+          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
+          volumeMounts: [{{name: data, mountPath: /data}}]
+      volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}-data}}}}]
+"#
+    )
+}
+
+/// A ResticBackup of claim `<name>-data` into repository `repo`, with `extra` spec lines.
+fn backup(name: &str, repo: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: {name}}}\n\
+         spec:\n  repositoryRef: {{name: {repo}}}\n  source: {{pvc: {{claimName: {name}-data}}}}\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn scheduled_and_manual_backups_of_a_live_pods_claim_run_exec_hooks() -> Result<()> {
+    let ctx = Ctx::new("live-claim").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    ctx.apply(&app("web"))?;
+    ctx.running_pod("web").await?;
+    let volume = ctx.volume_dir("web-data").await?;
+    make_tree(&volume.join("tree"))?;
+
+    ctx.apply(&backup(
+        "web",
+        "main",
+        r#"  schedule: "* * * * *"
+  manualTrigger: first
+  hooks:
+    preBackup:
+      exec:
+        podSelector: {matchLabels: {app: web}}
+        container: app
+        command: [sh, -c, "mkdir -p /data/hooks && echo before > /data/hooks/pre"]
+    postBackup:
+      exec:
+        podSelector: {matchLabels: {app: web}}
+        container: app
+        command: [sh, -c, "echo after > /data/hooks/post"]
+"#,
+    ))?;
+
+    // The manual trigger runs at once; the schedule within the minute.
+    let first = ctx.finished_run("web", None, Duration::from_secs(120)).await?;
+    ensure!(
+        first.result == Some(RunResult::Succeeded),
+        "first run: {first:?}\n{}",
+        ctx.diagnostics()
+    );
+    let snapshot = first.snapshot_id.clone().context("no snapshot id")?;
+    let restored = tempfile::tempdir()?;
+    let out = repo
+        .restic()?
+        .args(["restore", &snapshot, "--target"])
+        .arg(restored.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "restic restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent read the live pod's volume from the kubelet's directory: the snapshot holds the
+    // data byte for byte, the pre hook's file (it ran in the container before the backup), and
+    // not the post hook's (after).
+    assert_trees_equal(&volume.join("tree"), &restored.path().join("data/tree"))?;
+    let pre = std::fs::read_to_string(restored.path().join("data/hooks/pre"))?;
+    ensure!(pre == "before\n", "pre hook output: {pre:?}");
+    ensure!(
+        !restored.path().join("data/hooks/post").exists(),
+        "post hook ran before the backup"
+    );
+    let post = std::fs::read_to_string(volume.join("hooks/post"))
+        .context("the post hook did not write into the running container's volume")?;
+    ensure!(post == "after\n");
+
+    let mut run = first;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while run.trigger != Some(RunTrigger::Schedule) {
+        ensure!(Instant::now() < deadline, "no scheduled run within 150s");
+        run = ctx
+            .finished_run("web", run.run_id.as_deref(), Duration::from_secs(100))
+            .await?;
+    }
+    ensure!(
+        run.result == Some(RunResult::Succeeded),
+        "scheduled run: {run:?}\n{}",
+        ctx.diagnostics()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_recreated_pod_and_a_restarted_agent_reread_no_unchanged_file() -> Result<()> {
+    let ctx = Ctx::disruptive("recreated").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    ctx.apply(&app("db"))?;
+    let first_uid = ctx.running_pod("db").await?;
+    let volume = ctx.volume_dir("db-data").await?;
+    make_tree(&volume.join("tree"))?;
+    std::fs::write(volume.join("big"), pseudo_random(4 << 20, 7))?;
+
+    ctx.apply(&backup(
+        "db",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  manualTrigger: one\n",
+    ))?;
+    let first = ctx.finished_run("db", None, Duration::from_secs(120)).await?;
+    ensure!(
+        first.result == Some(RunResult::Succeeded),
+        "{first:?}\n{}",
+        ctx.diagnostics()
+    );
+
+    // A new pod (new UID, new kubelet directory) and a new agent pod.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    pods.delete_collection(&DeleteParams::default(), &ListParams::default().labels("app=db"))
+        .await?;
+    let agents: Api<Pod> = Api::namespaced(ctx.client.clone(), OPERATOR_NAMESPACE);
+    agents
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app.kubernetes.io/component=agent"),
+        )
+        .await?;
+    let second_uid = ctx.running_pod("db").await?;
+    ensure!(second_uid != first_uid, "the pod was not recreated");
+
+    ctx.apply(&backup(
+        "db",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  manualTrigger: two\n",
+    ))?;
+    let second = ctx
+        .finished_run("db", first.run_id.as_deref(), Duration::from_secs(180))
+        .await?;
+    ensure!(
+        second.result == Some(RunResult::Succeeded),
+        "{second:?}\n{}",
+        ctx.diagnostics()
+    );
+    // Same snapshot path, same host: restic found the parent and read no unchanged file.
+    ensure!(
+        second.parent_snapshot_id == first.snapshot_id,
+        "parent {:?}, expected {:?}",
+        second.parent_snapshot_id,
+        first.snapshot_id
+    );
+    ensure!(
+        second.files_new == Some(0) && second.files_changed == Some(0),
+        "unchanged data was read again: new {:?}, changed {:?}",
+        second.files_new,
+        second.files_changed
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Result<()> {
+    let ctx = Ctx::new("unmounted").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    // Bind the claim with a pod that then goes away (scale to zero).
+    ctx.apply(&app("idle"))?;
+    ctx.running_pod("idle").await?;
+    let volume = ctx.volume_dir("idle-data").await?;
+    make_tree(&volume.join("tree"))?;
+    ctx.kubectl(&["scale", "deployment/idle", "--replicas=0"])?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    restic_operator_e2e::eventually("the app pod gone", Duration::from_secs(60), || async {
+        Ok(pods
+            .list(&ListParams::default().labels("app=idle"))
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+
+    ctx.apply(&backup(
+        "idle",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  manualTrigger: now\n",
+    ))?;
+    let run = ctx.finished_run("idle", None, Duration::from_secs(120)).await?;
+    ensure!(
+        run.result == Some(RunResult::Succeeded),
+        "{run:?}\n{}",
+        ctx.diagnostics()
+    );
+    let restored = tempfile::tempdir()?;
+    let out = repo
+        .restic()?
+        .args([
+            "restore",
+            run.snapshot_id.as_deref().unwrap_or_default(),
+            "--target",
+        ])
+        .arg(restored.path())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "restic restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_trees_equal(&volume.join("tree"), &restored.path().join("data/tree"))?;
+    // The holder pod is gone once the run ended.
+    restic_operator_e2e::eventually("the holder pod removed", Duration::from_secs(60), || async {
+        Ok(pods
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_deleted_mid_backup_fails_the_run_quickly_and_the_next_run_succeeds() -> Result<()> {
+    let ctx = Ctx::disruptive("agent-killed").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    ctx.apply(&app("slow"))?;
+    ctx.running_pod("slow").await?;
+    let volume = ctx.volume_dir("slow-data").await?;
+    // 48 MiB at 1 MiB/s: a backup that lasts long enough to be interrupted.
+    for i in 0..6 {
+        std::fs::write(volume.join(format!("f{i}")), pseudo_random(8 << 20, i))?;
+    }
+    let slow = "  schedule: \"0 3 * * *\"\n  restic: {extraArgs: [\"--limit-upload=1024\"]}\n";
+    ctx.apply(&backup("slow", "main", &format!("{slow}  manualTrigger: one\n")))?;
+
+    let backups: Api<restic_operator_api::backup::ResticBackup> =
+        Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    restic_operator_e2e::eventually("the backup uploading", Duration::from_secs(90), || async {
+        Ok(backups
+            .get("slow")
+            .await?
+            .status
+            .and_then(|s| s.progress)
+            .filter(|p| p.bytes_done.unwrap_or(0) > 0)
+            .map(|_| ()))
+    })
+    .await
+    .with_context(|| ctx.diagnostics())?;
+
+    let agents: Api<Pod> = Api::namespaced(ctx.client.clone(), OPERATOR_NAMESPACE);
+    let old_agents: Vec<String> = agents
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    let deleted = Instant::now();
+    agents
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app.kubernetes.io/component=agent"),
+        )
+        .await?;
+    let failed = ctx.finished_run("slow", None, Duration::from_secs(60)).await?;
+    let took = deleted.elapsed();
+    ensure!(
+        failed.result == Some(RunResult::Failed),
+        "the interrupted run: {failed:?}\n{}",
+        ctx.diagnostics()
+    );
+    let reason = failed.message.clone().unwrap_or_default();
+    ensure!(!reason.is_empty(), "a failed run without a reason: {failed:?}");
+    ensure!(
+        took < Duration::from_secs(30),
+        "the run ended {took:?} after its agent was deleted ({reason})"
+    );
+    eprintln!("interrupted run failed {took:?} after the agent was deleted: {reason}");
+    // The next run, on the new agent, is not blocked by anything the old one left.
+    ctx.apply(&backup(
+        "slow",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  manualTrigger: two\n",
+    ))?;
+    let next = ctx
+        .finished_run("slow", failed.run_id.as_deref(), Duration::from_secs(180))
+        .await?;
+    ensure!(
+        next.result == Some(RunResult::Succeeded),
+        "{next:?}\n{}",
+        ctx.diagnostics()
+    );
+    // restic removed its lock when the old agent stopped it; only the operator's own live
+    // operations (repository statistics) may hold one now.
+    let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+    for id in String::from_utf8_lossy(&out.stdout).lines() {
+        let lock = repo.restic()?.args(["cat", "lock", id, "--no-lock"]).output()?;
+        let lock: serde_json::Value = serde_json::from_slice(&lock.stdout).unwrap_or_default();
+        let host = lock["hostname"].as_str().unwrap_or_default();
+        ensure!(
+            !old_agents.iter().any(|a| host.starts_with(a.as_str())),
+            "a lock of the deleted agent's restic is left: {lock}"
+        );
+    }
+    let out = repo.restic()?.args(["check", "--retry-lock=1m"]).output()?;
+    ensure!(
+        out.status.success(),
+        "restic check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_snapshots() -> Result<()> {
+    let ctx = Ctx::new("retention").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    ctx.apply(&app("keep"))?;
+    ctx.running_pod("keep").await?;
+    let volume = ctx.volume_dir("keep-data").await?;
+    let spec = "  schedule: \"0 3 * * *\"\n  retention: {enabled: true, policy: {keepLast: 2}}\n";
+    let mut previous = None;
+    let mut snapshots = Vec::new();
+    for i in 0..3 {
+        std::fs::write(volume.join("generation"), format!("{i}\n"))?;
+        ctx.apply(&backup(
+            "keep",
+            "main",
+            &format!("{spec}  manualTrigger: run-{i}\n"),
+        ))?;
+        let run = ctx
+            .finished_run("keep", previous.as_deref(), Duration::from_secs(120))
+            .await?;
+        ensure!(
+            run.result == Some(RunResult::Succeeded),
+            "{run:?}\n{}",
+            ctx.diagnostics()
+        );
+        snapshots.push(run.snapshot_id.clone().context("no snapshot")?);
+        previous = run.run_id;
+    }
+    let out = repo.restic()?.args(["snapshots", "--json"]).output()?;
+    ensure!(
+        out.status.success(),
+        "restic snapshots: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let mut ids: Vec<String> = listed
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect();
+    ids.sort();
+    let mut kept = snapshots[1..].to_vec();
+    kept.sort();
+    ensure!(
+        ids == kept,
+        "snapshots after retention: {ids:?}, expected the newest two {kept:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_upload_says_it_is_uploading_at_100_percent_and_the_snapshot_id_is_short() -> Result<()> {
+    let ctx = Ctx::new("stages").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    ctx.apply(&app("up"))?;
+    ctx.running_pod("up").await?;
+    let volume = ctx.volume_dir("up-data").await?;
+    std::fs::write(volume.join("blob"), pseudo_random(12 << 20, 3))?;
+    ctx.apply(&backup(
+        "up",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  restic: {extraArgs: [\"--limit-upload=1024\"]}\n  manualTrigger: one\n",
+    ))?;
+
+    let backups: Api<restic_operator_api::backup::ResticBackup> =
+        Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = backups.get("up").await?.status.unwrap_or_default();
+        if let Some(p) = status.progress {
+            let stage = p.stage.clone().unwrap_or_default();
+            if seen.last() != Some(&stage) {
+                seen.push(stage.clone());
+            }
+            if stage == "uploading" {
+                ensure!(
+                    p.percent_done == Some(100.0),
+                    "uploading at {:?} %",
+                    p.percent_done
+                );
+                ensure!(
+                    p.seconds_remaining.is_none(),
+                    "a time left while uploading: {p:?}"
+                );
+            }
+        }
+        if status.last_backup.as_ref().is_some_and(|l| l.result.is_some()) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the backup did not finish; stages {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("stages seen: {seen:?}");
+    ensure!(
+        seen.iter().any(|s| s == "uploading"),
+        "never said it was uploading: {seen:?}"
+    );
+    let run = ctx.finished_run("up", None, Duration::from_secs(5)).await?;
+    ensure!(run.result == Some(RunResult::Succeeded), "{run:?}");
+    let id = run.snapshot_id.clone().unwrap_or_default();
+    ensure!(id.len() == 64, "{id}");
+    ensure!(run.short_snapshot_id.as_deref() == Some(&id[..8]), "{run:?}");
+    let wide = ctx.kubectl(&["get", "rbackup", "up", "-o", "wide"])?;
+    ensure!(
+        wide.contains(&id[..8]) && !wide.contains(&id),
+        "kubectl get shows:\n{wide}"
+    );
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The shared cluster with the chart installed, and one test's slice of it. Shared by the
+//! cluster tier's two test binaries, each of which uses only part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use std::time::Duration;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::{Api, Client};
+use restic_operator_api::backup::{BackupRun, ResticBackup};
+use restic_operator_e2e::cluster::{Cluster, Images, workspace_binaries};
+use restic_operator_e2e::{ResticRepo, eventually, unique_name};
+
+/// The namespace and release name of the chart.
+pub const OPERATOR_NAMESPACE: &str = "restic-operator";
+pub const RELEASE: &str = "restic-operator";
+
+pub struct Env {
+    pub cluster: Cluster,
+}
+
+/// The cluster with the chart installed, started on first use.
+pub fn env() -> &'static Env {
+    static ENV: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
+    match ENV.get_or_init(|| start().map_err(|e| format!("{e:#}"))) {
+        Ok(env) => env,
+        Err(e) => panic!("the cluster tier could not start: {e}"),
+    }
+}
+
+fn start() -> Result<Env> {
+    let dir = restic_operator_e2e::state_dir();
+    let (coordinator, agent) = workspace_binaries()?;
+    let images = Images::build(&dir.join("images"), &coordinator, &agent)?;
+    let cluster = Cluster::start(&dir.join("cluster"), &images)?;
+    cluster.install_operator(RELEASE, OPERATOR_NAMESPACE, &test_values())?;
+    Ok(Env { cluster })
+}
+
+/// Values of the test installation: the node's kubelet root, quick timeouts.
+pub fn test_values() -> Vec<String> {
+    vec![
+        "coordinator.extraArgs={--repository-timeout=20s,--progress-interval=1s,--holder-start-timeout=60s,--agent-lost-timeout=60s}".into(),
+    ]
+}
+
+/// One test's namespace, bucket and client.
+pub struct Ctx {
+    pub client: Client,
+    pub namespace: String,
+    pub id: String,
+    _gate: Gate,
+}
+
+/// Tests share the node's one agent. A test that deletes it holds the gate alone, so no other
+/// test has a run in flight then; the others share it.
+enum Gate {
+    Shared(OwnedRwLockReadGuard<()>),
+    Exclusive(OwnedRwLockWriteGuard<()>),
+}
+
+fn gate() -> Arc<RwLock<()>> {
+    static GATE: OnceLock<Arc<RwLock<()>>> = OnceLock::new();
+    GATE.get_or_init(|| Arc::new(RwLock::new(()))).clone()
+}
+
+impl Ctx {
+    /// A test that leaves the operator alone.
+    pub async fn new(name: &str) -> Result<Self> {
+        let gate = Gate::Shared(gate().read_owned().await);
+        Self::with_gate(name, gate).await
+    }
+
+    /// A test that deletes or restarts the agent: it runs while no other test does.
+    pub async fn disruptive(name: &str) -> Result<Self> {
+        let gate = Gate::Exclusive(gate().write_owned().await);
+        Self::with_gate(name, gate).await
+    }
+
+    async fn with_gate(name: &str, gate: Gate) -> Result<Self> {
+        let env = tokio::task::spawn_blocking(env).await?;
+        let client = restic_operator_e2e::client_from_kubeconfig(&env.cluster.kubeconfig).await?;
+        let id = unique_name(name);
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(id.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(Self {
+            client,
+            namespace: id.clone(),
+            id,
+            _gate: gate,
+        })
+    }
+
+    /// A repository of this test in its own bucket on the S3 server pods reach.
+    pub fn repository(&self, name: &str) -> ResticRepo {
+        let s3 = &env().cluster.s3.endpoint;
+        ResticRepo {
+            url: s3.repository(&self.id, name),
+            password: format!("password-of-{}-{name}", self.id),
+            s3: s3.clone(),
+        }
+    }
+
+    /// `kubectl apply` of YAML in this namespace.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let file = env().cluster.dir.join(format!("{}-{}.yaml", self.id, uniq()));
+        std::fs::write(&file, yaml)?;
+        let out = env()
+            .cluster
+            .kubectl()?
+            .args(["-n", &self.namespace, "apply", "--server-side", "-f"])
+            .arg(&file)
+            .output()?;
+        if !out.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// `kubectl -n <ns> ARGS`, its standard output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = env()
+            .cluster
+            .kubectl()?
+            .args(["-n", &self.namespace])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A Secret with the repository's credentials and a ResticRepository `name` for it.
+    pub fn create_repository(&self, name: &str, repo: &ResticRepo) -> Result<()> {
+        let mut data = format!("  RESTIC_PASSWORD: {}\n", repo.password);
+        for (k, v) in repo.s3.env() {
+            data.push_str(&format!("  {k}: {v}\n"));
+        }
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}-creds}}\nstringData:\n{data}---\n\
+             apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\nmetadata: {{name: {name}}}\n\
+             spec: {{repositoryURL: '{}', credentialsSecretRef: {{name: {name}-creds}}}}\n",
+            repo.url
+        ))
+    }
+
+    /// The host directory of a claim's volume (the provisioner's `local` volume).
+    pub async fn volume_dir(&self, claim: &str) -> Result<PathBuf> {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pv = eventually("the claim bound", Duration::from_secs(60), || async {
+            Ok(claims
+                .get(claim)
+                .await?
+                .spec
+                .and_then(|s| s.volume_name)
+                .filter(|v| !v.is_empty()))
+        })
+        .await?;
+        let pv = Api::<PersistentVolume>::all(self.client.clone()).get(&pv).await?;
+        Ok(PathBuf::from(
+            pv.spec.and_then(|s| s.local).context("not a local volume")?.path,
+        ))
+    }
+
+    /// Waits until one pod with `app=<app>` runs and returns its UID.
+    pub async fn running_pod(&self, app: &str) -> Result<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        eventually(
+            &format!("a running pod of {app}"),
+            Duration::from_secs(90),
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels(&format!("app={app}")))
+                    .await?;
+                Ok(list.items.into_iter().find_map(|p| {
+                    let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                    let deleting = p.metadata.deletion_timestamp.is_some();
+                    (running && !deleting).then(|| p.metadata.uid.clone().unwrap_or_default())
+                }))
+            },
+        )
+        .await
+    }
+
+    /// Waits for a finished backup run of `name` other than the run `previous` (None: any), and
+    /// returns it.
+    pub async fn finished_run(
+        &self,
+        name: &str,
+        previous: Option<&str>,
+        timeout: Duration,
+    ) -> Result<BackupRun> {
+        let backups: Api<ResticBackup> = Api::namespaced(self.client.clone(), &self.namespace);
+        eventually(&format!("a finished run of {name}"), timeout, || async {
+            let b = backups.get(name).await?;
+            Ok(b.status
+                .and_then(|s| s.last_backup)
+                .filter(|r| r.result.is_some() && r.run_id.as_deref() != previous))
+        })
+        .await
+        .with_context(|| self.diagnostics())
+    }
+
+    /// What a failing test should show: the backups, events and the operator's logs.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for args in [
+            vec!["get", "rbackup,rrepo,pods", "-o", "wide"],
+            vec!["get", "events", "--sort-by=.lastTimestamp"],
+        ] {
+            out.push_str(&self.kubectl(&args).unwrap_or_else(|e| e.to_string()));
+        }
+        for component in ["coordinator", "agent"] {
+            let logs = env()
+                .cluster
+                .kubectl()
+                .and_then(|mut c| {
+                    Ok(c.args([
+                        "-n",
+                        OPERATOR_NAMESPACE,
+                        "logs",
+                        "--tail=40",
+                        "-l",
+                        &format!("app.kubernetes.io/component={component}"),
+                    ])
+                    .output()?)
+                })
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.push_str(&format!("\n--- {component} log ---\n{logs}"));
+        }
+        out
+    }
+}
+
+fn uniq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
