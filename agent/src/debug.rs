@@ -2,6 +2,7 @@
 //! coordinator, against one agent.
 //!
 //! ```text
+//! restic-agent debug --node worker-1 runs            # from a kubeconfig alone (see oncall.rs)
 //! restic-agent debug --addr https://10.0.0.5:9443 --ca ca.crt --cert client.crt --key client.key runs
 //! restic-agent debug ... attach backup-media-emby-20240115t020000z     # live progress bar
 //! restic-agent debug ... volumes 0f5c1d1e-...                          # a pod's volumes here
@@ -21,6 +22,28 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Reach the agent of this node through the API server with your kubeconfig: it finds the
+    /// agent pod, asks the coordinator for a short-lived debug certificate (allowed if you may
+    /// port-forward to the agent pods; recorded in an event) and port-forwards to it. A debug
+    /// certificate may list and follow runs, volumes and snapshots, cancel a run and make a
+    /// dry-run backup, nothing else.
+    #[arg(long, conflicts_with_all = ["addr", "ca", "cert", "key"])]
+    node: Option<String>,
+    /// The kubeconfig for --node (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The operator's namespace, where the agent pods run (for --node).
+    #[arg(long, env = "RESTIC_OPERATOR_NAMESPACE", default_value = "restic-operator")]
+    namespace: String,
+    /// Label selector of the agent pods (for --node).
+    #[arg(
+        long,
+        default_value = "app.kubernetes.io/name=restic-operator,app.kubernetes.io/component=agent"
+    )]
+    agent_selector: String,
+    /// Validity of the debug certificate (for --node): 10m to 1h.
+    #[arg(long, default_value = "15m", value_parser = crate::serve::parse_duration)]
+    certificate_ttl: Duration,
     /// The agent's address (https://host:port; http:// only for an --insecure-plaintext agent).
     #[arg(long, env = "AGENT_ADDR", default_value = "https://127.0.0.1:9443")]
     addr: String,
@@ -126,6 +149,29 @@ impl RepoArgs {
 }
 
 async fn connect(args: &Args) -> Result<Channel> {
+    if let Some(node) = &args.node {
+        let reached = crate::oncall::reach(&crate::oncall::Target {
+            node,
+            namespace: &args.namespace,
+            selector: &args.agent_selector,
+            kubeconfig: args.kubeconfig.as_ref(),
+            ttl: args.certificate_ttl,
+        })
+        .await?;
+        eprintln!("agent {} on node {node}, through the API server", reached.pod);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&reached.ca))
+            .identity(Identity::from_pem(&reached.cert, &reached.key))
+            .domain_name(args.server_name.clone());
+        return Channel::from_shared(reached.addr.clone())?
+            .connect_timeout(Duration::from_secs(10))
+            .tls_config(tls)?
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot reach the agent on node {node} through the API server: {e:?}")
+            });
+    }
     let mut endpoint = Channel::from_shared(args.addr.clone())
         .with_context(|| format!("bad address {}", args.addr))?
         .connect_timeout(Duration::from_secs(5));
@@ -187,8 +233,10 @@ pub async fn run(args: Args) -> Result<()> {
                 .map_err(status_err)?
                 .into_inner()
                 .runs;
+            // Run ids are as long as their resource's name: the column is as wide as the longest.
+            let width = runs.iter().map(|r| r.run_id.len()).max().unwrap_or(0).max(3);
             println!(
-                "{:<48} {:<10} {:<9} {:>7} {:<16} REASON",
+                "{:<width$} {:<10} {:<9} {:>7} {:<16} REASON",
                 "RUN", "KIND", "STATE", "DONE", "OUTCOME"
             );
             for r in runs {
@@ -210,7 +258,7 @@ pub async fn run(args: Args) -> Result<()> {
                     })
                     .unwrap_or_default();
                 println!(
-                    "{:<48} {:<10} {:<9} {:>7} {:<16} {}",
+                    "{:<width$} {:<10} {:<9} {:>7} {:<16} {}",
                     r.run_id, kind, state, done, outcome, reason
                 );
             }

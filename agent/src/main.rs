@@ -5,6 +5,7 @@ mod cgroup;
 mod debug;
 mod exec;
 mod metrics;
+mod oncall;
 mod ops;
 mod restic;
 mod runs;

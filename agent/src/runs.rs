@@ -532,10 +532,15 @@ mod tests {
     #[tokio::test]
     async fn runs_stopped_by_an_agent_shutdown_say_so() {
         let (_d, runs) = registry(1);
-        let (run, _) = runs.start_or_attach("s", RunKind::Backup, "repo", None, |run| async move {
+        let started = Arc::new(tokio::sync::Notify::new());
+        let s = Arc::clone(&started);
+        let (run, _) = runs.start_or_attach("s", RunKind::Backup, "repo", None, move |run| async move {
+            s.notify_one();
             run.cancel.cancelled().await;
             cancelled_result("backup was cancelled")
         });
+        // In flight, not queued (a queued run ends "cancelled while queued").
+        started.notified().await;
         runs.shutdown(Duration::from_secs(5)).await;
         let last = run.subscribe().collect::<Vec<_>>().await.pop().unwrap();
         let Some(Event::Result(r)) = last.event else {

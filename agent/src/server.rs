@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use restic_operator_proto::DEBUG_ORGANIZATION;
 use restic_operator_proto::v1::agent_server::Agent;
 use restic_operator_proto::v1::{self as pb, RunKind};
 use tokio_stream::{Stream, StreamExt};
@@ -35,6 +36,40 @@ pub struct AgentService {
     /// Where pod volumes are: every volume, including a holder pod's claim, is read from the
     /// kubelet's pod directories.
     pub kubelet: KubeletRoot,
+}
+
+/// Whether the caller holds a debug certificate (a person on call, `restic-agent debug --node`)
+/// rather than the coordinator's. Without TLS (loopback debugging only) there is no caller to
+/// tell apart.
+fn is_debug_client<T>(request: &Request<T>) -> bool {
+    let Some(certs) = request.peer_certs() else {
+        return false;
+    };
+    certs.first().is_none_or(|der| is_debug_certificate(der.as_ref()))
+}
+
+/// A certificate with the organization the coordinator puts in debug certificates. One that
+/// cannot be read counts as a debug certificate: the least it may do is the safe answer.
+pub fn is_debug_certificate(der: &[u8]) -> bool {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert
+            .subject()
+            .iter_organization()
+            .any(|o| o.as_str() == Ok(DEBUG_ORGANIZATION)),
+        Err(_) => true,
+    }
+}
+
+/// Refuses what a debug certificate may not do: anything that writes a snapshot, restores,
+/// or changes or locks a repository.
+fn coordinator_only<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    if is_debug_client(request) {
+        return Err(Status::permission_denied(format!(
+            "a debug certificate may not {what}: it may list and follow runs, list volumes and \
+             snapshots, cancel a run and make a dry-run backup"
+        )));
+    }
+    Ok(())
 }
 
 fn run_id(options: Option<&pb::RunOptions>) -> Result<String, Status> {
@@ -142,6 +177,9 @@ impl Agent for AgentService {
     type AttachStream = EventStream;
 
     async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<EventStream>, Status> {
+        if !request.get_ref().dry_run {
+            coordinator_only(&request, "write a snapshot")?;
+        }
         let req = request.into_inner();
         let (options, volume, repo) = (req.options.clone(), req.volume.clone(), req.repository.clone());
         self.volume_op(
@@ -156,6 +194,7 @@ impl Agent for AgentService {
     }
 
     async fn restore(&self, request: Request<pb::RestoreRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "restore")?;
         let req = request.into_inner();
         let (options, volume, repo) = (req.options.clone(), req.volume.clone(), req.repository.clone());
         self.volume_op(
@@ -170,6 +209,7 @@ impl Agent for AgentService {
     }
 
     async fn init(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "initialize a repository")?;
         let r = request.into_inner();
         self.repository_op(r.options, r.repository, repository::Op::Init)
     }
@@ -188,17 +228,20 @@ impl Agent for AgentService {
     }
 
     async fn forget(&self, request: Request<pb::ForgetRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "forget snapshots")?;
         let r = request.into_inner();
         let (options, repo) = (r.options.clone(), r.repository.clone());
         self.repository_op(options, repo, repository::Op::Forget(Box::new(r)))
     }
 
     async fn prune(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "prune a repository")?;
         let r = request.into_inner();
         self.repository_op(r.options, r.repository, repository::Op::Prune)
     }
 
     async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "check a repository (it locks it)")?;
         let r = request.into_inner();
         let op = repository::Op::Check {
             read_data_subset: r.read_data_subset,
@@ -207,11 +250,13 @@ impl Agent for AgentService {
     }
 
     async fn stats(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "read repository statistics")?;
         let r = request.into_inner();
         self.repository_op(r.options, r.repository, repository::Op::Stats)
     }
 
     async fn unlock(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "unlock a repository")?;
         let r = request.into_inner();
         self.repository_op(r.options, r.repository, repository::Op::Unlock)
     }

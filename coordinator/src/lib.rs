@@ -8,6 +8,7 @@ pub mod agents;
 pub mod backup;
 pub mod config;
 pub mod context;
+pub mod debugcerts;
 pub mod error;
 pub mod holder;
 pub mod hooks;

@@ -127,6 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     tokio::spawn(renew_certificates(Arc::clone(&ctx)));
+    tokio::spawn(crate::debugcerts::run(Arc::clone(&ctx)));
 
     let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]

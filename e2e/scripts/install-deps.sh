@@ -13,6 +13,7 @@ command -v runc >/dev/null || need+=(runc)
 command -v iptables >/dev/null || need+=(iptables)
 command -v umoci >/dev/null || need+=(umoci)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+command -v vagrant >/dev/null || need+=(vagrant)   # `vagrant validate` of the Vagrantfile
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-deps] installing ${need[*]} from Debian" >&2
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

@@ -7,6 +7,12 @@
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// At most this many failed paths travel in a result and reach status; the rest are counted.
 pub const MAX_FAILED_PATHS: usize = 100;
+/// The organization (O) of the short-lived client certificates the coordinator issues to people
+/// on call (`restic-agent debug --node`): agents serve such a client read-only calls, a dry-run
+/// backup and cancel, nothing that writes a snapshot, restores or changes a repository.
+pub const DEBUG_ORGANIZATION: &str = "restic-operator:debug";
+/// The signer name of those certificates in the Kubernetes CertificateSigningRequest API.
+pub const DEBUG_SIGNER: &str = "resticbackup.io/agent-debug";
 
 pub mod v1 {
     #![allow(clippy::all, rust_2018_idioms, missing_docs)]

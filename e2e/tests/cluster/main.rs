@@ -4,4 +4,5 @@
 //! tests share it, each in its own namespace and bucket.
 
 mod backup;
+mod debug;
 mod support;

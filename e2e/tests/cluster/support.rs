@@ -22,6 +22,8 @@ pub const RELEASE: &str = "restic-operator";
 
 pub struct Env {
     pub cluster: Cluster,
+    /// The agent binary, also the on-call debug CLI.
+    pub agent: PathBuf,
 }
 
 /// The cluster with the chart installed, started on first use.
@@ -39,15 +41,19 @@ fn start() -> Result<Env> {
     let images = Images::build(&dir.join("images"), &coordinator, &agent)?;
     let cluster = Cluster::start(&dir.join("cluster"), &images)?;
     cluster.install_operator(RELEASE, OPERATOR_NAMESPACE, &test_values())?;
-    Ok(Env { cluster })
+    Ok(Env { cluster, agent })
 }
 
 /// Values of the test installation: the node's kubelet root, quick timeouts.
 pub fn test_values() -> Vec<String> {
     vec![
         "coordinator.extraArgs={--repository-timeout=20s,--progress-interval=1s,--holder-start-timeout=60s,--agent-lost-timeout=60s}".into(),
+        format!("rbac.debugSubjects[0].kind=Group,rbac.debugSubjects[0].name={ONCALL_GROUP},rbac.debugSubjects[0].apiGroup=rbac.authorization.k8s.io"),
     ]
 }
+
+/// The group the chart lets use the debug CLI in the tests.
+pub const ONCALL_GROUP: &str = "e2e-oncall";
 
 /// One test's namespace, bucket and client.
 pub struct Ctx {

@@ -477,3 +477,25 @@ fn every_value_has_a_row_in_the_chart_readme() -> Result<()> {
     );
     Ok(())
 }
+
+/// The Vagrantfile users start a k3s VM with (one or two nodes) is valid, as Vagrant reads it.
+#[test]
+fn the_vagrantfile_validates_with_one_and_two_nodes() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for nodes in ["1", "2"] {
+        let home = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("vagrant")
+            .arg("validate")
+            .current_dir(root)
+            .env("RESTIC_OPERATOR_NODES", nodes)
+            .env("VAGRANT_HOME", home.path())
+            .env("VAGRANT_DOTFILE_PATH", home.path().join("dot"))
+            .output()
+            .expect("run vagrant (e2e/scripts/install-deps.sh installs Debian's vagrant)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("validated successfully"),
+            "{nodes} node(s): {text}"
+        );
+    }
+}

@@ -85,12 +85,16 @@ fn main() -> Result<()> {
          kubectl -n demo get events --sort-by=.lastTimestamp\n  \
          kubectl -n demo patch rbackup web --type merge -p '{{\"spec\":{{\"manualTrigger\":\"'$(date +%s)'\"}}}}'   # back up again\n  \
          kubectl -n restic-operator logs ds/restic-operator-agent\n  \
+         {agent} debug --node {node} runs      # the agent's runs, from your kubeconfig\n  \
+         {agent} debug --node {node} attach RUN_ID   # a run's progress bar\n  \
          helm -n restic-operator status restic-operator\n\
          The app's volume on this machine: {}\nThe S3 server: {} (access key {})",
         kubeconfig.display(),
         volume.display(),
         cluster.s3.endpoint.url,
         cluster.s3.endpoint.access_key,
+        agent = agent.display(),
+        node = restic_operator_e2e::node::NODE_NAME,
     );
     if exit {
         return Ok(());
