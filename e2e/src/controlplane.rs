@@ -101,39 +101,58 @@ impl ControlPlane {
         )?);
 
         let p = |name: &str| pki.join(name).display().to_string();
+        // With real nodes, what every ServiceAccount does is written to an audit log, so tests
+        // can hold the operator's RBAC to what it really uses.
+        let audit: Vec<(&str, String)> = if real_nodes {
+            let policy = dir.join("audit-policy.yaml");
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+                 - level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n",
+            )?;
+            vec![
+                ("--audit-policy-file", policy.display().to_string()),
+                ("--audit-log-path", dir.join("audit.log").display().to_string()),
+                ("--audit-log-format", "json".into()),
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut apiserver_args = args(&audit);
+        apiserver_args.extend(args(&[
+            ("--etcd-servers", etcd_url),
+            ("--bind-address", address.to_string()),
+            ("--advertise-address", address.to_string()),
+            ("--kubelet-client-certificate", p("apiserver-kubelet-client.crt")),
+            ("--kubelet-client-key", p("apiserver-kubelet-client.key")),
+            // The node's name resolves nowhere; its InternalIP is the bridge address.
+            ("--kubelet-preferred-address-types", "InternalIP".into()),
+            ("--secure-port", api_port.to_string()),
+            ("--cert-dir", p("")),
+            ("--tls-cert-file", p("apiserver.crt")),
+            ("--tls-private-key-file", p("apiserver.key")),
+            ("--client-ca-file", p("ca.crt")),
+            ("--authorization-mode", "Node,RBAC".into()),
+            (
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local".into(),
+            ),
+            ("--service-account-key-file", p("sa.pub")),
+            ("--service-account-signing-key-file", p("sa.key")),
+            ("--service-cluster-ip-range", SERVICE_CIDR.into()),
+            ("--allow-privileged", "true".into()),
+            ("--storage-backend", "etcd3".into()),
+            // The loopback address cannot be an endpoint of the `kubernetes` Service.
+            (
+                "--endpoint-reconciler-type",
+                if real_nodes { "lease" } else { "none" }.into(),
+            ),
+            ("--v", "1".into()),
+        ]));
         processes.push(Process::spawn(
             "kube-apiserver",
             &tool("kube-apiserver")?,
-            &args(&[
-                ("--etcd-servers", etcd_url),
-                ("--bind-address", address.to_string()),
-                ("--advertise-address", address.to_string()),
-                ("--kubelet-client-certificate", p("apiserver-kubelet-client.crt")),
-                ("--kubelet-client-key", p("apiserver-kubelet-client.key")),
-                // The node's name resolves nowhere; its InternalIP is the bridge address.
-                ("--kubelet-preferred-address-types", "InternalIP".into()),
-                ("--secure-port", api_port.to_string()),
-                ("--cert-dir", p("")),
-                ("--tls-cert-file", p("apiserver.crt")),
-                ("--tls-private-key-file", p("apiserver.key")),
-                ("--client-ca-file", p("ca.crt")),
-                ("--authorization-mode", "Node,RBAC".into()),
-                (
-                    "--service-account-issuer",
-                    "https://kubernetes.default.svc.cluster.local".into(),
-                ),
-                ("--service-account-key-file", p("sa.pub")),
-                ("--service-account-signing-key-file", p("sa.key")),
-                ("--service-cluster-ip-range", SERVICE_CIDR.into()),
-                ("--allow-privileged", "true".into()),
-                ("--storage-backend", "etcd3".into()),
-                // The loopback address cannot be an endpoint of the `kubernetes` Service.
-                (
-                    "--endpoint-reconciler-type",
-                    if real_nodes { "lease" } else { "none" }.into(),
-                ),
-                ("--v", "1".into()),
-            ]),
+            &apiserver_args,
             dir,
         )?);
 
@@ -204,6 +223,11 @@ impl ControlPlane {
             dir.display()
         );
         Ok(plane)
+    }
+
+    /// The API server's audit log (JSON lines) of what ServiceAccounts did; only with real nodes.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
     }
 
     /// The CA that signs the API server and client certificates.

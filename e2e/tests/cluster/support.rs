@@ -122,12 +122,17 @@ impl Ctx {
 
     /// `kubectl apply` of YAML in this namespace.
     pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.apply_in(&self.namespace, yaml)
+    }
+
+    /// `kubectl apply` of YAML in `namespace`.
+    pub fn apply_in(&self, namespace: &str, yaml: &str) -> Result<()> {
         let file = env().cluster.dir.join(format!("{}-{}.yaml", self.id, uniq()));
         std::fs::write(&file, yaml)?;
         let out = env()
             .cluster
             .kubectl()?
-            .args(["-n", &self.namespace, "apply", "--server-side", "-f"])
+            .args(["-n", namespace, "apply", "--server-side", "-f"])
             .arg(&file)
             .output()?;
         if !out.status.success() {

@@ -1,0 +1,259 @@
+//! The chart's RBAC, held to what the operator really does: the coordinator runs as the chart's
+//! ServiceAccount on an RBAC-enforcing API server, a scenario uses every feature that needs a
+//! grant, and the API server's audit log must show each granted verb used. A grant the code
+//! never uses fails this test; a use that is not granted fails the scenario. A test binary of
+//! its own: its cluster's audit log holds only this scenario.
+
+#[path = "../cluster/support.rs"]
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use kube::Api;
+use kube::api::ListParams;
+
+use support::{Ctx, ONCALL_GROUP, OPERATOR_NAMESPACE, RELEASE, env};
+
+/// Grants the scenario cannot show in use, each with the reason it is still needed.
+const NOT_SEEN: &[(&str, &str, &str, &str)] = &[
+    (
+        "",
+        "pods/exec",
+        "create",
+        "Kubernetes 1.35+ authorizes exec over WebSocket as create (1.34: get)",
+    ),
+    (
+        "",
+        "secrets",
+        "update",
+        "certificate renewal; the_agent_certificate_is_renewed_before_it_expires_and_runs_keep_working proves it",
+    ),
+    (
+        "events.k8s.io",
+        "events",
+        "patch",
+        "an event that repeats is patched, which this short scenario may not do",
+    ),
+    (
+        "certificates.k8s.io",
+        "signers",
+        "approve",
+        "an authorization check of the approval, not a request of its own",
+    ),
+    (
+        "certificates.k8s.io",
+        "signers",
+        "sign",
+        "an authorization check of the signing, not a request of its own",
+    ),
+];
+
+fn app(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}-data}}
+spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: app
+          image: e2e.local/busybox:1.35
+          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
+          volumeMounts: [{{name: data, mountPath: /data}}]
+      volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}-data}}}}]
+"#
+    )
+}
+
+/// (apiGroup, resource[/subresource], verb) of every rule.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    out.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_chart_grants_the_coordinator_only_what_it_uses() -> Result<()> {
+    let ctx = Ctx::disruptive("rbac").await?;
+    // The repository lives in another namespace and admits this one by label: the coordinator
+    // reads the backup's namespace to match it.
+    let repo_ns = format!("{}-repo", ctx.id);
+    ctx.kubectl(&["create", "namespace", &repo_ns])?;
+    ctx.kubectl(&[
+        "label",
+        "namespace",
+        &ctx.namespace,
+        "e2e.resticbackup.io/backups=yes",
+    ])?;
+    let repo = ctx.repository("main");
+    let mut data = format!("  RESTIC_PASSWORD: {}\n", repo.password);
+    for (k, v) in repo.s3.env() {
+        data.push_str(&format!("  {k}: {v}\n"));
+    }
+    ctx.apply_in(
+        &repo_ns,
+        &format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: creds, namespace: {repo_ns}}}\nstringData:\n{data}---\n\
+         apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\nmetadata: {{name: shared, namespace: {repo_ns}}}\n\
+         spec:\n  repositoryURL: '{}'\n  credentialsSecretRef: {{name: creds}}\n  \
+         allowedNamespaces: {{selector: {{matchLabels: {{e2e.resticbackup.io/backups: \"yes\"}}}}}}\n",
+        repo.url
+    ),
+    )?;
+
+    // A live pod's claim with an exec hook before and a failing Job hook after (its pod's
+    // output is read); and a claim no pod mounts (a holder pod).
+    ctx.apply(&app("live"))?;
+    ctx.apply(&app("idle"))?;
+    ctx.running_pod("live").await?;
+    ctx.running_pod("idle").await?;
+    ctx.kubectl(&["scale", "deployment/idle", "--replicas=0"])?;
+    ctx.apply(&format!(
+        r#"apiVersion: backup.resticbackup.io/v1alpha1
+kind: ResticBackup
+metadata: {{name: live}}
+spec:
+  repositoryRef: {{name: shared, namespace: {repo_ns}}}
+  schedule: "0 3 * * *"
+  source: {{pvc: {{claimName: live-data}}}}
+  hooks:
+    preBackup:
+      exec:
+        podSelector: {{matchLabels: {{app: live}}}}
+        container: app
+        command: [sh, -c, "echo ready"]
+    postBackup:
+      job:
+        podTemplate:
+          spec:
+            containers:
+              - name: notify
+                image: e2e.local/busybox:1.35
+                command: [sh, -c, "echo the post hook fails on purpose; exit 3"]
+  manualTrigger: one
+"#
+    ))?;
+    let live = ctx.finished_run("live", None, Duration::from_secs(180)).await?;
+    ensure!(
+        live.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("fails on purpose"),
+        "the failed Job hook's output is not in the result: {live:?}\n{}",
+        ctx.diagnostics()
+    );
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    restic_operator_e2e::eventually("the idle app gone", Duration::from_secs(60), || async {
+        Ok(pods
+            .list(&ListParams::default().labels("app=idle"))
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    ctx.apply(&format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: idle}}\n\
+         spec:\n  repositoryRef: {{name: shared, namespace: {repo_ns}}}\n  schedule: \"0 3 * * *\"\n  \
+         source: {{pvc: {{claimName: idle-data}}}}\n  manualTrigger: one\n"
+    ))?;
+    let idle = ctx.finished_run("idle", None, Duration::from_secs(180)).await?;
+    ensure!(idle.snapshot_id.is_some(), "{idle:?}\n{}", ctx.diagnostics());
+
+    // A person on call gets a debug certificate (signed after a SubjectAccessReview).
+    let alice = env().cluster.plane.kubeconfig_for("alice", Some(ONCALL_GROUP))?;
+    let agent = env().agent.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(agent)
+            .args([
+                "debug",
+                "--node",
+                restic_operator_e2e::node::NODE_NAME,
+                "--kubeconfig",
+            ])
+            .arg(alice)
+            .arg("health")
+            .output()
+    })
+    .await??;
+    ensure!(
+        out.status.success(),
+        "debug health: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the chart grants the coordinator...
+    let cluster_role = Api::<ClusterRole>::all(ctx.client.clone())
+        .get(&format!("{RELEASE}-coordinator"))
+        .await?;
+    let role = Api::<Role>::namespaced(ctx.client.clone(), OPERATOR_NAMESPACE)
+        .get(&format!("{RELEASE}-coordinator"))
+        .await?;
+    let mut granted = grants(cluster_role.rules.as_deref().unwrap_or_default());
+    granted.extend(grants(&role.rules.unwrap_or_default()));
+
+    // ...and what it did, as the API server recorded it.
+    let user = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{RELEASE}-coordinator");
+    let log = std::fs::read_to_string(env().cluster.plane.audit_log()).context("read the audit log")?;
+    let mut used = BTreeSet::new();
+    let mut forbidden = BTreeSet::new();
+    for line in log.lines() {
+        let e: serde_json::Value = serde_json::from_str(line)?;
+        if e["user"]["username"] != user.as_str() || e["objectRef"].is_null() {
+            continue;
+        }
+        let o = &e["objectRef"];
+        let mut resource = o["resource"].as_str().unwrap_or_default().to_owned();
+        if let Some(sub) = o["subresource"].as_str() {
+            resource = format!("{resource}/{sub}");
+        }
+        let key = (
+            o["apiGroup"].as_str().unwrap_or_default().to_owned(),
+            resource,
+            e["verb"].as_str().unwrap_or_default().to_owned(),
+        );
+        if e["responseStatus"]["code"].as_i64() == Some(403) {
+            forbidden.insert(key);
+        } else {
+            used.insert(key);
+        }
+    }
+    ensure!(forbidden.is_empty(), "the coordinator was refused: {forbidden:?}");
+    let unused: Vec<_> = granted
+        .iter()
+        .filter(|g| !used.contains(*g))
+        .filter(|(g, r, v)| {
+            !NOT_SEEN
+                .iter()
+                .any(|(eg, er, ev, _)| eg == g && er == r && ev == v)
+        })
+        .collect();
+    ensure!(
+        unused.is_empty(),
+        "the chart grants the coordinator what it never used here: {unused:?}\n\
+         remove the grant, or make this scenario use it, or add it to NOT_SEEN with the reason\n\
+         used: {used:?}"
+    );
+    Ok(())
+}
