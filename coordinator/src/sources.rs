@@ -2,7 +2,7 @@
 //! the volume, or, for a claim no running pod mounts, a holder pod to start for it (see
 //! `holder`). Either way the run reads a pod volume from the kubelet's directory.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
@@ -75,10 +75,34 @@ async fn pv_of(client: &Client, ns: &str, claim: &str) -> Result<String, String>
         .await
         .map_err(|e| format!("reading PersistentVolumeClaim {ns}/{claim}: {e}"))?
         .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} does not exist"))?;
-    pvc.spec
+    let pv_name = pvc
+        .spec
         .and_then(|s| s.volume_name)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} is not bound to a volume yet"))
+        .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} is not bound to a volume yet"))?;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get_opt(&pv_name)
+        .await
+        .map_err(|e| format!("reading PersistentVolume {pv_name}: {e}"))?
+        .ok_or_else(|| format!("PersistentVolume {pv_name} of claim {ns}/{claim} does not exist"))?;
+    mountable(&pv, &format!("{ns}/{claim}"))?;
+    Ok(pv_name)
+}
+
+/// The agent reads a claim's volume where the kubelet mounts it, under the pod's directory.
+/// The kubelet mounts a hostPath volume nowhere: containers get the node's directory itself.
+fn mountable(pv: &PersistentVolume, claim: &str) -> Result<(), String> {
+    if pv.spec.as_ref().is_some_and(|s| s.host_path.is_some()) {
+        return Err(format!(
+            "PersistentVolume {} of claim {claim} is a hostPath volume (what k3s's local-path \
+             provisioner makes by default): the kubelet does not mount hostPath volumes under the \
+             pod's directory, where the agent reads volumes, so it cannot be backed up. Use a \
+             StorageClass that makes local volumes (local-path does with the annotation \
+             volumeType: local on the claim, or defaultVolumeType: local on its StorageClass)",
+            pv.name_any()
+        ));
+    }
+    Ok(())
 }
 
 fn pod_volume(pod: &Pod, volume: String, pv_name: String) -> PodVolume {
@@ -155,6 +179,23 @@ mod tests {
 
     fn pods(yaml: &str) -> Vec<Pod> {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn host_path_volumes_are_refused_with_what_to_do_instead() {
+        let pv: PersistentVolume = serde_yaml::from_str(
+            "metadata: {name: pvc-1}\nspec: {hostPath: {path: /var/lib/rancher/k3s/storage/pvc-1}}",
+        )
+        .unwrap();
+        let err = mountable(&pv, "media/emby").unwrap_err();
+        assert!(
+            err.contains("pvc-1 of claim media/emby is a hostPath volume"),
+            "{err}"
+        );
+        assert!(err.contains("volumeType: local"), "{err}");
+        let local: PersistentVolume =
+            serde_yaml::from_str("metadata: {name: pvc-2}\nspec: {local: {path: /mnt/disk}}").unwrap();
+        assert!(mountable(&local, "media/emby").is_ok());
     }
 
     #[test]

@@ -787,7 +787,8 @@ async fn allow_namespace(node: &Node, repo: &str, ns: &str) -> Result<()> {
 async fn bound_claim(node: &Node, ns: &str, pv: &str) -> Result<()> {
     let volume: PersistentVolume = serde_json::from_value(json!({
         "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/srv/data"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": "e2e.resticbackup.io", "volumeHandle": pv},
                  "claimRef": {"namespace": ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
     }))?;
     Api::<PersistentVolume>::all(node.client.clone())

@@ -43,6 +43,13 @@ impl Network {
     /// Takes the machine's cluster lock (failing at once, with the holder, when another cluster
     /// runs), sweeps what a killed run left behind, and creates the bridge.
     pub fn create() -> Result<Self> {
+        let uid = Command::new("id").arg("-u").output()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            bail!(
+                "the cluster tier needs root: it creates a bridge, mounts volumes and cgroups, and \
+                 runs containerd and a kubelet (run the tests as root, e.g. in CI or a VM)"
+            );
+        }
         let lock = File::options()
             .create(true)
             .truncate(false)

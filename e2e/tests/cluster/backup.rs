@@ -464,3 +464,45 @@ async fn a_slow_upload_says_it_is_uploading_at_100_percent_and_the_snapshot_id_i
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_host_path_volume_fails_with_what_to_do_instead() -> Result<()> {
+    let ctx = Ctx::new("host-path").await?;
+    let repo = ctx.repository("main");
+    ctx.create_repository("main", &repo)?;
+    // What k3s's local-path provisioner makes by default: a hostPath volume.
+    let dir = tempfile::tempdir()?;
+    let pv = format!("{}-hostpath", ctx.id);
+    ctx.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: {pv}}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteOnce]
+  storageClassName: ""
+  hostPath: {{path: "{}"}}
+  claimRef: {{namespace: {ns}, name: hp-data}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: hp-data}}
+spec: {{accessModes: [ReadWriteOnce], storageClassName: "", volumeName: {pv}, resources: {{requests: {{storage: 1Gi}}}}}}
+"#,
+        dir.path().display(),
+        ns = ctx.namespace
+    ))?;
+    ctx.apply(&backup(
+        "hp",
+        "main",
+        "  schedule: \"0 3 * * *\"\n  manualTrigger: one\n",
+    ))?;
+    let run = ctx.finished_run("hp", None, Duration::from_secs(120)).await?;
+    let message = run.message.clone().unwrap_or_default();
+    ensure!(run.result == Some(RunResult::Failed), "{run:?}");
+    ensure!(
+        message.contains("is a hostPath volume") && message.contains("volumeType: local"),
+        "{message}"
+    );
+    Ok(())
+}
