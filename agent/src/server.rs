@@ -38,36 +38,108 @@ pub struct AgentService {
     pub kubelet: KubeletRoot,
 }
 
-/// Whether the caller holds a debug certificate (a person on call, `restic-agent debug --node`)
-/// rather than the coordinator's. Without TLS (loopback debugging only) there is no caller to
-/// tell apart.
-fn is_debug_client<T>(request: &Request<T>) -> bool {
-    let Some(certs) = request.peer_certs() else {
-        return false;
-    };
-    certs.first().is_none_or(|der| is_debug_certificate(der.as_ref()))
+/// Who calls: the operator (a certificate of the operator CA without the debug organization,
+/// which only the coordinator issues itself), or a person on call with a short-lived debug
+/// certificate (`restic-agent debug --node`). Without TLS (loopback debugging only) there is no
+/// caller to tell apart.
+#[derive(Debug, PartialEq)]
+enum Caller {
+    Operator,
+    Debug { name: String },
 }
 
-/// A certificate with the organization the coordinator puts in debug certificates. One that
-/// cannot be read counts as a debug certificate: the least it may do is the safe answer.
-pub fn is_debug_certificate(der: &[u8]) -> bool {
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, cert)) => cert
-            .subject()
-            .iter_organization()
-            .any(|o| o.as_str() == Ok(DEBUG_ORGANIZATION)),
-        Err(_) => true,
+/// Prefix of every run id a debug caller may use: the coordinator never uses it, so a debug
+/// caller cannot start a run under an id the coordinator will ask for and have it attach there.
+pub const DEBUG_RUN_PREFIX: &str = "debug-";
+/// The longest a debug caller's restic process may run.
+const DEBUG_TIMEOUT_SECONDS: u32 = 600;
+
+/// The caller of a request; a debug certificate past its expiry is refused on every call, not
+/// only when its connection was made.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let Some(certs) = request.peer_certs() else {
+        return Ok(Caller::Operator);
+    };
+    let Some(leaf) = certs.first() else {
+        return Ok(Caller::Debug {
+            name: "(no certificate)".into(),
+        });
+    };
+    classify(leaf.as_ref(), chrono::Utc::now().timestamp())
+}
+
+/// A certificate with the organization the coordinator puts in debug certificates is a debug
+/// caller, and must not have expired. One that cannot be read counts as a debug caller: the
+/// least it may do is the safe answer.
+fn classify(der: &[u8], now: i64) -> Result<Caller, Status> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Ok(Caller::Debug {
+            name: "(unreadable certificate)".into(),
+        });
+    };
+    let subject = cert.subject();
+    if !subject
+        .iter_organization()
+        .any(|o| o.as_str() == Ok(DEBUG_ORGANIZATION))
+    {
+        return Ok(Caller::Operator);
     }
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    if cert.validity().not_after.timestamp() <= now {
+        return Err(Status::unauthenticated(format!(
+            "the debug certificate of {name} has expired; run the debug command again for a new one"
+        )));
+    }
+    Ok(Caller::Debug { name })
 }
 
 /// Refuses what a debug certificate may not do: anything that writes a snapshot, restores,
 /// or changes or locks a repository.
 fn coordinator_only<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
-    if is_debug_client(request) {
+    if let Caller::Debug { name } = caller(request)? {
+        tracing::warn!(caller = %name, what, "refused a debug certificate");
         return Err(Status::permission_denied(format!(
             "a debug certificate may not {what}: it may list and follow runs, list volumes and \
              snapshots, cancel a run and make a dry-run backup"
         )));
+    }
+    Ok(())
+}
+
+/// What a debug caller's run may use: its own run ids, the agent's default memory limit, a
+/// time limit, no cache and root's identity (so it neither holds the node's run slots for long
+/// nor changes the cache the operator's runs use).
+fn limit_debug_run(name: &str, options: &mut Option<pb::RunOptions>, what: &str) -> Result<(), Status> {
+    let o = options.get_or_insert_with(Default::default);
+    if !o.run_id.starts_with(DEBUG_RUN_PREFIX) {
+        return Err(Status::permission_denied(format!(
+            "a debug certificate's runs have ids starting with {DEBUG_RUN_PREFIX:?}, not {:?}",
+            o.run_id
+        )));
+    }
+    o.memory_limit_bytes = 0;
+    o.run_as_user = None;
+    o.run_as_group = None;
+    o.timeout_seconds = match o.timeout_seconds {
+        0 => DEBUG_TIMEOUT_SECONDS,
+        t => t.min(DEBUG_TIMEOUT_SECONDS),
+    };
+    if let Some(r) = o.restic.as_mut() {
+        r.use_cache = false;
+    }
+    tracing::info!(caller = %name, run_id = %o.run_id, what, "debug certificate run");
+    Ok(())
+}
+
+/// Logs a debug caller's read-only call, so what on-call people did stays in the agent's log.
+fn note_debug<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
+    if let Caller::Debug { name } = caller(request)? {
+        tracing::info!(caller = %name, what, "debug certificate call");
     }
     Ok(())
 }
@@ -180,7 +252,11 @@ impl Agent for AgentService {
         if !request.get_ref().dry_run {
             coordinator_only(&request, "write a snapshot")?;
         }
-        let req = request.into_inner();
+        let debug = caller(&request)?;
+        let mut req = request.into_inner();
+        if let Caller::Debug { name } = &debug {
+            limit_debug_run(name, &mut req.options, "dry-run backup")?;
+        }
         let (options, volume, repo) = (req.options.clone(), req.volume.clone(), req.repository.clone());
         self.volume_op(
             options,
@@ -218,7 +294,11 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::SnapshotsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let r = request.into_inner();
+        let debug = caller(&request)?;
+        let mut r = request.into_inner();
+        if let Caller::Debug { name } = &debug {
+            limit_debug_run(name, &mut r.options, "snapshots")?;
+        }
         let op = repository::Op::Snapshots {
             host: r.host,
             tags: r.tags,
@@ -262,6 +342,7 @@ impl Agent for AgentService {
     }
 
     async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<EventStream>, Status> {
+        note_debug(&request, "attach")?;
         let id = request.into_inner().run_id;
         validate_run_id(&id).map_err(Status::invalid_argument)?;
         match self.runs.get(&id) {
@@ -276,6 +357,10 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        let who = match caller(&request)? {
+            Caller::Operator => "the operator".to_owned(),
+            Caller::Debug { name } => name,
+        };
         let id = request.into_inner().run_id;
         let run = self
             .runs
@@ -283,14 +368,15 @@ impl Agent for AgentService {
             .ok_or_else(|| Status::not_found(format!("no run {id} on this agent")))?;
         let cancelled = !run.is_finished();
         run.cancel.cancel();
-        tracing::info!(run_id = %id, cancelled, "cancel requested");
+        tracing::info!(run_id = %id, cancelled, by = %who, "cancel requested");
         Ok(Response::new(pb::CancelResponse { cancelled }))
     }
 
     async fn list_runs(
         &self,
-        _: Request<pb::ListRunsRequest>,
+        request: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        note_debug(&request, "list runs")?;
         Ok(Response::new(pb::ListRunsResponse {
             runs: self.runs.list(),
         }))
@@ -300,6 +386,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::ResolveVolumesRequest>,
     ) -> Result<Response<pb::ResolveVolumesResponse>, Status> {
+        note_debug(&request, "resolve volumes")?;
         let uid = request.into_inner().pod_uid;
         let root = self.kubelet.clone();
         let volumes = volumes::blocking("the pod's volume directories", move || {
@@ -321,5 +408,73 @@ impl Agent for AgentService {
         .await
         .map_err(volume_status)?;
         Ok(Response::new(pb::ResolveVolumesResponse { volumes }))
+    }
+}
+
+#[cfg(test)]
+mod caller_tests {
+    use super::*;
+
+    fn cert(organization: Option<&str>, expired: bool) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "debug:alice");
+        if let Some(o) = organization {
+            p.distinguished_name.push(rcgen::DnType::OrganizationName, o);
+        }
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = if expired {
+            rcgen::date_time_ymd(2021, 1, 1)
+        } else {
+            rcgen::date_time_ymd(2099, 1, 1)
+        };
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn debug_certificates_are_told_apart_and_refused_once_expired() {
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(classify(&cert(None, false), now).unwrap(), Caller::Operator);
+        assert_eq!(
+            classify(&cert(Some("something else"), false), now).unwrap(),
+            Caller::Operator
+        );
+        assert_eq!(
+            classify(&cert(Some(DEBUG_ORGANIZATION), false), now).unwrap(),
+            Caller::Debug {
+                name: "debug:alice".into()
+            }
+        );
+        let expired = classify(&cert(Some(DEBUG_ORGANIZATION), true), now).unwrap_err();
+        assert_eq!(expired.code(), tonic::Code::Unauthenticated);
+        assert!(matches!(classify(b"garbage", now), Ok(Caller::Debug { .. })));
+    }
+
+    #[test]
+    fn a_debug_run_keeps_to_its_own_ids_and_limits() {
+        let mut squat = Some(pb::RunOptions {
+            run_id: "rb-0f5c-m1-g1".into(),
+            ..Default::default()
+        });
+        let err = limit_debug_run("debug:alice", &mut squat, "snapshots").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let mut own = Some(pb::RunOptions {
+            run_id: "debug-snapshots-1".into(),
+            memory_limit_bytes: u64::MAX,
+            run_as_user: Some(1000),
+            timeout_seconds: 0,
+            restic: Some(pb::ResticOptions {
+                use_cache: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        limit_debug_run("debug:alice", &mut own, "snapshots").unwrap();
+        let o = own.unwrap();
+        assert_eq!(o.memory_limit_bytes, 0);
+        assert_eq!(o.run_as_user, None);
+        assert_eq!(o.timeout_seconds, DEBUG_TIMEOUT_SECONDS);
+        assert!(!o.restic.unwrap().use_cache);
     }
 }

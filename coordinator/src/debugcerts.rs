@@ -62,10 +62,26 @@ pub async fn run(ctx: Arc<Context>) {
         if answered(&csr) {
             continue;
         }
+        // The event may be older than the object: our own approval is an event too.
+        let csr = match api.get(&csr.name_any()).await {
+            Ok(fresh) if !answered(&fresh) => fresh,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(csr = %csr.name_any(), error = %e, "reading a debug certificate request");
+                continue;
+            }
+        };
         if let Err(e) = answer(&ctx, &api, &recorder, &csr).await {
             tracing::warn!(csr = %csr.name_any(), error = %e, "answering a debug certificate request");
         }
     }
+}
+
+fn has_condition(csr: &CertificateSigningRequest, type_: &str) -> bool {
+    csr.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == type_))
 }
 
 fn answered(csr: &CertificateSigningRequest) -> bool {
@@ -95,17 +111,21 @@ async fn answer(
     };
     match decision {
         Ok((cert, ttl)) => {
-            set_condition(
-                api,
-                &name,
-                "Approved",
-                "AgentDebugAllowed",
-                &format!(
-                    "{user} may port-forward to the agent pods in {}",
-                    ctx.config.namespace
-                ),
-            )
-            .await?;
+            // Approved already (by us before a failed status write, or by an administrator):
+            // the requester was asked about again all the same, and only the signing is left.
+            if !has_condition(csr, "Approved") {
+                set_condition(
+                    api,
+                    &name,
+                    "Approved",
+                    "AgentDebugAllowed",
+                    &format!(
+                        "{user} may port-forward to the agent pods in {}",
+                        ctx.config.namespace
+                    ),
+                )
+                .await?;
+            }
             let status = CertificateSigningRequestStatus {
                 certificate: Some(ByteString(cert.into_bytes())),
                 ..Default::default()
@@ -209,10 +229,19 @@ fn sign(ca: &Pem, csr: &CertificateSigningRequest) -> Result<(String, Duration),
     p.distinguished_name
         .push(DnType::OrganizationName, DEBUG_ORGANIZATION);
     p.subject_alt_names = Vec::new();
-    p.is_ca = rcgen::IsCa::NoCa;
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.custom_extensions = Vec::new();
+    // Serial numbers must not repeat; rcgen's default derives one from the public key.
+    let mut serial = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| format!("random serial: {e}"))?,
+        &mut serial,
+    )
+    .map_err(|e| format!("random serial: {e}"))?;
+    serial[0] &= 0x7f;
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - Duration::from_secs(300);
     p.not_after = now + ttl;
