@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use restic_operator_proto::DEBUG_ORGANIZATION;
 use restic_operator_proto::v1::agent_server::Agent;
 use restic_operator_proto::v1::{self as pb, RunKind};
+use restic_operator_proto::{DEBUG_ORGANIZATION, OPERATOR_CLIENT_NAME};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -38,10 +38,11 @@ pub struct AgentService {
     pub kubelet: KubeletRoot,
 }
 
-/// Who calls: the operator (a certificate of the operator CA without the debug organization,
-/// which only the coordinator issues itself), or a person on call with a short-lived debug
-/// certificate (`restic-agent debug --node`). Without TLS (loopback debugging only) there is no
-/// caller to tell apart.
+/// Who calls: the operator (the coordinator's own certificate: common name
+/// `restic-operator-coordinator`, not the debug organization), or anyone else with a
+/// certificate of the operator CA, served as a person on call with a short-lived debug
+/// certificate (`restic-agent debug --node`) is. Without TLS (loopback debugging only) there is
+/// no caller to tell apart.
 #[derive(Debug, PartialEq)]
 enum Caller {
     Operator,
@@ -68,9 +69,9 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     classify(leaf.as_ref(), chrono::Utc::now().timestamp())
 }
 
-/// A certificate with the organization the coordinator puts in debug certificates is a debug
-/// caller, and must not have expired. One that cannot be read counts as a debug caller: the
-/// least it may do is the safe answer.
+/// Only the coordinator's own certificate is the operator; a debug certificate must not have
+/// expired; any other certificate (or one that cannot be read) gets the least: what a debug
+/// certificate gets.
 fn classify(der: &[u8], now: i64) -> Result<Caller, Status> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Ok(Caller::Debug {
@@ -78,18 +79,22 @@ fn classify(der: &[u8], now: i64) -> Result<Caller, Status> {
         });
     };
     let subject = cert.subject();
-    if !subject
+    let debug = subject
         .iter_organization()
-        .any(|o| o.as_str() == Ok(DEBUG_ORGANIZATION))
-    {
+        .any(|o| o.as_str() == Ok(DEBUG_ORGANIZATION));
+    let names: Vec<&str> = subject
+        .iter_common_name()
+        .filter_map(|c| c.as_str().ok())
+        .collect();
+    if !debug && subject.iter_organization().next().is_none() && names == [OPERATOR_CLIENT_NAME] {
         return Ok(Caller::Operator);
     }
-    let name = subject
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .unwrap_or("(unnamed)")
-        .to_owned();
+    let name = names.first().copied().unwrap_or("(unnamed)").to_owned();
+    if !debug {
+        return Ok(Caller::Debug {
+            name: format!("{name} (not the operator's certificate)"),
+        });
+    }
     if cert.validity().not_after.timestamp() <= now {
         return Err(Status::unauthenticated(format!(
             "the debug certificate of {name} has expired; run the debug command again for a new one"
@@ -415,11 +420,10 @@ impl Agent for AgentService {
 mod caller_tests {
     use super::*;
 
-    fn cert(organization: Option<&str>, expired: bool) -> Vec<u8> {
+    fn cert(name: &str, organization: Option<&str>, expired: bool) -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(Vec::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "debug:alice");
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
         if let Some(o) = organization {
             p.distinguished_name.push(rcgen::DnType::OrganizationName, o);
         }
@@ -435,18 +439,29 @@ mod caller_tests {
     #[test]
     fn debug_certificates_are_told_apart_and_refused_once_expired() {
         let now = chrono::Utc::now().timestamp();
-        assert_eq!(classify(&cert(None, false), now).unwrap(), Caller::Operator);
+        let coordinator = OPERATOR_CLIENT_NAME;
         assert_eq!(
-            classify(&cert(Some("something else"), false), now).unwrap(),
+            classify(&cert(coordinator, None, false), now).unwrap(),
             Caller::Operator
         );
+        // Only the coordinator's own name, and no organization, is the operator.
+        for (name, o) in [
+            ("someone", None),
+            (coordinator, Some("something else")),
+            (coordinator, Some(DEBUG_ORGANIZATION)),
+        ] {
+            assert!(
+                matches!(classify(&cert(name, o, false), now), Ok(Caller::Debug { .. })),
+                "{name} {o:?}"
+            );
+        }
         assert_eq!(
-            classify(&cert(Some(DEBUG_ORGANIZATION), false), now).unwrap(),
+            classify(&cert("debug:alice", Some(DEBUG_ORGANIZATION), false), now).unwrap(),
             Caller::Debug {
                 name: "debug:alice".into()
             }
         );
-        let expired = classify(&cert(Some(DEBUG_ORGANIZATION), true), now).unwrap_err();
+        let expired = classify(&cert("debug:alice", Some(DEBUG_ORGANIZATION), true), now).unwrap_err();
         assert_eq!(expired.code(), tonic::Code::Unauthenticated);
         assert!(matches!(classify(b"garbage", now), Ok(Caller::Debug { .. })));
     }

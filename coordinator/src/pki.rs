@@ -21,7 +21,7 @@ pub const CA_KEY: &str = "ca.key";
 pub const TLS_CERT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 /// Common name of the coordinator's client certificate.
-pub const CLIENT_NAME: &str = "restic-operator-coordinator";
+pub const CLIENT_NAME: &str = restic_operator_proto::OPERATOR_CLIENT_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

@@ -7,6 +7,9 @@
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// At most this many failed paths travel in a result and reach status; the rest are counted.
 pub const MAX_FAILED_PATHS: usize = 100;
+/// The common name of the coordinator's client certificate, the one identity agents serve in
+/// full; any other certificate of the operator CA gets what a debug certificate gets.
+pub const OPERATOR_CLIENT_NAME: &str = "restic-operator-coordinator";
 /// The organization (O) of the short-lived client certificates the coordinator issues to people
 /// on call (`restic-agent debug --node`): agents serve such a client read-only calls, a dry-run
 /// backup and cancel, nothing that writes a snapshot, restores or changes a repository.

@@ -408,8 +408,12 @@ impl Node {
             cert: get("ca.crt"),
             key: get("ca.key"),
         };
-        let client =
-            restic_operator_coordinator::pki::issue(&ca_pem, "e2e-test", false, Duration::from_secs(86400))?;
+        let client = restic_operator_coordinator::pki::issue(
+            &ca_pem,
+            restic_operator_coordinator::pki::CLIENT_NAME,
+            false,
+            Duration::from_secs(86400),
+        )?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&ca_pem.cert))
             .identity(Identity::from_pem(&client.cert, &client.key))
