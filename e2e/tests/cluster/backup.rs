@@ -11,37 +11,7 @@ use kube::api::{DeleteParams, ListParams};
 use restic_operator_api::common::{RunResult, RunTrigger};
 use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
 
-use crate::support::{Ctx, OPERATOR_NAMESPACE};
-
-/// A claim and a Deployment of one busybox pod that mounts it at /data.
-fn app(name: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {name}-data}}
-spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}}}
-spec:
-  replicas: 1
-  strategy: {{type: Recreate}}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: app
-          image: e2e.local/busybox:1.35
-          imagePullPolicy: Never
-          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
-          volumeMounts: [{{name: data, mountPath: /data}}]
-      volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}-data}}}}]
-"#
-    )
-}
+use crate::support::{Ctx, OPERATOR_NAMESPACE, snapshot_ids};
 
 /// A ResticBackup of claim `<name>-data` into repository `repo`, with `extra` spec lines.
 fn backup(name: &str, repo: &str, extra: &str) -> String {
@@ -56,9 +26,7 @@ async fn scheduled_and_manual_backups_of_a_live_pods_claim_run_exec_hooks() -> R
     let ctx = Ctx::new("live-claim").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(&app("web"))?;
-    ctx.running_pod("web").await?;
-    let volume = ctx.volume_dir("web-data").await?;
+    let volume = ctx.deploy_app("web").await?;
     make_tree(&volume.join("tree"))?;
 
     ctx.apply(&backup(
@@ -134,9 +102,8 @@ async fn a_recreated_pod_and_a_restarted_agent_reread_no_unchanged_file() -> Res
     let ctx = Ctx::disruptive("recreated").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(&app("db"))?;
+    let volume = ctx.deploy_app("db").await?;
     let first_uid = ctx.running_pod("db").await?;
-    let volume = ctx.volume_dir("db-data").await?;
     make_tree(&volume.join("tree"))?;
     std::fs::write(volume.join("big"), pseudo_random(4 << 20, 7))?;
 
@@ -201,21 +168,10 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
     // Bind the claim with a pod that then goes away (scale to zero).
-    ctx.apply(&app("idle"))?;
-    ctx.running_pod("idle").await?;
-    let volume = ctx.volume_dir("idle-data").await?;
+    let volume = ctx.deploy_app("idle").await?;
     make_tree(&volume.join("tree"))?;
-    ctx.kubectl(&["scale", "deployment/idle", "--replicas=0"])?;
+    ctx.scale_to_zero("idle").await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    restic_operator_e2e::eventually("the app pod gone", Duration::from_secs(60), || async {
-        Ok(pods
-            .list(&ListParams::default().labels("app=idle"))
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
-    })
-    .await?;
 
     ctx.apply(&backup(
         "idle",
@@ -262,9 +218,7 @@ async fn an_agent_deleted_mid_backup_fails_the_run_quickly_and_the_next_run_succ
     let ctx = Ctx::disruptive("agent-killed").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(&app("slow"))?;
-    ctx.running_pod("slow").await?;
-    let volume = ctx.volume_dir("slow-data").await?;
+    let volume = ctx.deploy_app("slow").await?;
     // 48 MiB at 1 MiB/s: a backup that lasts long enough to be interrupted.
     for i in 0..6 {
         std::fs::write(volume.join(format!("f{i}")), pseudo_random(8 << 20, i))?;
@@ -355,9 +309,7 @@ async fn retention_keeps_the_newest_snapshots() -> Result<()> {
     let ctx = Ctx::new("retention").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(&app("keep"))?;
-    ctx.running_pod("keep").await?;
-    let volume = ctx.volume_dir("keep-data").await?;
+    let volume = ctx.deploy_app("keep").await?;
     let spec = "  schedule: \"0 3 * * *\"\n  retention: {enabled: true, policy: {keepLast: 2}}\n";
     let mut previous = None;
     let mut snapshots = Vec::new();
@@ -379,18 +331,7 @@ async fn retention_keeps_the_newest_snapshots() -> Result<()> {
         snapshots.push(run.snapshot_id.clone().context("no snapshot")?);
         previous = run.run_id;
     }
-    let out = repo.restic()?.args(["snapshots", "--json"]).output()?;
-    ensure!(
-        out.status.success(),
-        "restic snapshots: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    let mut ids: Vec<String> = listed
-        .iter()
-        .filter_map(|s| s["id"].as_str().map(String::from))
-        .collect();
-    ids.sort();
+    let ids = snapshot_ids(&repo)?;
     let mut kept = snapshots[1..].to_vec();
     kept.sort();
     ensure!(
@@ -405,9 +346,7 @@ async fn a_slow_upload_says_it_is_uploading_at_100_percent_and_the_snapshot_id_i
     let ctx = Ctx::new("stages").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(&app("up"))?;
-    ctx.running_pod("up").await?;
-    let volume = ctx.volume_dir("up-data").await?;
+    let volume = ctx.deploy_app("up").await?;
     std::fs::write(volume.join("blob"), pseudo_random(12 << 20, 3))?;
     ctx.apply(&backup(
         "up",

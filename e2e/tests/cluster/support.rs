@@ -55,6 +55,54 @@ pub fn test_values() -> Vec<String> {
 /// The group the chart lets use the debug CLI in the tests.
 pub const ONCALL_GROUP: &str = "e2e-oncall";
 
+/// A claim and a Deployment of one busybox pod that mounts it at /data.
+pub fn app(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: {name}-data}}
+spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  strategy: {{type: Recreate}}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: app
+          image: e2e.local/busybox:1.35
+          imagePullPolicy: Never
+          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
+          volumeMounts: [{{name: data, mountPath: /data}}]
+      volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}-data}}}}]
+"#
+    )
+}
+
+/// The ids of a repository's snapshots, sorted.
+pub fn snapshot_ids(repo: &ResticRepo) -> Result<Vec<String>> {
+    let out = repo
+        .restic()?
+        .args(["snapshots", "--json", "--no-lock"])
+        .output()?;
+    if !out.status.success() {
+        bail!("restic snapshots: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    let mut ids: Vec<String> = list
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
 /// One test's namespace, bucket and client.
 pub struct Ctx {
     pub client: Client,
@@ -171,6 +219,33 @@ impl Ctx {
              spec: {{repositoryURL: '{}', credentialsSecretRef: {{name: {name}-creds}}}}\n",
             repo.url
         ))
+    }
+
+    /// Deploys [`app`] `name`, waits for its pod, and returns its claim's host directory.
+    pub async fn deploy_app(&self, name: &str) -> Result<PathBuf> {
+        self.apply(&app(name))?;
+        self.running_pod(name).await?;
+        self.volume_dir(&format!("{name}-data")).await
+    }
+
+    /// Scales app `name` to zero and waits until its pods are gone: its claim stays bound
+    /// and no running pod mounts it.
+    pub async fn scale_to_zero(&self, name: &str) -> Result<()> {
+        self.kubectl(&["scale", &format!("deployment/{name}"), "--replicas=0"])?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        eventually(
+            &format!("the pods of {name} gone"),
+            Duration::from_secs(60),
+            || async {
+                Ok(pods
+                    .list(&ListParams::default().labels(&format!("app={name}")))
+                    .await?
+                    .items
+                    .is_empty()
+                    .then_some(()))
+            },
+        )
+        .await
     }
 
     /// The host directory of a claim's volume (the provisioner's `local` volume).

@@ -11,10 +11,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use kube::Api;
-use kube::api::ListParams;
 
 use support::{Ctx, ONCALL_GROUP, OPERATOR_NAMESPACE, RELEASE, env};
 
@@ -51,32 +49,6 @@ const NOT_SEEN: &[(&str, &str, &str, &str)] = &[
         "an authorization check of the signing, not a request of its own",
     ),
 ];
-
-fn app(name: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {{name: {name}-data}}
-spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}}}
-spec:
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: app
-          image: e2e.local/busybox:1.35
-          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
-          volumeMounts: [{{name: data, mountPath: /data}}]
-      volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}-data}}}}]
-"#
-    )
-}
 
 /// (apiGroup, resource[/subresource], verb) of every rule.
 fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
@@ -124,11 +96,9 @@ async fn the_chart_grants_the_coordinator_only_what_it_uses() -> Result<()> {
 
     // A live pod's claim with an exec hook before and a failing Job hook after (its pod's
     // output is read); and a claim no pod mounts (a holder pod).
-    ctx.apply(&app("live"))?;
-    ctx.apply(&app("idle"))?;
-    ctx.running_pod("live").await?;
-    ctx.running_pod("idle").await?;
-    ctx.kubectl(&["scale", "deployment/idle", "--replicas=0"])?;
+    ctx.deploy_app("live").await?;
+    ctx.deploy_app("idle").await?;
+    ctx.scale_to_zero("idle").await?;
     ctx.apply(&format!(
         r#"apiVersion: backup.resticbackup.io/v1alpha1
 kind: ResticBackup
@@ -163,16 +133,6 @@ spec:
         "the failed Job hook's output is not in the result: {live:?}\n{}",
         ctx.diagnostics()
     );
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    restic_operator_e2e::eventually("the idle app gone", Duration::from_secs(60), || async {
-        Ok(pods
-            .list(&ListParams::default().labels("app=idle"))
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
-    })
-    .await?;
     ctx.apply(&format!(
         "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: idle}}\n\
          spec:\n  repositoryRef: {{name: shared, namespace: {repo_ns}}}\n  schedule: \"0 3 * * *\"\n  \

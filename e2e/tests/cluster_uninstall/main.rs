@@ -16,29 +16,7 @@ use restic_operator_api::common::RunResult;
 use restic_operator_api::repository::ResticRepository;
 use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree};
 
-use support::{Ctx, OPERATOR_NAMESPACE, RELEASE};
-
-const APP: &str = r#"apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: app-data}
-spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: app}
-spec:
-  selector: {matchLabels: {app: app}}
-  template:
-    metadata: {labels: {app: app}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: app
-          image: e2e.local/busybox:1.35
-          command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
-          volumeMounts: [{name: data, mountPath: /data}]
-      volumes: [{name: data, persistentVolumeClaim: {claimName: app-data}}]
-"#;
+use support::{Ctx, OPERATOR_NAMESPACE, RELEASE, snapshot_ids};
 
 fn backup(trigger: &str) -> String {
     format!(
@@ -48,34 +26,13 @@ fn backup(trigger: &str) -> String {
     )
 }
 
-fn snapshot_ids(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<String>> {
-    let out = repo
-        .restic()?
-        .args(["snapshots", "--json", "--no-lock"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "restic snapshots: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-    let mut ids: Vec<String> = list
-        .iter()
-        .filter_map(|s| s["id"].as_str().map(String::from))
-        .collect();
-    ids.sort();
-    Ok(ids)
-}
-
 #[tokio::test]
 async fn uninstalling_the_chart_leaves_data_resources_and_snapshots_and_a_reinstall_carries_on() -> Result<()>
 {
     let ctx = Ctx::disruptive("uninstall").await?;
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
-    ctx.apply(APP)?;
-    ctx.running_pod("app").await?;
-    let volume = ctx.volume_dir("app-data").await?;
+    let volume = ctx.deploy_app("app").await?;
     make_tree(&volume.join("tree"))?;
     ctx.apply(&backup("one"))?;
     let first = ctx.finished_run("app", None, Duration::from_secs(120)).await?;
