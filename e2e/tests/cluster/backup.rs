@@ -11,7 +11,7 @@ use kube::api::{DeleteParams, ListParams};
 use restic_operator_api::common::{RunResult, RunTrigger};
 use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
 
-use crate::support::{Ctx, OPERATOR_NAMESPACE, snapshot_ids};
+use crate::support::{Ctx, OPERATOR_NAMESPACE, no_pods, restore, snapshot_ids};
 
 /// A ResticBackup of claim `<name>-data` into repository `repo`, with `extra` spec lines.
 fn backup(name: &str, repo: &str, extra: &str) -> String {
@@ -56,17 +56,7 @@ async fn scheduled_and_manual_backups_of_a_live_pods_claim_run_exec_hooks() -> R
         ctx.diagnostics()
     );
     let snapshot = first.snapshot_id.clone().context("no snapshot id")?;
-    let restored = tempfile::tempdir()?;
-    let out = repo
-        .restic()?
-        .args(["restore", &snapshot, "--target"])
-        .arg(restored.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "restic restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let restored = restore(&repo, &snapshot)?;
     // The agent read the live pod's volume from the kubelet's directory: the snapshot holds the
     // data byte for byte, the pre hook's file (it ran in the container before the backup), and
     // not the post hook's (after).
@@ -171,7 +161,6 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
     let volume = ctx.deploy_app("idle").await?;
     make_tree(&volume.join("tree"))?;
     ctx.scale_to_zero("idle").await?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
 
     ctx.apply(&backup(
         "idle",
@@ -184,32 +173,10 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
         "{run:?}\n{}",
         ctx.diagnostics()
     );
-    let restored = tempfile::tempdir()?;
-    let out = repo
-        .restic()?
-        .args([
-            "restore",
-            run.snapshot_id.as_deref().unwrap_or_default(),
-            "--target",
-        ])
-        .arg(restored.path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "restic restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let restored = restore(&repo, run.snapshot_id.as_deref().unwrap_or_default())?;
     assert_trees_equal(&volume.join("tree"), &restored.path().join("data/tree"))?;
     // The holder pod is gone once the run ended.
-    restic_operator_e2e::eventually("the holder pod removed", Duration::from_secs(60), || async {
-        Ok(pods
-            .list(&ListParams::default())
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
-    })
-    .await?;
+    no_pods(&ctx.client, &ctx.namespace, "", "the holder pod removed").await?;
     Ok(())
 }
 

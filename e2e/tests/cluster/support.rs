@@ -103,6 +103,34 @@ pub fn snapshot_ids(repo: &ResticRepo) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Restores `snapshot` of `repo` with restic into a fresh directory.
+pub fn restore(repo: &ResticRepo, snapshot: &str) -> Result<tempfile::TempDir> {
+    let target = tempfile::tempdir()?;
+    let out = repo
+        .restic()?
+        .args(["restore", snapshot, "--target"])
+        .arg(target.path())
+        .output()?;
+    if !out.status.success() {
+        bail!("restic restore: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(target)
+}
+
+/// Waits until no pod in `namespace` matches `labels` (empty: no pod at all).
+pub async fn no_pods(client: &Client, namespace: &str, labels: &str, what: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    eventually(what, Duration::from_secs(60), || async {
+        Ok(pods
+            .list(&ListParams::default().labels(labels))
+            .await?
+            .items
+            .is_empty()
+            .then_some(()))
+    })
+    .await
+}
+
 /// One test's namespace, bucket and client.
 pub struct Ctx {
     pub client: Client,
@@ -232,18 +260,11 @@ impl Ctx {
     /// and no running pod mounts it.
     pub async fn scale_to_zero(&self, name: &str) -> Result<()> {
         self.kubectl(&["scale", &format!("deployment/{name}"), "--replicas=0"])?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        eventually(
+        no_pods(
+            &self.client,
+            &self.namespace,
+            &format!("app={name}"),
             &format!("the pods of {name} gone"),
-            Duration::from_secs(60),
-            || async {
-                Ok(pods
-                    .list(&ListParams::default().labels(&format!("app={name}")))
-                    .await?
-                    .items
-                    .is_empty()
-                    .then_some(()))
-            },
         )
         .await
     }

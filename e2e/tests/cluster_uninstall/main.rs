@@ -8,15 +8,13 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::ListParams;
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::RunResult;
 use restic_operator_api::repository::ResticRepository;
 use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree};
 
-use support::{Ctx, OPERATOR_NAMESPACE, RELEASE, snapshot_ids};
+use support::{Ctx, OPERATOR_NAMESPACE, RELEASE, no_pods, snapshot_ids};
 
 fn backup(trigger: &str) -> String {
     format!(
@@ -71,16 +69,7 @@ async fn uninstalling_the_chart_leaves_data_resources_and_snapshots_and_a_reinst
     );
 
     // The operator is gone...
-    let operator_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), OPERATOR_NAMESPACE);
-    restic_operator_e2e::eventually("the operator's pods gone", Duration::from_secs(60), || async {
-        Ok(operator_pods
-            .list(&ListParams::default())
-            .await?
-            .items
-            .is_empty()
-            .then_some(()))
-    })
-    .await?;
+    no_pods(&ctx.client, OPERATOR_NAMESPACE, "", "the operator's pods gone").await?;
     // ...and nothing of the user's: the resources (helm never deletes CRDs), the app and its
     // data, the snapshots.
     let backups: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
