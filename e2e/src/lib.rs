@@ -334,6 +334,15 @@ fn unique_id(name: &str) -> String {
     )
 }
 
+/// A finished command's standard output and error, together, for assertion messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Installs (server-side applies) CRDs and waits until the API server serves them.
 pub async fn install_crds(
     client: &Client,

@@ -3,6 +3,7 @@
 //! port-forward to the agent pods; both answers recorded in events) and reaches the agent
 //! through the API server. A debug certificate cannot write a snapshot.
 
+use restic_operator_e2e::output_text as text;
 use std::process::Output;
 use std::time::Duration;
 
@@ -27,14 +28,6 @@ fn debug(kubeconfig: &std::path::Path, args: &[&str]) -> Result<Output> {
         .arg(kubeconfig)
         .args(args)
         .output()?)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! ship the generated CRDs and exactly the RBAC of `coordinator/rbac/`, refuse misspelt values,
 //! and wire the coordinator to the agents it deploys.
 
+use restic_operator_e2e::output_text as text;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -46,14 +47,6 @@ fn kube_version() -> Result<String> {
         .and_then(|v| v.split_whitespace().next())
         .map(str::to_owned)
         .context("no K8S_VERSION in e2e/versions.env")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn helm(args: &[&str]) -> Result<Output> {

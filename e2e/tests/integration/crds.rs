@@ -2,8 +2,8 @@
 //! alternatives it leaves commented out) is accepted unchanged, each invalid case is rejected
 //! with its message, and `kubectl get restic` / `kubectl explain` tell the story.
 
+use restic_operator_e2e::output_text as text;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use anyhow::{Context, Result, bail, ensure};
 use restic_operator_e2e::{TestContext, install_crds};
@@ -21,14 +21,6 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     ensure!(!files.is_empty(), "no samples in {}", dir.display());
     Ok(files)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 // The samples name their namespaces (as the specification writes them), so this one test
