@@ -235,13 +235,6 @@ impl ControlPlane {
         &self.ca
     }
 
-    /// A kubeconfig for an arbitrary user (CN) and optional group (O), for RBAC tests.
-    pub fn kubeconfig_for(&self, user: &str, group: Option<&str>) -> Result<PathBuf> {
-        let path = self.dir.join(format!("{}.kubeconfig", user.replace(':', "_")));
-        write_kubeconfig(&path, &self.server, &self.ca, &self.ca.client(user, group)?)?;
-        Ok(path)
-    }
-
     fn check_processes(&mut self) -> Result<()> {
         for p in &mut self.processes {
             p.check_running()?;

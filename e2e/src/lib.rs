@@ -9,7 +9,8 @@
 //! ```
 //!
 //! With `RESTIC_OPERATOR_E2E_KUBECONFIG` set, the suites run against that cluster instead of a
-//! local control plane (the S3 server and restic still run on this machine).
+//! local control plane or node (the S3 server and restic still run on this machine; the cluster
+//! tier also needs `RESTIC_OPERATOR_E2E_S3_ADDRESS`, see [`cluster::Cluster::from_env`]).
 //! If the environment cannot start, every test fails with the reason; nothing is skipped.
 
 pub mod certs;
@@ -55,6 +56,9 @@ pub fn unique_name(name: &str) -> String {
 
 /// Environment variable naming a kubeconfig of an existing cluster to test against.
 pub const EXTERNAL_KUBECONFIG_ENV: &str = "RESTIC_OPERATOR_E2E_KUBECONFIG";
+/// Environment variable: with `EXTERNAL_KUBECONFIG_ENV`, an IPv4 address of this machine that
+/// the cluster's pods reach, where the cluster tier's S3 server listens.
+pub const EXTERNAL_S3_ADDRESS_ENV: &str = "RESTIC_OPERATOR_E2E_S3_ADDRESS";
 /// Label on every namespace a test creates.
 pub const TEST_NAMESPACE_LABEL: &str = "e2e.resticbackup.io/test";
 

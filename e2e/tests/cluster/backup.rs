@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
 use restic_operator_api::common::{RunResult, RunTrigger};
-use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
+use restic_operator_e2e::fixtures::assert_trees_equal;
 
 use crate::support::{Ctx, OPERATOR_NAMESPACE, no_pods, restore, snapshot_ids};
 
@@ -27,7 +27,7 @@ async fn scheduled_and_manual_backups_of_a_live_pods_claim_run_exec_hooks() -> R
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
     let volume = ctx.deploy_app("web").await?;
-    make_tree(&volume.join("tree"))?;
+    let tree = volume.put_test_tree("tree")?;
 
     ctx.apply(&backup(
         "web",
@@ -60,16 +60,17 @@ async fn scheduled_and_manual_backups_of_a_live_pods_claim_run_exec_hooks() -> R
     // The agent read the live pod's volume from the kubelet's directory: the snapshot holds the
     // data byte for byte, the pre hook's file (it ran in the container before the backup), and
     // not the post hook's (after).
-    assert_trees_equal(&volume.join("tree"), &restored.path().join("data/tree"))?;
+    assert_trees_equal(tree.path(), &restored.path().join("data/tree"))?;
     let pre = std::fs::read_to_string(restored.path().join("data/hooks/pre"))?;
     ensure!(pre == "before\n", "pre hook output: {pre:?}");
     ensure!(
         !restored.path().join("data/hooks/post").exists(),
         "post hook ran before the backup"
     );
-    let post = std::fs::read_to_string(volume.join("hooks/post"))
+    let post = volume
+        .read("hooks/post")
         .context("the post hook did not write into the running container's volume")?;
-    ensure!(post == "after\n");
+    ensure!(post == b"after\n");
 
     let mut run = first;
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -94,8 +95,8 @@ async fn a_recreated_pod_and_a_restarted_agent_reread_no_unchanged_file() -> Res
     ctx.create_repository("main", &repo)?;
     let volume = ctx.deploy_app("db").await?;
     let first_uid = ctx.running_pod("db").await?;
-    make_tree(&volume.join("tree"))?;
-    std::fs::write(volume.join("big"), pseudo_random(4 << 20, 7))?;
+    volume.put_test_tree("tree")?;
+    volume.write_random("big", 4 << 20)?;
 
     ctx.apply(&backup(
         "db",
@@ -159,7 +160,7 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
     ctx.create_repository("main", &repo)?;
     // Bind the claim with a pod that then goes away (scale to zero).
     let volume = ctx.deploy_app("idle").await?;
-    make_tree(&volume.join("tree"))?;
+    let tree = volume.put_test_tree("tree")?;
     ctx.scale_to_zero("idle").await?;
 
     ctx.apply(&backup(
@@ -174,7 +175,7 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
         ctx.diagnostics()
     );
     let restored = restore(&repo, run.snapshot_id.as_deref().unwrap_or_default())?;
-    assert_trees_equal(&volume.join("tree"), &restored.path().join("data/tree"))?;
+    assert_trees_equal(tree.path(), &restored.path().join("data/tree"))?;
     // The holder pod is gone once the run ended.
     no_pods(&ctx.client, &ctx.namespace, "", "the holder pod removed").await?;
     Ok(())
@@ -188,7 +189,7 @@ async fn an_agent_deleted_mid_backup_fails_the_run_quickly_and_the_next_run_succ
     let volume = ctx.deploy_app("slow").await?;
     // 48 MiB at 1 MiB/s: a backup that lasts long enough to be interrupted.
     for i in 0..6 {
-        std::fs::write(volume.join(format!("f{i}")), pseudo_random(8 << 20, i))?;
+        volume.write_random(&format!("f{i}"), 8 << 20)?;
     }
     let slow = "  schedule: \"0 3 * * *\"\n  restic: {extraArgs: [\"--limit-upload=1024\"]}\n";
     ctx.apply(&backup("slow", "main", &format!("{slow}  manualTrigger: one\n")))?;
@@ -281,7 +282,7 @@ async fn retention_keeps_the_newest_snapshots() -> Result<()> {
     let mut previous = None;
     let mut snapshots = Vec::new();
     for i in 0..3 {
-        std::fs::write(volume.join("generation"), format!("{i}\n"))?;
+        volume.write("generation", format!("{i}\n").as_bytes())?;
         ctx.apply(&backup(
             "keep",
             "main",
@@ -314,7 +315,7 @@ async fn a_slow_upload_says_it_is_uploading_at_100_percent_and_the_snapshot_id_i
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
     let volume = ctx.deploy_app("up").await?;
-    std::fs::write(volume.join("blob"), pseudo_random(12 << 20, 3))?;
+    volume.write_random("blob", 12 << 20)?;
     ctx.apply(&backup(
         "up",
         "main",

@@ -11,16 +11,15 @@ use anyhow::{Result, ensure};
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding};
 use kube::Api;
 use kube::api::PostParams;
-use restic_operator_e2e::node::NODE_NAME;
 
-use crate::support::{Ctx, ONCALL_GROUP, OPERATOR_NAMESPACE, RELEASE, env};
+use crate::support::{Ctx, ONCALL_GROUP, OPERATOR_NAMESPACE, RELEASE, agent_node, env};
 
-fn debug(kubeconfig: &std::path::Path, args: &[&str]) -> Result<Output> {
+fn debug(node: &str, kubeconfig: &std::path::Path, args: &[&str]) -> Result<Output> {
     Ok(std::process::Command::new(&env().agent)
         .args([
             "debug",
             "--node",
-            NODE_NAME,
+            node,
             "--namespace",
             OPERATOR_NAMESPACE,
             "--kubeconfig",
@@ -34,13 +33,13 @@ fn debug(kubeconfig: &std::path::Path, args: &[&str]) -> Result<Output> {
 async fn people_on_call_reach_an_agent_with_their_kubeconfig_and_others_are_refused_with_a_record()
 -> Result<()> {
     let ctx = Ctx::new("debug-cli").await?;
-    let plane = &env().cluster.plane;
+    let node = agent_node(&ctx.client).await?;
 
     // In the chart's on-call group: a certificate, the agent's runs, its health.
-    let alice = plane.kubeconfig_for("alice", Some(ONCALL_GROUP))?;
+    let alice = env().cluster.kubeconfig_as("alice", &[ONCALL_GROUP])?;
     let out = tokio::task::spawn_blocking({
-        let alice = alice.clone();
-        move || debug(&alice, &["runs"])
+        let (alice, node) = (alice.clone(), node.clone());
+        move || debug(&node, &alice, &["runs"])
     })
     .await??;
     ensure!(out.status.success(), "debug runs as alice: {}", text(&out));
@@ -50,8 +49,8 @@ async fn people_on_call_reach_an_agent_with_their_kubeconfig_and_others_are_refu
         text(&out)
     );
     let out = tokio::task::spawn_blocking({
-        let alice = alice.clone();
-        move || debug(&alice, &["health"])
+        let (alice, node) = (alice.clone(), node.clone());
+        move || debug(&node, &alice, &["health"])
     })
     .await??;
     ensure!(
@@ -65,9 +64,10 @@ async fn people_on_call_reach_an_agent_with_their_kubeconfig_and_others_are_refu
     std::fs::write(pw.path(), "x")?;
     let pw_path = pw.path().display().to_string();
     let out = tokio::task::spawn_blocking({
-        let alice = alice.clone();
+        let (alice, node) = (alice.clone(), node.clone());
         move || {
             debug(
+                &node,
                 &alice,
                 &[
                     "backup",
@@ -114,8 +114,8 @@ async fn people_on_call_reach_an_agent_with_their_kubeconfig_and_others_are_refu
         "subjects": [{"kind": "User", "name": "mallory", "apiGroup": "rbac.authorization.k8s.io"}]
     }))?;
     bindings.create(&PostParams::default(), &binding).await?;
-    let mallory = plane.kubeconfig_for("mallory", None)?;
-    let out = tokio::task::spawn_blocking(move || debug(&mallory, &["runs"])).await??;
+    let mallory = env().cluster.kubeconfig_as("mallory", &[])?;
+    let out = tokio::task::spawn_blocking(move || debug(&node, &mallory, &["runs"])).await??;
     ensure!(!out.status.success(), "mallory reached the agent: {}", text(&out));
     ensure!(
         text(&out).contains("refused a debug certificate")

@@ -2,19 +2,20 @@
 //! cluster tier's two test binaries, each of which uses only part of it.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
-
 use std::time::Duration;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::{Api, Client};
 use restic_operator_api::backup::{BackupRun, ResticBackup};
-use restic_operator_e2e::cluster::{Cluster, Images, workspace_binaries};
-use restic_operator_e2e::{ResticRepo, eventually, unique_name};
+use restic_operator_e2e::cluster::{Cluster, workspace_binaries};
+use restic_operator_e2e::fixtures::make_tree;
+use restic_operator_e2e::{ResticRepo, TEST_NAMESPACE_LABEL, eventually, unique_name};
 
 /// The namespace and release name of the chart.
 pub const OPERATOR_NAMESPACE: &str = "restic-operator";
@@ -36,12 +37,29 @@ pub fn env() -> &'static Env {
 }
 
 fn start() -> Result<Env> {
-    let dir = restic_operator_e2e::state_dir();
     let (coordinator, agent) = workspace_binaries()?;
-    let images = Images::build(&dir.join("images"), &coordinator, &agent)?;
-    let cluster = Cluster::start(&dir.join("cluster"), &images)?;
+    let cluster = Cluster::from_env(restic_operator_e2e::state_dir(), &coordinator, &agent)?;
     cluster.install_operator(RELEASE, OPERATOR_NAMESPACE, &test_values())?;
     Ok(Env { cluster, agent })
+}
+
+/// The node of a Ready agent of the chart, for the debug CLI's `--node`.
+pub async fn agent_node(client: &Client) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    eventually("a ready agent", Duration::from_secs(60), || async {
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+            .await?;
+        Ok(list.items.into_iter().find_map(|p| {
+            let ready = p
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(p.spec?.node_name?)
+        }))
+    })
+    .await
 }
 
 /// Values of the test installation: the node's kubelet root, quick timeouts.
@@ -55,12 +73,14 @@ pub fn test_values() -> Vec<String> {
 /// The group the chart lets use the debug CLI in the tests.
 pub const ONCALL_GROUP: &str = "e2e-oncall";
 
-/// A claim and a Deployment of one busybox pod that mounts it at /data.
+/// A claim and a Deployment of one busybox pod that mounts it at /data. The claim asks k3s's
+/// local-path provisioner for a `local` volume (its default, hostPath, is refused); other
+/// provisioners ignore the annotation.
 pub fn app(name: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: PersistentVolumeClaim
-metadata: {{name: {name}-data}}
+metadata: {{name: {name}-data, annotations: {{volumeType: local}}}}
 spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
 ---
 apiVersion: apps/v1
@@ -131,6 +151,144 @@ pub async fn no_pods(client: &Client, namespace: &str, labels: &str, what: &str)
     .await
 }
 
+/// The volume of an app's claim, reached as a user would, through the app's running pod
+/// (`kubectl exec`, the volume at /data): the same on this machine's cluster and a user's.
+pub struct Volume {
+    namespace: String,
+    app: String,
+}
+
+impl Volume {
+    /// `kubectl exec` of `sh -c SCRIPT` in the app's pod, with `$1` = `arg`.
+    fn sh(&self, script: &str, arg: &str) -> Result<Command> {
+        let mut cmd = env().cluster.kubectl()?;
+        cmd.args(["-n", &self.namespace, "exec", "-i"])
+            .arg(format!("deployment/{}", self.app))
+            .args(["-c", "app", "--", "sh", "-c", script, "sh", arg]);
+        Ok(cmd)
+    }
+
+    /// Copies the local tree `source` to `rel` in the volume, with its modes, mtimes and
+    /// symlinks.
+    pub fn put_tree(&self, rel: &str, source: &Path) -> Result<()> {
+        let archive = tar_of(source)?;
+        let script = r#"mkdir -p "/data/$1" && cat > /tmp/tree.tar && wc -c < /tmp/tree.tar &&
+            tar -x -f /tmp/tree.tar -C "/data/$1"; status=$?; rm -f /tmp/tree.tar; exit $status"#;
+        self.send(script, rel, &archive)
+            .with_context(|| format!("copy a tree to {rel} in the volume"))
+    }
+
+    /// Writes [`make_tree`]'s tree to `rel`, and returns a local copy of what the volume then
+    /// holds: what a snapshot must equal (busybox's tar gives a symlink the time it made it,
+    /// so the source's symlink times differ).
+    pub fn put_test_tree(&self, rel: &str) -> Result<tempfile::TempDir> {
+        let source = tempfile::tempdir()?;
+        make_tree(source.path())?;
+        self.put_tree(rel, source.path())?;
+        self.copy_out(rel)
+    }
+
+    /// Writes `bytes` to the file `rel` of the volume.
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        self.send(r#"cat > "/data/$1" && wc -c < "/data/$1""#, rel, bytes)
+            .with_context(|| format!("write {rel} in the volume"))
+    }
+
+    /// Writes `len` random bytes (incompressible, and new each time) to the file `rel`: made
+    /// in the pod, not sent through the API server.
+    pub fn write_random(&self, rel: &str, len: usize) -> Result<()> {
+        let script = format!(r#"head -c {len} /dev/urandom > "/data/$1" && wc -c < "/data/$1""#);
+        let out = run_with_input(self.sh(&script, rel)?, b"")
+            .with_context(|| format!("write {rel} in the volume"))?;
+        ensure!(
+            String::from_utf8_lossy(&out).trim() == len.to_string(),
+            "{rel}: wrote {} of {len} bytes",
+            String::from_utf8_lossy(&out).trim()
+        );
+        Ok(())
+    }
+
+    /// Sends `input` to `script` (which prints how many bytes it received), again when not
+    /// all of it arrived: `kubectl exec` sometimes ends the remote command's input early when
+    /// the machine is busy.
+    fn send(&self, script: &str, arg: &str, input: &[u8]) -> Result<()> {
+        let mut last = String::new();
+        for attempt in 1..=3 {
+            let out = run_with_input(self.sh(script, arg)?, input);
+            let received = match &out {
+                Ok(out) => String::from_utf8_lossy(out).trim().to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if received == input.len().to_string() {
+                return Ok(());
+            }
+            eprintln!(
+                "[e2e] kubectl exec, attempt {attempt}: sent {} bytes, {received}",
+                input.len()
+            );
+            last = received;
+        }
+        bail!("sent {} bytes three times; the last time: {last}", input.len())
+    }
+
+    /// The contents of the file `rel` of the volume.
+    pub fn read(&self, rel: &str) -> Result<Vec<u8>> {
+        run_with_input(self.sh(r#"cat "/data/$1""#, rel)?, b"")
+            .with_context(|| format!("read {rel} in the volume"))
+    }
+
+    /// A local copy of the tree `rel` of the volume.
+    pub fn copy_out(&self, rel: &str) -> Result<tempfile::TempDir> {
+        let archive = run_with_input(self.sh(r#"tar -c -f - -C "/data/$1" ."#, rel)?, b"")
+            .with_context(|| format!("copy {rel} out of the volume"))?;
+        let copy = tempfile::tempdir()?;
+        let mut untar = Command::new("tar");
+        untar.args(["-x", "-f", "-", "-C"]).arg(copy.path());
+        run_with_input(untar, &archive)?;
+        Ok(copy)
+    }
+}
+
+/// A tar archive of the directory `dir`'s contents.
+fn tar_of(dir: &Path) -> Result<Vec<u8>> {
+    let out = Command::new("tar")
+        .args(["-c", "-f", "-", "--numeric-owner", "-C"])
+        .arg(dir)
+        .arg(".")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+/// Runs `cmd` with `input` on its standard input; its standard output.
+fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output()?;
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the input writer panicked"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    written?;
+    Ok(out.stdout)
+}
+
 /// One test's namespace, bucket and client.
 pub struct Ctx {
     pub client: Client,
@@ -171,6 +329,7 @@ impl Ctx {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(id.clone()),
+                labels: Some([(TEST_NAMESPACE_LABEL.to_string(), "true".to_string())].into()),
                 ..Default::default()
             },
             ..Default::default()
@@ -249,11 +408,14 @@ impl Ctx {
         ))
     }
 
-    /// Deploys [`app`] `name`, waits for its pod, and returns its claim's host directory.
-    pub async fn deploy_app(&self, name: &str) -> Result<PathBuf> {
+    /// Deploys [`app`] `name`, waits for its pod, and returns its claim's volume.
+    pub async fn deploy_app(&self, name: &str) -> Result<Volume> {
         self.apply(&app(name))?;
         self.running_pod(name).await?;
-        self.volume_dir(&format!("{name}-data")).await
+        Ok(Volume {
+            namespace: self.namespace.clone(),
+            app: name.to_string(),
+        })
     }
 
     /// Scales app `name` to zero and waits until its pods are gone: its claim stays bound
@@ -267,24 +429,6 @@ impl Ctx {
             &format!("the pods of {name} gone"),
         )
         .await
-    }
-
-    /// The host directory of a claim's volume (the provisioner's `local` volume).
-    pub async fn volume_dir(&self, claim: &str) -> Result<PathBuf> {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &self.namespace);
-        let pv = eventually("the claim bound", Duration::from_secs(60), || async {
-            Ok(claims
-                .get(claim)
-                .await?
-                .spec
-                .and_then(|s| s.volume_name)
-                .filter(|v| !v.is_empty()))
-        })
-        .await?;
-        let pv = Api::<PersistentVolume>::all(self.client.clone()).get(&pv).await?;
-        Ok(PathBuf::from(
-            pv.spec.and_then(|s| s.local).context("not a local volume")?.path,
-        ))
     }
 
     /// Waits until one pod with `app=<app>` runs and returns its UID.
@@ -355,6 +499,23 @@ impl Ctx {
             out.push_str(&format!("\n--- {component} log ---\n{logs}"));
         }
         out
+    }
+}
+
+/// On a user's cluster a test removes its namespace (and with it its app, claim and
+/// resources) when it ends; a local cluster goes away as a whole, and keeps what a failed test
+/// left until then. `kubectl delete namespace -l e2e.resticbackup.io/test` removes what a
+/// killed run left.
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if env().cluster.local.is_some() {
+            return;
+        }
+        if let Ok(mut kubectl) = env().cluster.kubectl() {
+            let _ = kubectl
+                .args(["delete", "namespace", &self.namespace, "--wait=false"])
+                .output();
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use kube::Api;
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::RunResult;
 use restic_operator_api::repository::ResticRepository;
-use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree};
+use restic_operator_e2e::fixtures::assert_trees_equal;
 
 use support::{Ctx, OPERATOR_NAMESPACE, RELEASE, no_pods, snapshot_ids};
 
@@ -31,7 +31,7 @@ async fn uninstalling_the_chart_leaves_data_resources_and_snapshots_and_a_reinst
     let repo = ctx.repository("main");
     ctx.create_repository("main", &repo)?;
     let volume = ctx.deploy_app("app").await?;
-    make_tree(&volume.join("tree"))?;
+    let tree = volume.put_test_tree("tree")?;
     ctx.apply(&backup("one"))?;
     let first = ctx.finished_run("app", None, Duration::from_secs(120)).await?;
     ensure!(
@@ -40,13 +40,6 @@ async fn uninstalling_the_chart_leaves_data_resources_and_snapshots_and_a_reinst
         ctx.diagnostics()
     );
     let before = snapshot_ids(&repo)?;
-    let copy = tempfile::tempdir()?;
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(volume.join("tree"))
-        .arg(copy.path())
-        .status()?;
-    ensure!(out.success());
 
     let env = support::env();
     let out = env
@@ -87,7 +80,7 @@ async fn uninstalling_the_chart_leaves_data_resources_and_snapshots_and_a_reinst
         .await
         .context("the ResticRepository is gone")?;
     ctx.running_pod("app").await.context("the app stopped")?;
-    assert_trees_equal(&copy.path().join("tree"), &volume.join("tree"))?;
+    assert_trees_equal(tree.path(), volume.copy_out("tree")?.path())?;
     ensure!(snapshot_ids(&repo)? == before, "the snapshots changed");
     let out = repo.restic()?.args(["check", "--retry-lock=1m"]).output()?;
     ensure!(
