@@ -167,9 +167,8 @@ pub fn forget_args(req: &pb::ForgetRequest) -> Vec<String> {
             args.extend(["--keep-tag".into(), t.clone()]);
         }
     }
-    if !req.group_by.is_empty() {
-        args.extend(["--group-by".into(), req.group_by.join(",")]);
-    }
+    // Always given: empty is "no grouping", never restic's default (host,paths).
+    args.extend(["--group-by".into(), req.group_by.join(",")]);
     if !req.host.is_empty() {
         args.extend(["--host".into(), req.host.clone()]);
     }
@@ -606,6 +605,17 @@ mod tests {
         );
         assert!(check_keep_policy(req.policy.as_ref()).is_ok());
         assert!(check_keep_policy(Some(&pb::KeepPolicy::default())).is_err());
+        // No grouping is said, not left to restic's default (host,paths).
+        let ungrouped = pb::ForgetRequest {
+            group_by: vec![],
+            ..req
+        };
+        let args = forget_args(&ungrouped);
+        let at = args
+            .iter()
+            .position(|a| a == "--group-by")
+            .expect("--group-by given");
+        assert_eq!(args[at + 1], "");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::common::{
     ActiveRun, Condition, GroupBy, Hook, JobConfig, KeepPolicy, NetworkPolicyConfig, Notifications,
     ObjectReference, Progress, RepositoryReference, RunResult, RunTrigger, SCHEDULE_MESSAGE, SCHEDULE_RULE,
-    default_group_by, default_true, group_by_args, pod_template_schema,
+    default_group_by, default_true, pod_template_schema,
 };
 
 /// Where the volume appears inside snapshots when `restic.snapshotPath` is not set.
@@ -315,7 +315,8 @@ pub struct RetentionSpec {
     #[serde(default)]
     pub prune: bool,
     /// Snapshot properties the policy is applied per group of (`restic forget --group-by`):
-    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`.
+    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`. An empty list applies the
+    /// policy to all of this backup's snapshots at once (no grouping).
     #[serde(default = "default_group_by")]
     pub group_by: Vec<GroupBy>,
 }
@@ -335,13 +336,6 @@ impl RetentionSpec {
     /// The keep policy in force (the old scripts' policy when none is given).
     pub fn effective_policy(&self) -> KeepPolicy {
         self.policy.clone().unwrap_or_else(KeepPolicy::legacy_default)
-    }
-
-    /// `restic forget` policy arguments: keep options, then `--group-by`.
-    pub fn to_forget_args(&self) -> Vec<String> {
-        let mut args = self.effective_policy().to_forget_args();
-        args.extend(group_by_args(&self.group_by));
-        args
     }
 }
 
@@ -596,10 +590,8 @@ source: {pvc: {claimName: data}}
         let b = backup(&format!("{MINIMAL}retention: {{}}"));
         let retention = b.active_retention().unwrap();
         assert!(!retention.prune);
-        assert_eq!(
-            retention.to_forget_args().join(" "),
-            "--keep-last 1 --keep-hourly 24 --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --group-by host,tags"
-        );
+        assert_eq!(retention.effective_policy(), KeepPolicy::legacy_default());
+        assert_eq!(retention.group_by, [GroupBy::Host, GroupBy::Tags]);
     }
 
     #[test]

@@ -214,29 +214,6 @@ impl KeepPolicy {
             keep_yearly: Some(0),
         }
     }
-
-    /// `restic forget` keep options, e.g. `["--keep-last", "4", "--keep-daily", "7"]`. Counts of
-    /// 0 are left out: restic treats them as unset.
-    pub fn to_forget_args(&self) -> Vec<String> {
-        let counts = [
-            ("--keep-last", self.keep_last),
-            ("--keep-hourly", self.keep_hourly),
-            ("--keep-daily", self.keep_daily),
-            ("--keep-weekly", self.keep_weekly),
-            ("--keep-monthly", self.keep_monthly),
-            ("--keep-yearly", self.keep_yearly),
-        ];
-        counts
-            .into_iter()
-            .filter_map(|(flag, n)| n.filter(|n| *n > 0).map(|n| [flag.to_owned(), n.to_string()]))
-            .flatten()
-            .collect()
-    }
-
-    /// Whether this policy keeps anything at all; an empty policy makes restic remove nothing.
-    pub fn is_empty(&self) -> bool {
-        self.to_forget_args().is_empty()
-    }
 }
 
 /// A snapshot property `restic forget --group-by` groups by: `host`, `paths` or `tags`.
@@ -260,13 +237,6 @@ impl GroupBy {
             GroupBy::Tags => "tags",
         }
     }
-}
-
-/// `restic forget --group-by` arguments: `["--group-by", "host,tags"]`. An empty list disables
-/// grouping (`--group-by ''`), so the policy applies across all selected snapshots at once.
-pub fn group_by_args(group_by: &[GroupBy]) -> Vec<String> {
-    let joined = group_by.iter().map(|g| g.as_str()).collect::<Vec<_>>().join(",");
-    vec!["--group-by".to_owned(), joined]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -957,79 +927,6 @@ mod tests {
 
     fn time(s: &str) -> Time {
         Time(s.parse().unwrap())
-    }
-
-    #[test]
-    fn keep_policy_becomes_restic_forget_keep_options_in_fixed_order() {
-        let policy = KeepPolicy {
-            keep_last: Some(4),
-            keep_hourly: Some(48),
-            keep_daily: Some(7),
-            keep_weekly: Some(4),
-            keep_monthly: Some(6),
-            keep_yearly: Some(1),
-        };
-        assert_eq!(
-            policy.to_forget_args(),
-            [
-                "--keep-last",
-                "4",
-                "--keep-hourly",
-                "48",
-                "--keep-daily",
-                "7",
-                "--keep-weekly",
-                "4",
-                "--keep-monthly",
-                "6",
-                "--keep-yearly",
-                "1"
-            ]
-        );
-    }
-
-    #[test]
-    fn unset_and_zero_keep_counts_are_not_passed_to_restic() {
-        let policy = KeepPolicy {
-            keep_daily: Some(7),
-            keep_monthly: Some(0),
-            ..Default::default()
-        };
-        assert_eq!(policy.to_forget_args(), ["--keep-daily", "7"]);
-        assert!(!policy.is_empty());
-        assert!(
-            KeepPolicy {
-                keep_yearly: Some(0),
-                ..Default::default()
-            }
-            .is_empty()
-        );
-    }
-
-    #[test]
-    fn legacy_default_policy_matches_the_old_scripts() {
-        assert_eq!(
-            KeepPolicy::legacy_default().to_forget_args(),
-            [
-                "--keep-last",
-                "1",
-                "--keep-hourly",
-                "24",
-                "--keep-daily",
-                "7",
-                "--keep-weekly",
-                "4",
-                "--keep-monthly",
-                "12"
-            ]
-        );
-    }
-
-    #[test]
-    fn group_by_joins_with_commas_and_empty_means_no_grouping() {
-        assert_eq!(group_by_args(&default_group_by()), ["--group-by", "host,tags"]);
-        assert_eq!(group_by_args(&[GroupBy::Paths]), ["--group-by", "paths"]);
-        assert_eq!(group_by_args(&[]), ["--group-by", ""]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{
     ActiveRun, Condition, GroupBy, KeepPolicy, Notifications, RepositoryReference, RunResult,
-    SCHEDULE_MESSAGE, SCHEDULE_RULE, default_group_by, group_by_args,
+    SCHEDULE_MESSAGE, SCHEDULE_RULE, default_group_by,
 };
 
 /// Repository-wide retention on a schedule.
@@ -120,30 +120,6 @@ pub struct SnapshotFilter {
     pub hostname: Option<String>,
 }
 
-impl SnapshotFilter {
-    /// restic snapshot filter arguments: `--tag a,b` (all tags) and `--host h`.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = Vec::new();
-        if !self.tags.is_empty() {
-            args.extend(["--tag".to_owned(), self.tags.join(",")]);
-        }
-        if let Some(host) = self.hostname.as_ref().filter(|h| !h.is_empty()) {
-            args.extend(["--host".to_owned(), host.clone()]);
-        }
-        args
-    }
-}
-
-impl RetentionPolicyRule {
-    /// `restic forget` arguments for this rule: snapshot filter, keep options, `--group-by`.
-    pub fn to_forget_args(&self, group_by: &[GroupBy]) -> Vec<String> {
-        let mut args = self.selector.to_args();
-        args.extend(self.retention.to_forget_args());
-        args.extend(group_by_args(group_by));
-        args
-    }
-}
-
 /// Observed state of a GlobalRetentionPolicy.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -202,15 +178,6 @@ pub struct GlobalRetentionPolicyStatus {
 }
 
 impl GlobalRetentionPolicy {
-    /// `restic forget` arguments, one list per policy, in the order written.
-    pub fn forget_invocations(&self) -> Vec<Vec<String>> {
-        self.spec
-            .policies
-            .iter()
-            .map(|p| p.to_forget_args(&self.spec.group_by))
-            .collect()
-    }
-
     /// The `spec.manualTrigger` value that still has to be run, if any.
     pub fn pending_manual_trigger(&self) -> Option<&str> {
         let wanted = self.spec.manual_trigger.as_deref().filter(|t| !t.is_empty())?;
@@ -227,7 +194,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_policy_becomes_one_forget_with_its_filter_and_the_shared_grouping() {
+    fn policies_keep_their_order_and_selectors_and_group_by_host_and_tags_by_default() {
         let spec: GlobalRetentionPolicySpec = serde_yaml::from_str(
             "
 repositoryRef: {name: repo}
@@ -241,31 +208,11 @@ policies:
         )
         .unwrap();
         let policy = GlobalRetentionPolicy::new("weekly-cleanup", spec);
-        assert_eq!(
-            policy.forget_invocations(),
-            vec![
-                vec![
-                    "--tag",
-                    "emby",
-                    "--keep-last",
-                    "4",
-                    "--keep-daily",
-                    "7",
-                    "--group-by",
-                    "host,tags"
-                ],
-                vec![
-                    "--tag",
-                    "a,b",
-                    "--host",
-                    "mariadb",
-                    "--keep-weekly",
-                    "2",
-                    "--group-by",
-                    "host,tags"
-                ],
-            ]
-        );
+        let rules = &policy.spec.policies;
+        assert_eq!(rules[0].selector.tags, ["emby"]);
+        assert_eq!(rules[0].retention.keep_daily, Some(7));
+        assert_eq!(rules[1].selector.hostname.as_deref(), Some("mariadb"));
+        assert_eq!(policy.spec.group_by, [GroupBy::Host, GroupBy::Tags]);
         assert!(!policy.spec.prune);
         assert_eq!(policy.pending_manual_trigger(), None);
     }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod pki;
 pub mod repository;
 pub mod resolve;
+pub mod retention;
 pub mod run;
 pub mod schedule;
 pub mod serve;

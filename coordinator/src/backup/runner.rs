@@ -23,6 +23,7 @@ use crate::holder::Holder;
 use crate::hooks::{self, Phase};
 use crate::repository::to_time;
 use crate::resolve::{self, ResolveError, Resolved};
+use crate::retention;
 use crate::run::{self, Ended};
 use crate::sources::{self, Placement, PodVolume};
 
@@ -631,32 +632,18 @@ async fn apply_retention(
     run_id: &str,
     resolved: &Resolved,
 ) -> Result<pb::ForgetSummary, String> {
-    let policy = spec.effective_policy();
-    let n = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
-    let group_by: Vec<String> = if spec.group_by.is_empty() {
-        vec!["host".into(), "tags".into()]
-    } else {
-        spec.group_by.iter().map(|g| g.as_str().to_owned()).collect()
-    };
     let forget_id = format!("{run_id}-forget");
-    let request = pb::ForgetRequest {
-        options: Some(run::options(&forget_id, ctx.config.maintenance_timeout)),
-        repository: Some(resolved.agent_repository()),
-        policy: Some(pb::KeepPolicy {
-            last: n(policy.keep_last),
-            hourly: n(policy.keep_hourly),
-            daily: n(policy.keep_daily),
-            weekly: n(policy.keep_weekly),
-            monthly: n(policy.keep_monthly),
-            yearly: n(policy.keep_yearly),
-            ..Default::default()
-        }),
-        group_by,
-        host: backup.effective_hostname(),
-        tags: backup.snapshot_tags(),
-        dry_run: false,
-        prune: spec.prune,
-    };
+    let request = retention::forget_request(
+        run::options(&forget_id, ctx.config.maintenance_timeout),
+        resolved.agent_repository(),
+        &spec.effective_policy(),
+        retention::Selection {
+            host: backup.effective_hostname(),
+            tags: backup.snapshot_tags(),
+            group_by: spec.group_by.clone(),
+        },
+        spec.prune,
+    );
     let agent = ctx.agents.any()?;
     let _exclusive = ctx.locks.exclusive(&resolved.access().key()).await;
     match ctx
