@@ -2,7 +2,9 @@
 //! a lossless event history that late or returning callers replay, a per-agent concurrency
 //! limit with a queue, cancellation, and finished runs kept for a while so their results stay
 //! queryable. Runs in flight are recorded on disk, so after an agent restart they are reported
-//! as failed with a reason instead of silently vanishing.
+//! as failed with a reason instead of silently vanishing, and so are finished runs with their
+//! results: a coordinator that asks after a restart gets the result, not "unknown run" (which
+//! would let it start the run again and make a second snapshot).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prost::Message;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, RunState, run_event::Event};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
@@ -91,6 +94,23 @@ impl Run {
             }),
             len: watch::channel(0).0,
         }
+    }
+
+    /// A finished run as an earlier agent process recorded it (see [`Runs::record_finished`]).
+    fn restored(info: pb::RunInfo) -> Option<Self> {
+        let result = info.result?;
+        let kind = RunKind::try_from(info.kind).unwrap_or(RunKind::Unspecified);
+        let mut run = Self::new(info.run_id, kind, info.repository_url, info.volume);
+        run.created_ms = info.created_unix_ms;
+        run.emit(Event::Result(result));
+        let age = Duration::from_millis(u64::try_from(now_ms() - info.finished_unix_ms).unwrap_or(0));
+        let mut d = run.state.lock().unwrap();
+        d.started_ms = info.started_unix_ms;
+        d.finished_ms = info.finished_unix_ms;
+        d.finished_at = Some(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+        d.progress = info.progress;
+        drop(d);
+        Some(run)
     }
 
     /// Appends an event. Consecutive progress events are coalesced, and logs and warnings are
@@ -267,7 +287,59 @@ impl Runs {
         self.state_dir.join("runs")
     }
 
+    fn finished_dir(&self) -> PathBuf {
+        self.state_dir.join("finished")
+    }
+
+    fn finished_file(&self, id: &str) -> PathBuf {
+        self.finished_dir().join(format!("{id}.pb"))
+    }
+
+    /// Writes a finished run (its info with the result) to the state directory, where the
+    /// next agent process finds it. Written to a temporary file first, so a crash never
+    /// leaves half a record.
+    fn record_finished(&self, run: &Run) {
+        let path = self.finished_file(&run.id);
+        let partial = path.with_extension("partial");
+        let written = std::fs::create_dir_all(self.finished_dir())
+            .and_then(|()| std::fs::write(&partial, run.info().encode_to_vec()))
+            .and_then(|()| std::fs::rename(&partial, &path));
+        if let Err(e) = written {
+            tracing::warn!(run_id = %run.id, error = %e, "cannot record the finished run; an agent restart would forget its result");
+        }
+    }
+
+    /// Loads the finished runs earlier agent processes recorded, dropping those older than
+    /// the retention time.
+    fn recover_finished(&self) {
+        let Ok(entries) = std::fs::read_dir(self.finished_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let run = std::fs::read(&path)
+                .ok()
+                .filter(|_| path.extension().is_some_and(|e| e == "pb"))
+                .and_then(|bytes| pb::RunInfo::decode(bytes.as_slice()).ok())
+                .and_then(Run::restored);
+            match run {
+                Some(run) if !self.expired(&run) => {
+                    self.runs.lock().unwrap().insert(run.id.clone(), Arc::new(run));
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+
+    fn expired(&self, run: &Run) -> bool {
+        let d = run.state.lock().unwrap();
+        d.finished_at.is_some_and(|t| t.elapsed() >= self.keep_finished)
+    }
+
     fn recover(&self) {
+        self.recover_finished();
         let Ok(entries) = std::fs::read_dir(self.in_flight_dir()) else {
             return;
         };
@@ -279,6 +351,9 @@ impl Runs {
             let Ok(rec) = serde_json::from_str::<InFlight>(&text) else {
                 continue;
             };
+            if self.runs.lock().unwrap().contains_key(&rec.id) {
+                continue; // it finished, and its result was recorded, just before the stop
+            }
             let kind = RunKind::try_from(rec.kind).unwrap_or(RunKind::Unspecified);
             let run = Arc::new(Run::new(rec.id.clone(), kind, rec.repository_url, None));
             run.emit(Event::Result(pb::Result {
@@ -289,6 +364,7 @@ impl Runs {
                 ..Default::default()
             }));
             tracing::warn!(run_id = %rec.id, "run was in flight when the agent stopped; marked failed");
+            self.record_finished(&run);
             self.runs.lock().unwrap().insert(rec.id, run);
         }
     }
@@ -309,13 +385,19 @@ impl Runs {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Forgets runs finished longer ago than the retention time.
+    /// Forgets runs finished longer ago than the retention time, and their records.
     fn gc(&self) {
-        let keep = self.keep_finished;
-        self.runs.lock().unwrap().retain(|_, r| {
-            let d = r.state.lock().unwrap();
-            d.finished_at.is_none_or(|t| t.elapsed() < keep)
+        let mut expired = Vec::new();
+        self.runs.lock().unwrap().retain(|id, r| {
+            let keep = !self.expired(r);
+            if !keep {
+                expired.push(id.clone());
+            }
+            keep
         });
+        for id in expired {
+            let _ = std::fs::remove_file(self.finished_file(&id));
+        }
     }
 
     /// Starts `job` as run `id`, or returns the existing run of that id (`true` = attached).
@@ -374,7 +456,6 @@ impl Runs {
                         ..Default::default()
                     });
                     this.metrics.in_flight.with_label_values(&[&kind_label]).dec();
-                    this.mark_in_flight(&r, false);
                     result
                 }
             };
@@ -398,6 +479,10 @@ impl Runs {
             }
             tracing::info!(run_id = %r.id, kind = %kind_label, outcome = ?outcome, reason = %result.reason, "run finished");
             r.emit(Event::Result(result));
+            // The record of the result first, then the in-flight marker goes: a stop in
+            // between leaves both, and the result wins.
+            this.record_finished(&r);
+            this.mark_in_flight(&r, false);
         });
         (run, false)
     }
@@ -580,6 +665,69 @@ mod tests {
         let r = runs.get("old").unwrap().result().unwrap();
         assert_eq!(r.failure, FailureKind::AgentRestarted as i32);
         assert!(r.reason.contains("restarted"));
+    }
+
+    #[tokio::test]
+    async fn finished_runs_and_their_results_survive_an_agent_restart_for_the_retention_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = |keep| Runs::new(1, keep, dir.path().into(), Arc::new(Metrics::new()));
+        let volume = pb::VolumeRef {
+            pod_uid: "uid".into(),
+            volume_name: "data".into(),
+            pv_name: String::new(),
+        };
+        let runs = start(Duration::from_secs(60));
+        let (run, _) =
+            runs.start_or_attach("done", RunKind::Backup, "repo", Some(volume.clone()), |_| async {
+                pb::Result {
+                    snapshot_id: "abc".into(),
+                    ..ok()
+                }
+            });
+        let _: Vec<_> = run.subscribe().collect().await;
+        let record = dir.path().join("finished/done.pb");
+        for _ in 0..100 {
+            if record.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(runs);
+
+        // A new agent process knows the run: its result, and attaching does not run it again.
+        let again = start(Duration::from_secs(60));
+        let info = again
+            .get("done")
+            .expect("the finished run is known after a restart")
+            .info();
+        assert_eq!(info.state, RunState::Finished as i32);
+        assert_eq!(
+            (info.repository_url.as_str(), info.volume),
+            ("repo", Some(volume))
+        );
+        assert_eq!(info.result.unwrap().snapshot_id, "abc");
+        let (run, attached) = again.start_or_attach("done", RunKind::Backup, "repo", None, |_| async {
+            panic!("a finished run ran again")
+        });
+        assert!(attached);
+        let events: Vec<_> = run.subscribe().collect().await;
+        let Some(Event::Result(r)) = &events.last().unwrap().event else {
+            panic!("no result: {events:?}")
+        };
+        assert_eq!(
+            (r.outcome, r.snapshot_id.as_str()),
+            (Outcome::Succeeded as i32, "abc")
+        );
+        assert!(
+            !dir.path().join("runs/done.json").exists(),
+            "in-flight marker left"
+        );
+        drop(again);
+
+        // Past the retention time it is forgotten, record and all.
+        let later = start(Duration::ZERO);
+        assert!(later.get("done").is_none());
+        assert!(!record.exists());
     }
 
     #[test]

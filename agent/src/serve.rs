@@ -60,7 +60,8 @@ pub struct Args {
     /// Parent cgroup of the runs' cgroups (default: the agent's own).
     #[arg(long)]
     pub cgroup_parent: Option<PathBuf>,
-    /// How long finished runs stay queryable (attach, list), e.g. 1h.
+    /// How long finished runs stay queryable (attach, list), e.g. 1h; kept in --state-dir, so
+    /// also across agent restarts.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub keep_finished: Duration,
     /// How long restic gets to stop after SIGTERM before SIGKILL.
