@@ -305,6 +305,51 @@ async fn a_coordinator_killed_mid_backup_reattaches_after_restart_and_makes_exac
     Ok(())
 }
 
+/// The agent keeps finished runs for `--keep-finished`; a coordinator that comes back later
+/// finds the run unknown. It looks the run up in the repository instead of sending it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again() -> Result<()> {
+    let mut node = Node::start("forgotten").await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    std::fs::write(data.join("dump.sql"), pseudo_random(3 << 20, 9))?;
+    node.apply_yaml(&slow_backup("db")).await?;
+    node.trigger("db", "once").await?;
+    let run_id = wait_dispatched(&node, "db").await?;
+
+    // The coordinator dies; the backup finishes with nobody following it...
+    node.coordinators[0].kill();
+    node.coordinators.clear();
+    let snapshot = eventually("the run's snapshot", Duration::from_secs(60), || async {
+        let list = restic_snapshots(&repo)?;
+        Ok(list.first().and_then(|s| s["id"].as_str()).map(String::from))
+    })
+    .await?;
+    // ...and the agent forgets it, as after --keep-finished.
+    node.agent.as_mut().context("no agent")?.restart(true).await?;
+    node.start_coordinator("coordinator-a").await?;
+
+    let done = node.wait_finished("db", 0, Duration::from_secs(90)).await?;
+    let last = done.status.unwrap().last_backup.unwrap();
+    assert_eq!(last.run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{last:?}"
+    );
+    assert_eq!(last.snapshot_id.as_deref(), Some(snapshot.as_str()));
+    let message = last.message.unwrap_or_default();
+    assert!(message.contains("was not sent again"), "{message}");
+    assert_eq!(last.files_new, None, "no counts without the agent's summary");
+    assert_eq!(restic_snapshots(&repo)?.len(), 1, "a second snapshot was made");
+    assert_eq!(
+        node.coordinators[0].metric("restic_operator_dispatch_total{kind=\"backup\"}"),
+        None,
+        "the run was sent again"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_replica_never_dispatches_while_the_first_leads_and_takes_over_when_it_dies() -> Result<()> {
     let mut node = Node::start("replicas").await?;

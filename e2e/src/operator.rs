@@ -132,6 +132,25 @@ pub struct Agent {
     pub kubelet: PathBuf,
     pub pki: PathBuf,
     pub process: Process,
+    binary: PathBuf,
+    args: Vec<String>,
+    log_dir: PathBuf,
+    /// Its `--state-dir`.
+    state: PathBuf,
+}
+
+/// Starts the agent and waits until it listens on `port`.
+async fn spawn_listening(binary: &Path, args: &[String], log_dir: &Path, port: u16) -> Result<Process> {
+    let mut process = Process::spawn("restic-agent", binary, args, log_dir)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        process.check_running()?;
+        if std::time::Instant::now() > deadline {
+            bail!("the agent did not listen within 20s:\n{}", process.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(process)
 }
 
 impl Agent {
@@ -173,15 +192,7 @@ impl Agent {
         ];
         let log_dir = dir.join("agent-log");
         std::fs::create_dir_all(&log_dir)?;
-        let mut process = Process::spawn("restic-agent", binary, &args, &log_dir)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            process.check_running()?;
-            if std::time::Instant::now() > deadline {
-                bail!("the agent did not listen within 20s:\n{}", process.log_tail(20));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let process = spawn_listening(binary, &args, &log_dir, port).await?;
         let labels: serde_json::Map<String, serde_json::Value> = AGENT_LABELS
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
@@ -198,7 +209,25 @@ impl Agent {
             kubelet,
             pki,
             process,
+            binary: binary.to_path_buf(),
+            args,
+            log_dir,
+            state: dir.join("agent-state"),
         })
+    }
+
+    /// Kills the agent and starts it again on the same port, as a pod restart would. With
+    /// `forget_finished`, the finished runs it recorded are gone, as after `--keep-finished`.
+    pub async fn restart(&mut self, forget_finished: bool) -> Result<()> {
+        self.process.kill();
+        if forget_finished {
+            let finished = self.state.join("finished");
+            if finished.exists() {
+                std::fs::remove_dir_all(&finished)?;
+            }
+        }
+        self.process = spawn_listening(&self.binary, &self.args, &self.log_dir, self.port).await?;
+        Ok(())
     }
 
     /// Copies the agent certificate Secret of `namespace` into the agent's files again, as the

@@ -4,6 +4,7 @@
 //! (see `runner`) owns the run until its result is in status; a restarted coordinator finds
 //! `status.activeRun` and re-attaches.
 
+pub mod lookup;
 pub mod runner;
 
 use std::sync::Arc;

@@ -18,6 +18,7 @@ use restic_operator_api::common::{
 };
 use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
 
+use crate::backup::lookup;
 use crate::context::Context;
 use crate::holder::Holder;
 use crate::hooks::{self, Phase};
@@ -310,8 +311,9 @@ async fn execute(
 
 /// Re-attach: the run was placed before a coordinator restart. Once placed, a run is never
 /// placed again (another node would not know its id): the recorded node's agent is retried
-/// until `agent_lost_timeout`, and only an agent that answers "unknown run" (it was never
-/// sent) lets the run be dispatched. `None` when the run is to be dispatched.
+/// until `agent_lost_timeout`. An agent that answers "unknown run" was never sent it, or has
+/// forgotten it: only when the repository holds no snapshot of it is it dispatched (see
+/// `lookup`). `None` when the run is to be dispatched.
 async fn reattach(
     ctx: &Arc<Context>,
     api: &Api<ResticBackup>,
@@ -342,7 +344,7 @@ async fn reattach(
                 tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
                 return Some(outcome_of(*r));
             }
-            Ended::Unknown => return None,
+            Ended::Unknown => return forgotten(ctx, backup, active).await,
             Ended::Unavailable(e) => {
                 if tokio::time::Instant::now() > deadline {
                     return Some(Outcome::failed(format!("lost the run in flight: {e}")));
@@ -352,6 +354,36 @@ async fn reattach(
                 wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+/// The recorded agent does not know the run. `None` (dispatch it) only when the repository
+/// holds no snapshot of it; its snapshot, when there is one, is the run's result.
+async fn forgotten(ctx: &Arc<Context>, backup: &ResticBackup, active: &ActiveRun) -> Option<Outcome> {
+    let address = recorded_address(ctx, active)?;
+    let since = active.start_time.as_ref().map(crate::repository::from_time)?;
+    match lookup::find(ctx, &address, backup, &active.run_id, since).await {
+        Ok(None) => None,
+        Ok(Some((snapshot, resolved))) => {
+            tracing::info!(run_id = %active.run_id, snapshot = %snapshot.id, "the agent forgot the run; found its snapshot");
+            let mut outcome = outcome_of(pb::Result {
+                outcome: pb::Outcome::Succeeded as i32,
+                snapshot_id: snapshot.id.clone(),
+                ..Default::default()
+            });
+            outcome.message = format!(
+                "the agent no longer knew run {} (it restarted or forgot it); its snapshot {} is in \
+                 the repository, so the run was not sent again",
+                active.run_id, snapshot.short_id
+            );
+            outcome.resolved = Some(resolved);
+            Some(outcome)
+        }
+        Err(e) => Some(Outcome::failed(format!(
+            "the agent no longer knew run {}, and the repository could not be searched for its \
+             snapshot, so it was not sent again (the next run will be): {e}",
+            active.run_id
+        ))),
     }
 }
 
@@ -679,7 +711,8 @@ async fn finish(
     let start = crate::repository::from_time(&started);
     let duration = (now - start).to_std().unwrap_or_default();
     let r = outcome.agent.clone().unwrap_or_default();
-    let summary = r.backup.clone().unwrap_or_default();
+    // Counts only from the agent's summary (a run found in the repository has none).
+    let summary = r.backup.clone();
     let generation = backup.meta().generation;
     let run = BackupRun {
         run_id: Some(active.run_id.clone()),
@@ -689,15 +722,18 @@ async fn finish(
         duration: Some(format_duration(duration)),
         snapshot_id: Some(r.snapshot_id.clone()).filter(|s| !s.is_empty()),
         short_snapshot_id: Some(r.snapshot_id.chars().take(8).collect::<String>()).filter(|s| !s.is_empty()),
-        parent_snapshot_id: Some(summary.parent_snapshot_id.clone()).filter(|s| !s.is_empty()),
+        parent_snapshot_id: summary
+            .as_ref()
+            .map(|s| s.parent_snapshot_id.clone())
+            .filter(|s| !s.is_empty()),
         result: Some(outcome.result),
         message: Some(outcome.message.clone()).filter(|m| !m.is_empty()),
         failed_paths: r.failed_paths.clone(),
-        files_new: outcome.agent.as_ref().map(|_| summary.files_new as i64),
-        files_changed: outcome.agent.as_ref().map(|_| summary.files_changed as i64),
-        files_unmodified: outcome.agent.as_ref().map(|_| summary.files_unmodified as i64),
-        data_added: outcome.agent.as_ref().map(|_| format_bytes(summary.data_added)),
-        data_added_bytes: outcome.agent.as_ref().map(|_| summary.data_added as i64),
+        files_new: summary.as_ref().map(|s| s.files_new as i64),
+        files_changed: summary.as_ref().map(|s| s.files_changed as i64),
+        files_unmodified: summary.as_ref().map(|s| s.files_unmodified as i64),
+        data_added: summary.as_ref().map(|s| format_bytes(s.data_added)),
+        data_added_bytes: summary.as_ref().map(|s| s.data_added as i64),
     };
     let made_snapshot = outcome.result != RunResult::Failed;
     let mut wait = Duration::from_secs(1);
@@ -723,7 +759,7 @@ async fn finish(
                         stats.partially_failed_backups = Some(stats.partially_failed_backups.unwrap_or(0) + 1)
                     }
                 }
-                if made_snapshot {
+                if made_snapshot && let Some(summary) = &summary {
                     stats.last_backup_size = Some(format_bytes(summary.total_bytes_processed));
                     stats.last_backup_size_bytes = i64::try_from(summary.total_bytes_processed).ok();
                     stats.last_backup_files = i64::try_from(summary.total_files_processed).ok();
@@ -818,7 +854,7 @@ async fn finish(
         .backup_start
         .with_label_values(&labels)
         .set(start.timestamp() as f64);
-    if made_snapshot {
+    if made_snapshot && let Some(summary) = &summary {
         ctx.metrics
             .backup_size
             .with_label_values(&labels)
