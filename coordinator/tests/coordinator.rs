@@ -350,6 +350,75 @@ async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again(
     Ok(())
 }
 
+/// Sets the Ready condition of the node's agent pod, as its kubelet would.
+async fn agent_ready(node: &Node, ready: bool) -> Result<()> {
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});
+    Api::<Pod>::namespaced(node.client.clone(), &node.ns)
+        .patch_status(
+            &format!("restic-agent-{}", node.name),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A run the coordinator gave up on (its agent did not answer for --agent-lost-timeout) is
+/// cancelled on that agent once it answers again, so it cannot overlap the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_given_up_on_is_cancelled_on_its_agent_when_the_agent_answers_again() -> Result<()> {
+    let mut node = Node::start_with("abandoned", &[], &["--agent-lost-timeout=3s".into()]).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    std::fs::write(data.join("dump.sql"), pseudo_random(16 << 20, 11))?;
+    node.apply_yaml(&slow_backup("db")).await?;
+    node.trigger("db", "once").await?;
+    let run_id = wait_dispatched(&node, "db").await?;
+
+    // The coordinator restarts while the agent's pod is not Ready: it cannot reach the run and
+    // gives it up...
+    node.coordinators[0].kill();
+    node.coordinators.clear();
+    agent_ready(&node, false).await?;
+    node.start_coordinator("coordinator-a").await?;
+    let given_up = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
+    let last = given_up.status.unwrap().last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Failed"),
+        "{last:?}"
+    );
+    assert!(
+        last.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("lost the run in flight"),
+        "{last:?}"
+    );
+
+    // ...and once the agent is back, the run still going there is cancelled.
+    agent_ready(&node, true).await?;
+    let agent = node.agent_client().await?;
+    let result = eventually("the run cancelled on the agent", Duration::from_secs(30), || {
+        let mut agent = agent.clone();
+        let run_id = run_id.clone();
+        async move {
+            let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+            Ok(runs
+                .into_iter()
+                .find(|r| r.run_id == run_id)
+                .and_then(|r| r.result))
+        }
+    })
+    .await?;
+    assert_eq!(result.outcome, pb::Outcome::Cancelled as i32, "{result:?}");
+    assert!(
+        restic_snapshots(&repo)?.is_empty(),
+        "the abandoned run made a snapshot"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_replica_never_dispatches_while_the_first_leads_and_takes_over_when_it_dies() -> Result<()> {
     let mut node = Node::start("replicas").await?;

@@ -56,6 +56,39 @@ pub async fn cancel(ctx: &Context, active: &ActiveRun) {
     }
 }
 
+/// A run given up on (its agent did not answer for `--agent-lost-timeout`) may still be
+/// going on that agent: a network split, or an agent pod gone from the API while its process
+/// runs. It is cancelled there as soon as the node's agent answers again, so it cannot
+/// overlap the next run. Tried until the run's own timeout, after which the agent has stopped
+/// it anyway.
+fn cancel_abandoned(ctx: &Arc<Context>, node: &str, run_id: &str) {
+    let (ctx2, node, run_id) = (Arc::clone(ctx), node.to_owned(), run_id.to_owned());
+    ctx.tasks.spawn_once(
+        &format!("abandoned/{run_id}"),
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + ctx2.config.run_timeout;
+            let mut wait = Duration::from_secs(1);
+            while tokio::time::Instant::now() < deadline {
+                let sent = match ctx2.agents.on_node(&node).and_then(|a| ctx2.agents.client(&a.address)) {
+                    Ok(mut client) => client.cancel(pb::CancelRequest { run_id: run_id.clone() }).await,
+                    Err(e) => Err(tonic::Status::unavailable(e)),
+                };
+                match sent {
+                    Ok(r) => {
+                        let cancelled = r.into_inner().cancelled;
+                        tracing::info!(run_id, node, cancelled, "cancelled the abandoned run on its agent");
+                        return;
+                    }
+                    Err(s) if s.code() == tonic::Code::NotFound => return,
+                    Err(s) => tracing::debug!(run_id, node, error = %s, "the abandoned run's agent does not answer yet"),
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }),
+    );
+}
+
 /// Where a placed run went: the agent of the recorded node (holder runs too: the holder only
 /// keeps the claim mounted on that node).
 fn recorded_address(ctx: &Context, active: &ActiveRun) -> Option<String> {
@@ -302,7 +335,10 @@ async fn execute(
     progress.flush().await;
     let mut outcome = match ended {
         Ended::Result(r) => outcome_of(*r),
-        Ended::Unavailable(e) => Outcome::failed(format!("agent on node {node} unavailable: {e}")),
+        Ended::Unavailable(e) => {
+            cancel_abandoned(ctx, &node, &active.run_id);
+            Outcome::failed(format!("agent on node {node} unavailable: {e}"))
+        }
         Ended::Unknown => Outcome::failed(format!("the agent on node {node} lost run {}", active.run_id)),
     };
     outcome.resolved = Some(resolved);
@@ -347,6 +383,9 @@ async fn reattach(
             Ended::Unknown => return forgotten(ctx, backup, active).await,
             Ended::Unavailable(e) => {
                 if tokio::time::Instant::now() > deadline {
+                    if let Some(node) = &active.node_name {
+                        cancel_abandoned(ctx, node, &active.run_id);
+                    }
                     return Some(Outcome::failed(format!("lost the run in flight: {e}")));
                 }
                 tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; retrying");

@@ -178,6 +178,9 @@ impl Node {
             "--agent-lost-timeout=30s".into(),
             "--starting-deadline=10m".into(),
         ];
+        // A test's own flag replaces the default of the same name.
+        let name = |f: &String| f.split('=').next().unwrap_or_default().to_owned();
+        flags.retain(|f| !self.flags.iter().any(|t| name(t) == name(f)));
         flags.extend(self.flags.iter().cloned());
         let c = Coordinator::start(
             std::path::Path::new(env!("CARGO_BIN_EXE_restic-coordinator")),
