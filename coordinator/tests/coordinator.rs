@@ -350,6 +350,54 @@ async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again(
     Ok(())
 }
 
+/// Backups use restic's cache of repository metadata on the node (in the agent's state
+/// directory) unless the repository turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_use_the_agents_restic_cache_unless_the_repository_turns_it_off() -> Result<()> {
+    let node = Node::start("cache").await?;
+    ready_repository(&node, "cached").await?;
+    ready_repository(&node, "uncached").await?;
+    node.repositories()
+        .patch(
+            "uncached",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cache": {"enabled": false}}})),
+        )
+        .await?;
+    let (_, data) = node.app_pod("web-0", "web", "data").await?;
+    make_tree(&data.join("site"))?;
+    for repo in ["cached", "uncached"] {
+        node.apply_yaml(&format!(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: to-{repo}}}\n\
+             spec:\n  repositoryRef: {{name: {repo}}}\n  schedule: '@yearly'\n  \
+             source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: web}}}}, volumeName: data}}}}\n  \
+             manualTrigger: once\n"
+        ))
+        .await?;
+        node.wait_succeeded(&format!("to-{repo}"), 0, Duration::from_secs(90))
+            .await?;
+    }
+    // One repository's cache, with what restic keeps there (its config and index files).
+    let caches: Vec<std::path::PathBuf> = std::fs::read_dir(node.dir.join("agent-state/cache"))
+        .context("no cache directory")?
+        .map(|e| Ok(e?.path()))
+        .collect::<Result<_>>()?;
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    let files = walk_count(&caches[0])?;
+    assert!(files > 0, "the cache of {} is empty", caches[0].display());
+    Ok(())
+}
+
+/// The number of files below `dir`.
+fn walk_count(dir: &std::path::Path) -> Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        n += if path.is_dir() { walk_count(&path)? } else { 1 };
+    }
+    Ok(n)
+}
+
 /// Sets the Ready condition of the node's agent pod, as its kubelet would.
 async fn agent_ready(node: &Node, ready: bool) -> Result<()> {
     let status = json!({"status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});

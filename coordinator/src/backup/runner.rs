@@ -539,6 +539,13 @@ fn backup_request(
             .as_ref()
             .map(|r| r.extra_args.clone())
             .unwrap_or_default(),
+        use_cache: resolved
+            .access()
+            .repository()
+            .spec
+            .cache
+            .as_ref()
+            .is_none_or(|c| c.enabled),
         ..Default::default()
     });
     let (paths, excludes) = match (&backup.spec.source.pvc, &backup.spec.source.pod_volume_backup) {
