@@ -1,7 +1,8 @@
-//! `ResticBackup`: a scheduled backup of one source (a PVC, a volume of running pods, or the output
-//! of a custom pod such as a database dump) into a ResticRepository, with restic options, hooks,
-//! retention applied after each backup, notifications, and settings for the pods the operator
-//! starts. Status carries the last run, statistics, retention results and live progress.
+//! `ResticBackup`: a scheduled backup of one source (a PVC or a volume of running pods; a custom
+//! pod such as a database dump is accepted but not supported yet) into a ResticRepository, with
+//! restic options, hooks, retention applied after each backup, notifications (not sent yet),
+//! and settings for the restic process and holder pods. Status carries the last run,
+//! statistics, retention results and live progress.
 
 use k8s_openapi::{
     api::core::v1::PodTemplateSpec,
@@ -42,7 +43,7 @@ fn default_paths() -> Vec<String> {
     status = "ResticBackupStatus",
     shortname = "rbackup",
     category = "restic",
-    doc = "A scheduled restic backup of a PVC, a volume of running pods, or the output of a custom pod (e.g. a database dump), with hooks, retention and notifications.",
+    doc = "A scheduled restic backup of a PVC or a volume of running pods, with hooks and retention. (Custom-pod sources and notifications are accepted but not acted on yet.)",
     printcolumn(
         name = "Schedule",
         type_ = "string",
@@ -122,14 +123,16 @@ pub struct ResticBackupSpec {
     /// GlobalRetentionPolicy takes care of retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,
-    /// Where to report each run's outcome.
+    /// Where to report each run's outcome. Not sent yet: accepted and validated, for a later
+    /// release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
-    /// How runs are executed: concurrency, deadline, retries, and settings of the pods the
-    /// operator starts for this backup.
+    /// How runs are executed: concurrency, the run timeout, and settings of the restic process
+    /// and of holder pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_config: Option<JobConfig>,
-    /// Network policy for the pods the operator starts for this backup.
+    /// Not implemented yet: no network policy is created for a backup. The Helm chart's own
+    /// `networkPolicy` values restrict the operator's pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicyConfig>,
     /// Suspend scheduling (useful for maintenance). A run in flight finishes; manual triggers
@@ -158,8 +161,9 @@ pub struct BackupSource {
     /// Back up a volume of running pods chosen by label (any volume type, including emptyDir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_volume_backup: Option<PodVolumeSource>,
-    /// Run a pod that writes the data to back up (e.g. a database dump) and back up what it
-    /// wrote.
+    /// Not supported yet: a backup with it fails with "customSource backups are not supported
+    /// by this version of the coordinator". Meant to run a pod that writes the data to back up
+    /// (e.g. a database dump) and back up what it wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_source: Option<CustomSource>,
 }
@@ -203,7 +207,8 @@ pub struct PodVolumeSource {
     pub excludes: Vec<String>,
 }
 
-/// A pod that produces the data to back up.
+/// A pod that produces the data to back up. Not supported yet: a backup with it fails with
+/// "customSource backups are not supported by this version of the coordinator".
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CustomSource {

@@ -1,7 +1,7 @@
 //! Types shared by the four kinds: object references, the restic retention policy (`KeepPolicy`),
-//! hooks, notifications, pod settings for the work a backup starts, conditions with their type and
-//! reason constants, run results, live progress, and the small pure helpers the coordinator and
-//! the agent both need (restic `forget` arguments, Go-style durations, human-readable sizes).
+//! hooks, notifications, settings of a backup's runs, conditions with their type and reason
+//! constants, run results, live progress, and the small pure helpers the coordinator and the
+//! agent both need (Go-style durations, human-readable sizes).
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
@@ -310,17 +310,18 @@ pub struct JobHook {
 // Notifications
 // ---------------------------------------------------------------------------------------------
 
-/// Where to report the outcome of each run.
+/// Where to report the outcome of each run. Not sent yet: accepted and validated, for a later
+/// release.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Notifications {
-    /// Push run metrics to a Prometheus Pushgateway after each run.
+    /// Prometheus Pushgateway to push run metrics to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pushgateway: Option<PushgatewayNotification>,
-    /// Send a push notification through an ntfy server.
+    /// ntfy server to publish a push notification to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ntfy: Option<NtfyNotification>,
-    /// Send an email report through an SMTP server.
+    /// SMTP server and addresses of an email report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<EmailNotification>,
 }
@@ -331,7 +332,8 @@ pub struct Notifications {
 #[x_kube(validation = Rule::new("!self.enabled || has(self.url)")
     .message("pushgateway.url is required when the pushgateway is enabled"))]
 pub struct PushgatewayNotification {
-    /// Whether metrics are pushed. Default: true (remove the block or set false to stop).
+    /// Whether this block is switched on; false keeps the settings without using them.
+    /// Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Base URL of the Pushgateway, e.g. `http://prometheus-pushgateway.monitoring.svc:9091`.
@@ -348,7 +350,8 @@ pub struct PushgatewayNotification {
 #[x_kube(validation = Rule::new("!self.enabled || has(self.topic)")
     .message("ntfy.topic is required when ntfy is enabled"))]
 pub struct NtfyNotification {
-    /// Whether notifications are sent. Default: true (remove the block or set false to stop).
+    /// Whether this block is switched on; false keeps the settings without using them.
+    /// Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Base URL of the ntfy server. Default: `https://ntfy.sh`.
@@ -385,7 +388,8 @@ pub struct NtfyNotification {
 #[x_kube(validation = Rule::new("!self.enabled || has(self.to) || has(self.recipient)")
     .message("email needs a recipient: set email.to (or email.recipient)"))]
 pub struct EmailNotification {
-    /// Whether emails are sent. Default: true (remove the block or set false to stop).
+    /// Whether this block is switched on; false keeps the settings without using them.
+    /// Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// SMTP server as `host:port`, e.g. `postfix.mail.svc:25`. Mail is sent without
@@ -431,7 +435,8 @@ impl EmailNotification {
 /// What happens when a run is due while the previous one is still running.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum ConcurrencyPolicy {
-    // Start the new run alongside the running one.
+    // Wait for the running run to end, then start the new one (if still within the starting
+    // deadline; otherwise that run is skipped). Runs never overlap.
     Allow,
     // Skip the new run; the running one continues (the default).
     #[default]
@@ -441,69 +446,76 @@ pub enum ConcurrencyPolicy {
 }
 
 /// How the operator runs the work of a backup. The operator runs restic in its per-node agent
-/// rather than in CronJobs; these settings keep the specification's names and apply to the runs
-/// and to the pods the operator starts for them (holder pods, which only mount a claim no
-/// running pod mounts so that a node agent can read it; hook job pods).
+/// rather than in CronJobs; these settings keep the specification's names. They apply to the
+/// restic process of a backup (`activeDeadlineSeconds`, `resources.limits.memory`,
+/// `securityContext.runAsUser` and `runAsGroup`) and to holder pods, which only keep mounted a
+/// claim no running pod mounts so that a node agent can read it (`nodeSelector`,
+/// `tolerations`, `affinity`). Hook Job pods do not use them.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobConfig {
-    /// What happens when a run is due while the previous one still runs: `Allow` (run both),
-    /// `Forbid` (skip the new run) or `Replace` (stop the running one, start the new one).
-    /// Default: `Forbid`.
+    /// What happens when a run is due while the previous one still runs. Runs never overlap.
+    /// `Allow`: the new run waits and starts when the running one ends, if that is within the
+    /// starting deadline (otherwise it is skipped). `Forbid`: the new run is skipped.
+    /// `Replace`: the running one is cancelled and the new one starts. Default: `Forbid`.
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
-    /// How many finished successful runs keep their pods and run records. Default: 3.
+    /// Not used. Holder pods are deleted after each run, hook Jobs 24 hours after they finish;
+    /// the record of the last run is `status.lastBackup`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub successful_jobs_history_limit: Option<i32>,
-    /// How many finished failed runs keep their pods and run records. Default: 1.
+    /// Not used. Holder pods are deleted after each run, hook Jobs 24 hours after they finish;
+    /// the record of the last run is `status.lastBackup`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub failed_jobs_history_limit: Option<i32>,
-    /// Maximum duration of one run in seconds; a run still going after that is stopped and
-    /// counted as failed. Default: no limit.
+    /// Maximum duration of the restic backup of one run, in seconds; a backup still going after
+    /// that is stopped and counted as failed. Default: the coordinator's `--run-timeout` (24h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
-    /// How many times a failed run is retried (with backoff) before it counts as failed.
-    /// Default: 0.
+    /// Not used yet. A failed run is not retried; the next scheduled run (or a new
+    /// `manualTrigger`) is the retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub backoff_limit: Option<i32>,
-    /// Pod security context of the pods the operator starts for this backup. Default: non-root
-    /// (65534), no privilege escalation, read-only root filesystem, all capabilities dropped,
-    /// RuntimeDefault seccomp profile.
+    /// Only `runAsUser` and `runAsGroup` are used: the restic process of a backup runs as that
+    /// user and group inside the node agent's sandbox. Unset: restic runs as root in the
+    /// sandbox. Holder pods always run as 65535 with every capability dropped; hook Job pods do
+    /// not use this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<PodSecurityContext>,
-    /// Resource requests and limits of the pods the operator starts for this backup;
-    /// `limits.memory` also caps the memory of the restic process the node agent runs for it.
+    /// Only `limits.memory` is used: it caps the memory of the restic process of a backup (its
+    /// cgroup on the node). Holder pods have small fixed requests and limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Node selector of the pods the operator starts for this backup. (Runs on volumes mounted
-    /// by a running pod happen on that pod's node.)
+    /// Node selector of the holder pods of this backup. (Runs on volumes mounted by a running
+    /// pod happen on that pod's node.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
-    /// Tolerations of the pods the operator starts for this backup.
+    /// Tolerations of the holder pods of this backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Affinity of the pods the operator starts for this backup.
+    /// Affinity of the holder pods of this backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
-    /// Service account of the pods the operator starts for this backup. Empty or unset: a
-    /// service account `resticbackup-<name>` without permissions is created and used.
+    /// Not used. No ServiceAccount is created; holder pods mount no service-account token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
 }
 
-/// Network policy for the pods the operator starts for this backup.
+/// Not implemented yet: no network policy is created for a backup. The Helm chart's own
+/// `networkPolicy` values restrict the operator's pods (coordinator and node agents, which run
+/// restic).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicyConfig {
-    /// Create a CiliumNetworkPolicy that lets the pods the operator starts for this backup reach
-    /// only DNS, the repository, and the configured notification endpoints. Default: true.
+    /// Not implemented yet: no policy is created.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Further CiliumNetworkPolicy egress rules (objects of `spec.egress`), added as written.
+    /// Further CiliumNetworkPolicy egress rules (objects of `spec.egress`). Not implemented yet:
+    /// accepted and not used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "free_form_object_list_schema")]
     pub additional_egress: Vec<serde_json::Value>,
@@ -846,7 +858,8 @@ pub struct ActiveRun {
     /// The pod doing the work: the node agent (also for a claim mounted by a holder pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_pod: Option<ObjectReference>,
-    /// How many times the run has been retried after a failure (see `jobConfig.backoffLimit`).
+    /// Attempt number of the run. Always 1 for now: failed runs are not retried (see
+    /// `jobConfig.backoffLimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<i32>,
 }

@@ -130,16 +130,17 @@ pub struct IntegrityCheck {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheConfig {
-    /// Whether restic keeps a local cache of repository metadata (much faster backups). When
-    /// false, restic runs with `--no-cache`. Default: true.
+    /// Whether backups use restic's local cache of repository metadata, kept by the node agent
+    /// in its state directory (much faster backups of large repositories). When false, restic
+    /// runs with `--no-cache`. Restores and maintenance (forget, check, stats) run without it.
+    /// Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Size limit of the cache, e.g. `5Gi`; also the size of the cache volume of pods the
-    /// operator starts. Default: no limit on the node agents, 1Gi for started pods.
+    /// Size limit of the cache, e.g. `5Gi`. Not used yet: the cache has no size limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Quantity>,
-    /// StorageClass of the cache volume of pods the operator starts (a PVC per pod). Default:
-    /// an emptyDir volume.
+    /// StorageClass of a cache volume. Not used yet: the cache lives in the node agent's state
+    /// directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
 }

@@ -20,7 +20,8 @@ fn default_access_modes() -> Vec<AccessMode> {
     vec![AccessMode::ReadWriteOnce]
 }
 
-/// A one-shot restore of a restic snapshot into a PVC.
+/// A one-shot restore of a restic snapshot into a PVC. Not acted on yet: this version of the
+/// coordinator accepts and validates it, and a later release runs it.
 // Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
 // duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -33,7 +34,7 @@ fn default_access_modes() -> Vec<AccessMode> {
     status = "ResticRestoreStatus",
     shortname = "rrestore",
     category = "restic",
-    doc = "A one-shot restore of a restic snapshot into an existing or a new PVC.",
+    doc = "A one-shot restore of a restic snapshot into an existing or a new PVC. Not acted on yet by this version of the coordinator.",
     printcolumn(
         name = "Phase",
         type_ = "string",

@@ -13,7 +13,8 @@ use crate::common::{
     SCHEDULE_MESSAGE, SCHEDULE_RULE, default_group_by,
 };
 
-/// Repository-wide retention on a schedule.
+/// Repository-wide retention on a schedule. Not acted on yet: this version of the coordinator
+/// accepts and validates it, and a later release runs it.
 // Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
 // duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -26,7 +27,7 @@ use crate::common::{
     status = "GlobalRetentionPolicyStatus",
     shortname = "grp",
     category = "restic",
-    doc = "Retention for a whole repository on its own schedule: restic forget per policy (snapshots selected by tags and hostname), then optionally prune.",
+    doc = "Retention for a whole repository on its own schedule: restic forget per policy (snapshots selected by tags and hostname), then optionally prune. Not acted on yet by this version of the coordinator.",
     printcolumn(
         name = "Schedule",
         type_ = "string",
@@ -85,7 +86,8 @@ pub struct GlobalRetentionPolicySpec {
     /// Run `restic prune` after all forget operations to free space. Default: false.
     #[serde(default)]
     pub prune: bool,
-    /// Where to report each run's outcome.
+    /// Where to report each run's outcome. Not sent yet: accepted and validated, for a later
+    /// release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
     /// Suspend scheduling. Manual triggers still run. Default: false.
