@@ -116,7 +116,11 @@ impl Executor {
             tmp: tmp.clone(),
         };
 
-        let cache = self.cache_dir.join(cache_key(&inv.repo.url));
+        let user = inv
+            .options
+            .run_as_user
+            .map(|uid| (uid, inv.options.run_as_group.unwrap_or(uid)));
+        let cache = self.cache_dir.join(cache_key(&inv.repo.url, user));
         // A restore writes into a volume its pod may change under it; a symlink swapped in
         // there could send restic's writes anywhere writable in the sandbox, and the cache is
         // shared with other runs of the repository. So restores run without it.
@@ -337,12 +341,17 @@ fn emit_warning(run: &Run, e: &ErrorMessage, secrets: &[String]) {
     }));
 }
 
-/// A directory name for a repository's cache that does not leak the URL's credentials.
-fn cache_key(url: &str) -> String {
+/// A directory name for a repository's cache that does not leak the URL's credentials, one per
+/// user restic runs as: restic makes its cache readable by its own user only, so runs of one
+/// repository as different users (`runAsUser`) would otherwise take it from each other.
+fn cache_key(url: &str, user: Option<(u32, u32)>) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     url.hash(&mut h);
-    format!("repo-{:016x}", h.finish())
+    match user {
+        Some((uid, gid)) => format!("repo-{:016x}-{uid}-{gid}", h.finish()),
+        None => format!("repo-{:016x}", h.finish()),
+    }
 }
 
 /// The per-process scratch space on the host. The sandbox root is only ever a mount point
@@ -362,5 +371,23 @@ impl Drop for Scratch {
             tracing::error!(root = %self.root.display(), error = %e, "sandbox root is not empty on the host; leaving it");
         }
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_user_restic_runs_as_has_a_cache_of_its_own_named_without_the_url() {
+        let url = "s3:https://key:secret@s3.example/bucket";
+        let root = cache_key(url, None);
+        let user = cache_key(url, Some((1000, 1000)));
+        let other = cache_key(url, Some((1001, 1001)));
+        assert_eq!(root, cache_key(url, None), "stable");
+        assert!(root != user && user != other, "{root} {user} {other}");
+        for key in [root, user, other] {
+            assert!(!key.contains("secret") && !key.contains('/'), "{key}");
+        }
     }
 }

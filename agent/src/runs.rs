@@ -686,12 +686,17 @@ mod tests {
             });
         let _: Vec<_> = run.subscribe().collect().await;
         let record = dir.path().join("finished/done.pb");
+        let marker = dir.path().join("runs/done.json");
         for _ in 0..100 {
-            if record.exists() {
+            if record.exists() && !marker.exists() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(
+            record.exists() && !marker.exists(),
+            "the result recorded, the marker gone"
+        );
         drop(runs);
 
         // A new agent process knows the run: its result, and attaching does not run it again.
@@ -718,16 +723,50 @@ mod tests {
             (r.outcome, r.snapshot_id.as_str()),
             (Outcome::Succeeded as i32, "abc")
         );
-        assert!(
-            !dir.path().join("runs/done.json").exists(),
-            "in-flight marker left"
-        );
         drop(again);
 
         // Past the retention time it is forgotten, record and all.
         let later = start(Duration::ZERO);
         assert!(later.get("done").is_none());
         assert!(!record.exists());
+    }
+
+    #[tokio::test]
+    async fn a_run_recorded_as_finished_is_not_reported_as_cut_off_by_the_restart() {
+        // Stopped after the result was recorded, before the in-flight marker went.
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            Runs::new(
+                1,
+                Duration::from_secs(60),
+                dir.path().into(),
+                Arc::new(Metrics::new()),
+            )
+        };
+        let runs = start();
+        let (run, _) = runs.start_or_attach("both", RunKind::Backup, "repo", None, |_| async { ok() });
+        let _: Vec<_> = run.subscribe().collect().await;
+        for _ in 0..100 {
+            if dir.path().join("finished/both.pb").exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(runs);
+        std::fs::create_dir_all(dir.path().join("runs")).unwrap();
+        let rec = InFlight {
+            id: "both".into(),
+            kind: RunKind::Backup as i32,
+            repository_url: "repo".into(),
+            started_ms: 0,
+        };
+        std::fs::write(
+            dir.path().join("runs/both.json"),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+        .unwrap();
+        let r = start().get("both").unwrap().result().unwrap();
+        assert_eq!(r.outcome, Outcome::Succeeded as i32, "{r:?}");
     }
 
     #[test]

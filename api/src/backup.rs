@@ -320,8 +320,9 @@ pub struct RetentionSpec {
     #[serde(default)]
     pub prune: bool,
     /// Snapshot properties the policy is applied per group of (`restic forget --group-by`):
-    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`. An empty list applies the
-    /// policy to all of this backup's snapshots at once (no grouping).
+    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`. A backup's retention always
+    /// groups by host and tags, so it never counts another backup's snapshots; list `paths` to
+    /// group by paths too.
     #[serde(default = "default_group_by")]
     pub group_by: Vec<GroupBy>,
 }

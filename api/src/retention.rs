@@ -80,7 +80,8 @@ pub struct GlobalRetentionPolicySpec {
     #[schemars(length(min = 1))]
     pub policies: Vec<RetentionPolicyRule>,
     /// Snapshot properties each policy is applied per group of (`restic forget --group-by`):
-    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`.
+    /// any of `host`, `paths`, `tags`. Default: `[host, tags]`. An empty list applies each
+    /// policy to all the snapshots it selects at once (no grouping).
     #[serde(default = "default_group_by")]
     pub group_by: Vec<GroupBy>,
     /// Run `restic prune` after all forget operations to free space. Default: false.

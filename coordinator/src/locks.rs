@@ -54,6 +54,13 @@ impl Tasks {
             .is_some_and(|h| !h.is_finished())
     }
 
+    /// Stops the task under `key`, if one runs.
+    pub fn abort(&self, key: &str) {
+        if let Some(h) = self.running.lock().expect("tasks").remove(key) {
+            h.abort();
+        }
+    }
+
     /// Spawns `fut` under `key` unless a task with that key is still running; returns whether
     /// it was spawned.
     pub fn spawn_once<F>(self: &Arc<Self>, key: &str, fut: F) -> bool

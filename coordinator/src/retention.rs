@@ -2,9 +2,13 @@
 //! ResticBackup's `retention` and, later, a GlobalRetentionPolicy's rules. The agent turns the
 //! request into restic's arguments (`agent/src/restic.rs`); nothing else does.
 //!
-//! `groupBy`: left out, the API's default `[host, tags]` applies; an empty list means no
-//! grouping (`restic forget --group-by ''`): the policy counts all the selected snapshots at
-//! once. The request always says which, so restic's own default (`host,paths`) never applies.
+//! `groupBy`: left out, the API's default `[host, tags]` applies. A GlobalRetentionPolicy's
+//! list is used as written, and an empty one means no grouping (`restic forget --group-by
+//! ''`): the policy counts all the selected snapshots at once. A ResticBackup's retention
+//! always groups by host and tags too (`paths` may be added): restic selects by host and a
+//! tag *superset*, so without them a backup's forget could count, and remove, the snapshots
+//! of another backup with the same custom hostname and more tags. The request always says how
+//! to group, so restic's own default (`host,paths`) never applies.
 
 use restic_operator_api::common::{GroupBy, KeepPolicy};
 use restic_operator_api::retention::SnapshotFilter;
@@ -21,6 +25,16 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The snapshots of one ResticBackup (its host and tags), grouped by host, tags and
+    /// whatever else `group_by` lists.
+    pub fn of_backup(host: String, tags: Vec<String>, group_by: &[GroupBy]) -> Self {
+        let mut group_by: Vec<GroupBy> = group_by.to_vec();
+        group_by.extend([GroupBy::Host, GroupBy::Tags]);
+        group_by.sort();
+        group_by.dedup();
+        Self { host, tags, group_by }
+    }
+
     /// The snapshots one rule of a GlobalRetentionPolicy selects, grouped by the policy's
     /// `groupBy`.
     pub fn of_rule(filter: &SnapshotFilter, group_by: &[GroupBy]) -> Self {
@@ -77,11 +91,7 @@ mod tests {
     }
 
     fn request(spec: &RetentionSpec) -> pb::ForgetRequest {
-        let selection = Selection {
-            host: "app".into(),
-            tags: vec!["namespace=apps".into()],
-            group_by: spec.group_by.clone(),
-        };
+        let selection = Selection::of_backup("app".into(), vec!["namespace=apps".into()], &spec.group_by);
         forget_request(
             pb::RunOptions::default(),
             pb::Repository::default(),
@@ -108,11 +118,28 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_group_by_is_sent_as_no_grouping_not_left_to_restic() {
+    fn a_backups_retention_always_groups_by_host_and_tags() {
+        // Never pooled with another backup's snapshots, whatever the list says.
         let r = request(&spec("{groupBy: []}"));
-        assert!(r.group_by.is_empty());
+        assert_eq!(r.group_by, ["host", "tags"]);
         let r = request(&spec("{groupBy: [paths]}"));
-        assert_eq!(r.group_by, ["paths"]);
+        assert_eq!(r.group_by, ["host", "paths", "tags"]);
+    }
+
+    #[test]
+    fn a_global_policys_empty_group_by_is_sent_as_no_grouping_not_left_to_restic() {
+        let filter = SnapshotFilter {
+            tags: vec!["emby".into()],
+            hostname: None,
+        };
+        let r = forget_request(
+            pb::RunOptions::default(),
+            pb::Repository::default(),
+            &KeepPolicy::legacy_default(),
+            Selection::of_rule(&filter, &[]),
+            false,
+        );
+        assert!(r.group_by.is_empty());
     }
 
     #[test]

@@ -377,23 +377,32 @@ async fn backups_use_the_agents_restic_cache_unless_the_repository_turns_it_off(
         node.wait_succeeded(&format!("to-{repo}"), 0, Duration::from_secs(90))
             .await?;
     }
-    // One repository's cache, with what restic keeps there (its config and index files).
+    // One repository's cache, with what restic keeps there (its index and snapshot files).
     let caches: Vec<std::path::PathBuf> = std::fs::read_dir(node.dir.join("agent-state/cache"))
         .context("no cache directory")?
         .map(|e| Ok(e?.path()))
         .collect::<Result<_>>()?;
     assert_eq!(caches.len(), 1, "{caches:?}");
-    let files = walk_count(&caches[0])?;
-    assert!(files > 0, "the cache of {} is empty", caches[0].display());
+    let files = cached_metadata(&caches[0], false)?;
+    assert!(
+        files > 0,
+        "no index or snapshot file cached in {}",
+        caches[0].display()
+    );
     Ok(())
 }
 
-/// The number of files below `dir`.
-fn walk_count(dir: &std::path::Path) -> Result<usize> {
+/// The number of files below `dir` in directories named `index` or `snapshots` (restic's
+/// cache layout: `<repository id>/{index,snapshots,data}`).
+fn cached_metadata(dir: &std::path::Path, counted: bool) -> Result<usize> {
     let mut n = 0;
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        n += if path.is_dir() { walk_count(&path)? } else { 1 };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        n += match path.is_dir() {
+            true => cached_metadata(&path, counted || name == "index" || name == "snapshots")?,
+            false => usize::from(counted),
+        };
     }
     Ok(n)
 }

@@ -32,6 +32,11 @@ use crate::sources::{self, Placement, PodVolume};
 /// the run from the live object's `status.activeRun`.
 pub fn ensure_running(ctx: &Arc<Context>, ns: &str, name: &str, run_id: &str) {
     let key = format!("backup-run/{run_id}");
+    // A run given up on that comes back (its failure could not be written) is no longer to
+    // be cancelled.
+    if !ctx.tasks.is_running(&key) {
+        ctx.tasks.abort(&abandoned_key(run_id));
+    }
     let ctx2 = Arc::clone(ctx);
     let (ns, name, run_id) = (ns.to_owned(), name.to_owned(), run_id.to_owned());
     ctx.tasks.spawn_once(
@@ -64,7 +69,7 @@ pub async fn cancel(ctx: &Context, active: &ActiveRun) {
 fn cancel_abandoned(ctx: &Arc<Context>, node: &str, run_id: &str) {
     let (ctx2, node, run_id) = (Arc::clone(ctx), node.to_owned(), run_id.to_owned());
     ctx.tasks.spawn_once(
-        &format!("abandoned/{run_id}"),
+        &abandoned_key(&run_id),
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + ctx2.config.run_timeout;
             let mut wait = Duration::from_secs(1);
@@ -87,6 +92,10 @@ fn cancel_abandoned(ctx: &Arc<Context>, node: &str, run_id: &str) {
             }
         }),
     );
+}
+
+fn abandoned_key(run_id: &str) -> String {
+    format!("abandoned/{run_id}")
 }
 
 /// Where a placed run went: the agent of the recorded node (holder runs too: the holder only
@@ -360,8 +369,9 @@ async fn reattach(
     let deadline = tokio::time::Instant::now() + ctx.config.agent_lost_timeout;
     let mut wait = Duration::from_millis(500);
     loop {
-        let ended = match recorded_address(ctx, active) {
-            Some(address) => match ctx.agents.client(&address) {
+        let address = recorded_address(ctx, active);
+        let ended = match &address {
+            Some(address) => match ctx.agents.client(address) {
                 Ok(mut client) => {
                     let mut progress = ProgressWriter::new(ctx, api, backup, active);
                     let ended = run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await;
@@ -380,7 +390,9 @@ async fn reattach(
                 tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
                 return Some(outcome_of(*r));
             }
-            Ended::Unknown => return forgotten(ctx, backup, active).await,
+            Ended::Unknown => {
+                return forgotten(ctx, backup, active, address.as_deref().unwrap_or_default()).await;
+            }
             Ended::Unavailable(e) => {
                 if tokio::time::Instant::now() > deadline {
                     if let Some(node) = &active.node_name {
@@ -398,10 +410,14 @@ async fn reattach(
 
 /// The recorded agent does not know the run. `None` (dispatch it) only when the repository
 /// holds no snapshot of it; its snapshot, when there is one, is the run's result.
-async fn forgotten(ctx: &Arc<Context>, backup: &ResticBackup, active: &ActiveRun) -> Option<Outcome> {
-    let address = recorded_address(ctx, active)?;
-    let since = active.start_time.as_ref().map(crate::repository::from_time)?;
-    match lookup::find(ctx, &address, backup, &active.run_id, since).await {
+async fn forgotten(
+    ctx: &Arc<Context>,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    address: &str,
+) -> Option<Outcome> {
+    let since = active.start_time.as_ref().map(crate::repository::from_time);
+    match lookup::find(ctx, address, backup, &active.run_id, since).await {
         Ok(None) => None,
         Ok(Some((snapshot, resolved))) => {
             tracing::info!(run_id = %active.run_id, snapshot = %snapshot.id, "the agent forgot the run; found its snapshot");
@@ -715,11 +731,11 @@ async fn apply_retention(
         run::options(&forget_id, ctx.config.maintenance_timeout),
         resolved.agent_repository(),
         &spec.effective_policy(),
-        retention::Selection {
-            host: backup.effective_hostname(),
-            tags: backup.snapshot_tags(),
-            group_by: spec.group_by.clone(),
-        },
+        retention::Selection::of_backup(
+            backup.effective_hostname(),
+            backup.snapshot_tags(),
+            &spec.group_by,
+        ),
         spec.prune,
     );
     let agent = ctx.agents.any()?;
