@@ -251,6 +251,7 @@ impl Agent for AgentService {
     type CheckStream = EventStream;
     type StatsStream = EventStream;
     type UnlockStream = EventStream;
+    type ProbeStream = EventStream;
     type AttachStream = EventStream;
 
     async fn backup(&self, request: Request<pb::BackupRequest>) -> Result<Response<EventStream>, Status> {
@@ -338,6 +339,12 @@ impl Agent for AgentService {
         coordinator_only(&request, "read repository statistics")?;
         let r = request.into_inner();
         self.repository_op(r.options, r.repository, repository::Op::Stats)
+    }
+
+    async fn probe(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {
+        coordinator_only(&request, "probe a repository")?;
+        let r = request.into_inner();
+        self.repository_op(r.options, r.repository, repository::Op::Probe)
     }
 
     async fn unlock(&self, request: Request<pb::RepositoryRequest>) -> Result<Response<EventStream>, Status> {

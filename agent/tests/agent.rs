@@ -712,6 +712,52 @@ async fn repository_failures_have_their_own_reasons_and_never_leak_the_password(
     Ok(())
 }
 
+/// The probe says whether a repository can be used, cheaply and whatever holds its locks:
+/// readiness comes from it, not from statistics, which wait for an exclusive lock.
+#[tokio::test]
+async fn a_probe_opens_the_repository_whatever_holds_its_locks() -> Result<()> {
+    let agent = Agent::start("probe")?;
+    let repo = s3_repository(&unique_name("probe"), "repo");
+    let mut client = agent.client().await?;
+    let request = |repo: pb::Repository, id: &str| pb::RepositoryRequest {
+        options: Some(options(id)),
+        repository: Some(repo),
+    };
+    let (_, missing) = collect(client.probe(request(repository(&repo), "p1")).await?.into_inner()).await?;
+    ensure!(
+        missing.failure == FailureKind::RepositoryNotFound as i32,
+        "{missing:?}"
+    );
+    init(&mut client, &repo, "init").await?;
+    let mut wrong = repository(&repo);
+    wrong.password = "definitely-wrong-password".into();
+    let (_, bad) = collect(client.probe(request(wrong, "p2")).await?.into_inner()).await?;
+    ensure!(bad.failure == FailureKind::WrongPassword as i32, "{bad:?}");
+
+    // A check reading the data slowly holds an exclusive lock the whole time.
+    let src = agent.dir.join("probe-data");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("f"), pseudo_random(1 << 20, 77))?;
+    let out = repo.restic()?.current_dir(&src).args(["backup", "."]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut check = repo
+        .restic()?
+        .args(["check", "--read-data", "--limit-download=1"])
+        .spawn()?;
+    restic_operator_e2e::eventually("the check's lock", Duration::from_secs(20), || async {
+        let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+        Ok((!out.stdout.is_empty()).then_some(()))
+    })
+    .await?;
+    let (_, stats) = collect(client.stats(request(repository(&repo), "s")).await?.into_inner()).await?;
+    let (_, probe) = collect(client.probe(request(repository(&repo), "p3")).await?.into_inner()).await?;
+    let _ = check.kill();
+    let _ = check.wait();
+    ensure!(stats.failure == FailureKind::Locked as i32, "stats: {stats:?}");
+    ensure!(outcome(&probe) == Outcome::Succeeded, "probe: {probe:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn grpcurl_lists_the_services_through_reflection_and_health_says_serving() -> Result<()> {
     let agent = Agent::start("grpcurl")?;

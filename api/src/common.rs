@@ -753,6 +753,8 @@ pub mod event_reasons {
     pub const SECRET_KEYS_IGNORED: &str = "SecretKeysIgnored";
     /// An integrity check started.
     pub const INTEGRITY_CHECK_STARTED: &str = "IntegrityCheckStarted";
+    /// Repository statistics could not be read (the repository's readiness is not affected).
+    pub const STATISTICS_FAILED: &str = "StatisticsFailed";
 }
 
 /// Outcome of a backup or retention run.

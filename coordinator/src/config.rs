@@ -75,13 +75,17 @@ pub struct Config {
     /// runs are skipped with an event, never run in a burst.
     #[arg(long, value_parser = duration, default_value = "1h")]
     pub starting_deadline: Duration,
-    /// Time limit of repository operations that should be quick (stats, init, snapshots);
-    /// restic otherwise retries an unreachable backend for many minutes.
+    /// Time limit of repository operations that should be quick (the readiness probe, init,
+    /// snapshots); restic otherwise retries an unreachable backend for many minutes.
     #[arg(long, value_parser = duration, default_value = "60s")]
     pub repository_timeout: Duration,
     /// Time limit of a backup without `jobConfig.activeDeadlineSeconds`.
     #[arg(long, value_parser = duration, default_value = "24h")]
     pub run_timeout: Duration,
+    /// Time limit of reading repository statistics (`restic stats` reads every snapshot, so
+    /// it is slow on large repositories). A failure never changes the repository's readiness.
+    #[arg(long, value_parser = duration, default_value = "30m")]
+    pub stats_timeout: Duration,
     /// Time limit of forget, prune and check.
     #[arg(long, value_parser = duration, default_value = "6h")]
     pub maintenance_timeout: Duration,

@@ -157,7 +157,9 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
         }
     };
 
-    // Statistics (and init) when due: never ready yet, spec changed, or the interval passed.
+    // The probe (and init) when due: never ready yet, spec changed, or the statistics are
+    // older than the interval. Readiness comes from the probe alone; statistics are read
+    // after it, in the background, and never change readiness.
     let status = repo.status.clone().unwrap_or_default();
     let is_ready = find_condition(&status.conditions, ct::READY).is_some_and(Condition::is_true);
     let stats_age = status
@@ -170,8 +172,11 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
         || stats_age.is_none_or(|age| age.to_std().unwrap_or_default() >= ctx.config.stats_interval);
     let mut requeue = ctx.config.stats_interval;
     if stats_due {
-        match refresh(repo, ctx, &creds).await {
-            Ok(()) => ctx.succeeded(&key),
+        match probe(repo, ctx, &creds).await {
+            Ok(()) => {
+                ctx.succeeded(&key);
+                refresh_soon(ctx, &ns, &name);
+            }
             Err(Some(delay)) => requeue = delay,
             Err(None) => requeue = backoff(ctx.failed(&key)),
         }
@@ -229,9 +234,9 @@ async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<
     Ok(Action::requeue(requeue.max(Duration::from_secs(1))))
 }
 
-/// Stats, with `init` first when the repository does not exist. `Err(Some(d))` asks for a
-/// retry after `d` (busy), `Err(None)` for backoff (failed; the condition says why).
-async fn refresh(
+/// The readiness probe, with `init` first when the repository does not exist. `Err(Some(d))`
+/// asks for a retry after `d`, `Err(None)` for backoff (failed; the condition says why).
+async fn probe(
     repo: &ResticRepository,
     ctx: &Context,
     creds: &pb::Repository,
@@ -241,23 +246,14 @@ async fn refresh(
     let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = repo.meta().generation;
     let uid = repo.uid().unwrap_or_default();
-    let write = |ok: Result<&'static str, NotReady>, message: String, stats: Option<pb::RepositoryStats>| {
+    let write = |ok: Result<&'static str, NotReady>, message: String| {
         let api = api.clone();
         let name = name.clone();
         async move {
             let r = ctx
                 .status
                 .update(&api, &name, |_, s| {
-                    ready(s, generation, ok.as_ref().map(|r| *r), &message);
-                    if let Some(st) = &stats {
-                        s.statistics = Some(RepositoryStatistics {
-                            total_size: Some(format_bytes(st.total_size)),
-                            total_size_bytes: i64::try_from(st.total_size).ok(),
-                            total_file_count: i64::try_from(st.total_file_count).ok(),
-                            snapshot_count: i64::try_from(st.snapshots_count).ok(),
-                            update_time: Some(to_time(Utc::now())),
-                        });
-                    }
+                    ready(s, generation, ok.as_ref().map(|r| *r), &message)
                 })
                 .await;
             if let Err(e) = r {
@@ -272,30 +268,25 @@ async fn refresh(
                 reason: reasons::AGENT_UNAVAILABLE,
                 message: e,
             };
-            write(Err(nr), String::new(), None).await;
+            write(Err(nr), String::new()).await;
             return Err(Some(Duration::from_secs(10)));
         }
-    };
-    // Stats read the index; skip while forget/prune/check hold the repository.
-    let lock_key = format!("{ns}/{name}");
-    let Some(_shared) = ctx.locks.try_shared(&lock_key) else {
-        return Err(Some(Duration::from_secs(30)));
     };
     let stamp = Utc::now().timestamp();
     let timeout = ctx.config.repository_timeout;
     let mut initialized = false;
     for attempt in 0..2 {
-        let run_id = format!("repo-{uid}-stats-{stamp}-{attempt}");
+        let run_id = format!("repo-{uid}-probe-{stamp}-{attempt}");
         let request = pb::RepositoryRequest {
             options: Some(run::options(&run_id, timeout)),
             repository: Some(creds.clone()),
         };
         let ended = ctx
             .dispatch(
-                "stats",
+                "probe",
                 &agent.address,
                 &run_id,
-                |mut c| async move { c.stats(request).await },
+                |mut c| async move { c.probe(request).await },
                 &mut |_| {},
             )
             .await;
@@ -306,21 +297,12 @@ async fn refresh(
                     reason: reasons::AGENT_UNAVAILABLE,
                     message,
                 };
-                write(Err(nr), String::new(), None).await;
+                write(Err(nr), String::new()).await;
                 return Err(None);
             }
             Ended::Unknown => return Err(None),
         };
         if result.outcome == pb::Outcome::Succeeded as i32 {
-            let stats = result.stats.unwrap_or_default();
-            ctx.metrics
-                .repository_size
-                .with_label_values(&[&name, &ns])
-                .set(stats.total_size as f64);
-            ctx.metrics
-                .repository_snapshots
-                .with_label_values(&[&name, &ns])
-                .set(stats.snapshots_count as f64);
             let (reason, message) = if initialized {
                 (
                     reasons::REPOSITORY_INITIALIZED,
@@ -332,12 +314,12 @@ async fn refresh(
                     "Repository is initialized and accessible",
                 )
             };
-            write(Ok(reason), message.into(), Some(stats)).await;
+            write(Ok(reason), message.into()).await;
             return Ok(());
         }
         let not_found = result.failure == pb::FailureKind::RepositoryNotFound as i32;
         if !(not_found && attempt == 0) {
-            write(Err(not_ready_from(&result)), String::new(), None).await;
+            write(Err(not_ready_from(&result)), String::new()).await;
             return Err(None);
         }
         // No repository at the URL: initialize it. `init` refuses to touch an existing
@@ -380,7 +362,7 @@ async fn refresh(
                         run::describe_failure(&r)
                     ),
                 };
-                write(Err(nr), String::new(), None).await;
+                write(Err(nr), String::new()).await;
                 return Err(None);
             }
             Ended::Unavailable(e) => {
@@ -388,7 +370,7 @@ async fn refresh(
                     reason: reasons::AGENT_UNAVAILABLE,
                     message: e,
                 };
-                write(Err(nr), String::new(), None).await;
+                write(Err(nr), String::new()).await;
                 return Err(None);
             }
             Ended::Unknown => return Err(None),
@@ -397,8 +379,73 @@ async fn refresh(
     Err(None)
 }
 
-/// Refreshes a repository's statistics in the background (after a backup or retention run
-/// changed them), unless a refresh already runs.
+/// Reads a repository's statistics (`restic stats`, slow on large repositories) into
+/// `status.statistics` and the metrics. A failure is a warning event; readiness is the
+/// probe's alone.
+async fn statistics(repo: &ResticRepository, ctx: &Context, creds: &pb::Repository) {
+    let ns = repo.namespace().unwrap_or_default();
+    let name = repo.name_any();
+    // Stats read the index; skipped while forget, prune or check hold the repository.
+    let Some(_shared) = ctx.locks.try_shared(&format!("{ns}/{name}")) else {
+        return;
+    };
+    let Ok(agent) = ctx.agents.any() else {
+        return; // the probe reports a missing agent
+    };
+    let uid = repo.uid().unwrap_or_default();
+    let run_id = format!("repo-{uid}-stats-{}", Utc::now().timestamp());
+    let request = pb::RepositoryRequest {
+        options: Some(run::options(&run_id, ctx.config.stats_timeout)),
+        repository: Some(creds.clone()),
+    };
+    let ended = ctx
+        .dispatch(
+            "stats",
+            &agent.address,
+            &run_id,
+            |mut c| async move { c.stats(request).await },
+            &mut |_| {},
+        )
+        .await;
+    let stats = match ended {
+        Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => r.stats.unwrap_or_default(),
+        Ended::Result(r) => return statistics_failed(ctx, repo, run::describe_failure(&r)).await,
+        Ended::Unavailable(e) => return statistics_failed(ctx, repo, e).await,
+        Ended::Unknown => return statistics_failed(ctx, repo, "the agent lost the run".into()).await,
+    };
+    ctx.metrics
+        .repository_size
+        .with_label_values(&[&name, &ns])
+        .set(stats.total_size as f64);
+    ctx.metrics
+        .repository_snapshots
+        .with_label_values(&[&name, &ns])
+        .set(stats.snapshots_count as f64);
+    let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
+    let written = ctx
+        .status
+        .update(&api, &name, |_, s| {
+            s.statistics = Some(RepositoryStatistics {
+                total_size: Some(format_bytes(stats.total_size)),
+                total_size_bytes: i64::try_from(stats.total_size).ok(),
+                total_file_count: i64::try_from(stats.total_file_count).ok(),
+                snapshot_count: i64::try_from(stats.snapshots_count).ok(),
+                update_time: Some(to_time(Utc::now())),
+            })
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(repository = %name, error = %e, "status update failed");
+    }
+}
+
+async fn statistics_failed(ctx: &Context, repo: &ResticRepository, why: String) {
+    let note = format!("Repository statistics could not be read (the repository stays usable): {why}");
+    publish(ctx, repo, EventType::Warning, er::STATISTICS_FAILED, note).await;
+}
+
+/// Refreshes a repository's statistics in the background (after the probe, or after a backup
+/// or retention run changed them), unless a refresh already runs.
 pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
     let ctx2 = Arc::clone(ctx);
     let (ns, name) = (namespace.to_owned(), name.to_owned());
@@ -410,7 +457,7 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
                 return;
             };
             if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
-                let _ = refresh(&repo, &ctx2, &creds.repository).await;
+                statistics(&repo, &ctx2, &creds.repository).await;
             }
         }),
     );

@@ -350,6 +350,70 @@ async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again(
     Ok(())
 }
 
+/// Readiness comes from a cheap probe. A repository whose statistics cannot be read (here an
+/// integrity check holds its exclusive lock; on a large repository, the time `restic stats`
+/// takes) stays Ready and takes backups; the failure is a warning event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()> {
+    let node = Node::start("stats-locked").await?;
+    let repo = ready_repository(&node, "main").await?;
+    // The first statistics, read after the first probe.
+    eventually("the first statistics", Duration::from_secs(30), || async {
+        let r = node.repositories().get("main").await?;
+        Ok(r.status.and_then(|s| s.statistics).map(|_| ()))
+    })
+    .await?;
+    let src = tempfile::tempdir()?;
+    std::fs::write(src.path().join("f"), pseudo_random(1 << 20, 5))?;
+    let out = repo
+        .restic()?
+        .current_dir(src.path())
+        .args(["backup", "."])
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut check = repo
+        .restic()?
+        .args(["check", "--read-data", "--limit-download=1"])
+        .spawn()?;
+    eventually("the check's exclusive lock", Duration::from_secs(20), || async {
+        let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+        Ok((!out.stdout.is_empty()).then_some(()))
+    })
+    .await?;
+
+    // A spec change makes the coordinator probe the repository and read its statistics again.
+    let changed = node
+        .repositories()
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"cache": {"enabled": true}}})),
+        )
+        .await?;
+    let failed = wait_event(&node, "StatisticsFailed").await;
+    let probed = eventually("the new generation probed", Duration::from_secs(30), || async {
+        let r = node.repositories().get("main").await?;
+        Ok(r.status
+            .filter(|s| s.observed_generation == changed.metadata.generation))
+    })
+    .await;
+    let _ = check.kill();
+    let _ = check.wait();
+    let note = failed?.note.unwrap_or_default();
+    assert!(note.contains("locked"), "{note}");
+    let status = probed?;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .context("no Ready condition")?;
+    assert!(
+        ready.is_true() && ready.reason.as_deref() == Some("RepositoryAccessible"),
+        "{ready:?}"
+    );
+    Ok(())
+}
+
 /// Backups use restic's cache of repository metadata on the node (in the agent's state
 /// directory) unless the repository turns it off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

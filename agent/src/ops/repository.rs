@@ -1,4 +1,4 @@
-//! Repository operations: init, snapshots, forget, prune, check, stats, unlock. Exclusive ones
+//! Repository operations: init, snapshots, forget, prune, check, stats, unlock, probe. Exclusive ones
 //! (forget, prune, check) first remove stale locks with `restic unlock`, which by restic's own
 //! rules removes only locks whose holder is known dead (a process of this host that is gone,
 //! or a lock not refreshed for 30 minutes); a live lock that still blocks is reported as
@@ -30,6 +30,8 @@ pub enum Op {
     },
     Stats,
     Unlock,
+    /// `restic cat config --no-lock`: opens the repository, whatever its size or locks.
+    Probe,
 }
 
 impl Op {
@@ -44,6 +46,8 @@ impl Op {
             Op::Check { .. } => &[C::Check],
             Op::Stats => &[C::Stats],
             Op::Unlock => &[C::Unlock],
+            // No extra arguments: a probe is the same everywhere.
+            Op::Probe => &[],
         }
     }
 
@@ -56,6 +60,7 @@ impl Op {
             Op::Check { .. } => RunKind::Check,
             Op::Stats => RunKind::Stats,
             Op::Unlock => RunKind::Unlock,
+            Op::Probe => RunKind::Probe,
         }
     }
 }
@@ -247,6 +252,14 @@ pub async fn run(
                 ..succeeded()
             }
         }
+        Op::Probe => {
+            let args = ["cat", "config", "--no-lock"].map(String::from).to_vec();
+            match r.restic(args, "probe").await {
+                Ok(out) if out.success() => succeeded(),
+                Ok(out) => failure_of(&out, "opening the repository"),
+                Err(e) => e,
+            }
+        }
         Op::Unlock => match r.unlock_stale().await {
             Ok(()) => succeeded(),
             Err(e) => e,
@@ -271,6 +284,7 @@ impl Step<'_> {
             Some("prune") => RunKind::Prune,
             Some("check") => RunKind::Check,
             Some("stats") => RunKind::Stats,
+            Some("cat") => RunKind::Probe,
             _ => RunKind::Unlock,
         };
         let mut args = args;
