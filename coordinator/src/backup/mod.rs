@@ -5,7 +5,10 @@
 //! `status.activeRun` and re-attaches.
 
 pub mod lookup;
+pub mod progress;
+pub mod request;
 pub mod runner;
+pub mod transition;
 
 use std::sync::Arc;
 use std::time::Duration;

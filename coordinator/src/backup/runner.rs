@@ -11,14 +11,17 @@ use std::time::Duration;
 use chrono::Utc;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
-use restic_operator_api::backup::{BackupRun, BackupStatistics, ResticBackup};
+use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{
-    ActiveRun, Condition, ObjectReference, Progress, RunResult, condition_types as ct, event_reasons as er,
-    format_bytes, format_duration, reasons, set_condition,
+    ActiveRun, Condition, ObjectReference, RunResult, condition_types as ct, event_reasons as er,
+    set_condition,
 };
-use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
+use restic_operator_proto::v1 as pb;
 
 use crate::backup::lookup;
+use crate::backup::progress::ProgressWriter;
+use crate::backup::request;
+use crate::backup::transition::{Finished, Outcome};
 use crate::context::Context;
 use crate::holder::Holder;
 use crate::hooks::{self, Phase};
@@ -110,39 +113,6 @@ fn recorded_address(ctx: &Context, active: &ActiveRun) -> Option<String> {
 
 pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, reason: &str, note: String) {
     crate::context::publish(&ctx.backup_events, backup, type_, reason, note).await;
-}
-
-/// How a run ended, before hooks and retention.
-struct Outcome {
-    result: RunResult,
-    /// The `Ready` condition's reason when the run failed.
-    reason: &'static str,
-    message: String,
-    agent: Option<pb::Result>,
-    /// False for a run refused before anything of it ran: no hook runs after it either.
-    hooks: bool,
-    /// What the run was sent with (not known after a re-attach).
-    resolved: Option<Resolved>,
-}
-
-impl Outcome {
-    fn failed(message: impl Into<String>) -> Self {
-        Self {
-            result: RunResult::Failed,
-            reason: reasons::BACKUP_FAILED,
-            message: message.into(),
-            agent: None,
-            hooks: true,
-            resolved: None,
-        }
-    }
-
-    fn failed_because(reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            reason,
-            ..Self::failed(message)
-        }
-    }
 }
 
 async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
@@ -321,7 +291,7 @@ async fn execute(
         })
         .await;
 
-    let request = backup_request(ctx, backup, active, &resolved, &source);
+    let request = request::backup(ctx.config.run_timeout, backup, active, &resolved, &source);
     let _shared = ctx.locks.shared(&resolved.access().key()).await;
     publish(
         ctx,
@@ -343,7 +313,7 @@ async fn execute(
         .await;
     progress.flush().await;
     let mut outcome = match ended {
-        Ended::Result(r) => outcome_of(*r),
+        Ended::Result(r) => Outcome::of_agent(*r),
         Ended::Unavailable(e) => {
             cancel_abandoned(ctx, &node, &active.run_id);
             Outcome::failed(format!("agent on node {node} unavailable: {e}"))
@@ -388,7 +358,7 @@ async fn reattach(
         match ended {
             Ended::Result(r) => {
                 tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
-                return Some(outcome_of(*r));
+                return Some(Outcome::of_agent(*r));
             }
             Ended::Unknown => {
                 return forgotten(ctx, backup, active, address.as_deref().unwrap_or_default()).await;
@@ -421,7 +391,7 @@ async fn forgotten(
         Ok(None) => None,
         Ok(Some((snapshot, resolved))) => {
             tracing::info!(run_id = %active.run_id, snapshot = %snapshot.id, "the agent forgot the run; found its snapshot");
-            let mut outcome = outcome_of(pb::Result {
+            let mut outcome = Outcome::of_agent(pb::Result {
                 outcome: pb::Outcome::Succeeded as i32,
                 snapshot_id: snapshot.id.clone(),
                 ..Default::default()
@@ -519,206 +489,8 @@ async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Resu
     }
 }
 
-/// The agent request of a run (pure but for the configured defaults): the volume, the
-/// resolved repository, and the backup's options.
-fn backup_request(
-    ctx: &Context,
-    backup: &ResticBackup,
-    active: &ActiveRun,
-    resolved: &Resolved,
-    source: &PodVolume,
-) -> pb::BackupRequest {
-    let job = backup.spec.job_config.clone().unwrap_or_default();
-    let mut options = run::options(
-        &active.run_id,
-        job.active_deadline_seconds
-            .and_then(|s| u64::try_from(s).ok())
-            .map_or(ctx.config.run_timeout, Duration::from_secs),
-    );
-    if let Some(limit) = job
-        .resources
-        .as_ref()
-        .and_then(|r| r.limits.as_ref())
-        .and_then(|l| l.get("memory"))
-        .and_then(|q| parse_quantity(&q.0))
-    {
-        options.memory_limit_bytes = limit;
-    }
-    if let Some(sc) = &job.security_context {
-        options.run_as_user = sc.run_as_user.and_then(|u| u32::try_from(u).ok());
-        options.run_as_group = sc.run_as_group.and_then(|g| u32::try_from(g).ok());
-    }
-    options.restic = Some(pb::ResticOptions {
-        extra_args: backup
-            .spec
-            .restic
-            .as_ref()
-            .map(|r| r.extra_args.clone())
-            .unwrap_or_default(),
-        use_cache: resolved
-            .access()
-            .repository()
-            .spec
-            .cache
-            .as_ref()
-            .is_none_or(|c| c.enabled),
-        ..Default::default()
-    });
-    let (paths, excludes) = match (&backup.spec.source.pvc, &backup.spec.source.pod_volume_backup) {
-        (Some(p), _) => (p.paths.clone(), p.excludes.clone()),
-        (_, Some(p)) => (p.paths.clone(), p.excludes.clone()),
-        _ => (vec![], vec![]),
-    };
-    pb::BackupRequest {
-        options: Some(options),
-        repository: Some(resolved.agent_repository()),
-        volume: Some(pb::VolumeRef {
-            pod_uid: source.pod_uid.clone(),
-            volume_name: source.volume.clone(),
-            pv_name: source.pv_name.clone(),
-        }),
-        snapshot_path: backup.snapshot_path().to_owned(),
-        host: backup.effective_hostname(),
-        tags: backup.snapshot_tags(),
-        paths,
-        excludes,
-        dry_run: false,
-    }
-}
-
-fn outcome_of(r: pb::Result) -> Outcome {
-    let (result, message) = match pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified) {
-        pb::Outcome::Succeeded => (RunResult::Succeeded, String::new()),
-        pb::Outcome::PartiallyFailed => (
-            RunResult::PartiallyFailed,
-            format!(
-                "{} file(s) could not be read",
-                r.failed_paths_total.max(r.failed_paths.len() as u64)
-            ),
-        ),
-        _ => (RunResult::Failed, run::describe_failure(&r)),
-    };
-    Outcome {
-        result,
-        message,
-        agent: Some(r),
-        ..Outcome::failed("")
-    }
-}
-
-/// `128Mi`, `1G`, `512000` as bytes.
-pub fn parse_quantity(q: &str) -> Option<u64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (num, unit) = q.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let mult: f64 = match unit {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0f64.powi(4),
-        _ => return None,
-    };
-    Some((n * mult) as u64)
-}
-
-/// Writes live progress to status, at most every `progress_interval`.
-struct ProgressWriter<'a> {
-    ctx: &'a Context,
-    api: &'a Api<ResticBackup>,
-    name: String,
-    run_id: String,
-    start: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-    latest: Option<pb::Progress>,
-    stage: Option<String>,
-    last_write: Option<std::time::Instant>,
-    pending: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl<'a> ProgressWriter<'a> {
-    fn new(ctx: &'a Context, api: &'a Api<ResticBackup>, backup: &ResticBackup, active: &ActiveRun) -> Self {
-        Self {
-            ctx,
-            api,
-            name: backup.name_any(),
-            run_id: active.run_id.clone(),
-            start: active.start_time.clone(),
-            latest: None,
-            stage: None,
-            last_write: None,
-            pending: None,
-        }
-    }
-
-    fn on_event(&mut self, event: &pb::RunEvent) {
-        match &event.event {
-            Some(RunEventKind::Progress(p)) => {
-                if !p.stage.is_empty() {
-                    self.stage = Some(p.stage.clone());
-                }
-                self.latest = Some(p.clone());
-            }
-            Some(RunEventKind::Queued(_)) => self.stage = Some("Queued".into()),
-            Some(RunEventKind::Started(_)) => self.stage = Some("Running".into()),
-            _ => return,
-        }
-        let due = self
-            .last_write
-            .is_none_or(|t| t.elapsed() >= self.ctx.config.progress_interval);
-        if due && self.pending.as_ref().is_none_or(|h| h.is_finished()) {
-            self.last_write = Some(std::time::Instant::now());
-            self.pending = Some(self.spawn_write());
-        }
-    }
-
-    fn spawn_write(&self) -> tokio::task::JoinHandle<()> {
-        let p = self.latest.clone().unwrap_or_default();
-        let progress = Progress {
-            run_id: Some(self.run_id.clone()),
-            start_time: self.start.clone(),
-            update_time: Some(to_time(Utc::now())),
-            // The agent reports 0-100; one decimal is enough.
-            percent_done: Some((p.percent_done * 10.0).round() / 10.0),
-            bytes_done: i64::try_from(p.bytes_done).ok(),
-            total_bytes: i64::try_from(p.total_bytes).ok(),
-            files_done: i64::try_from(p.files_done).ok(),
-            total_files: i64::try_from(p.total_files).ok(),
-            // restic's estimate covers reading only; while the last packs upload it is unknown.
-            seconds_remaining: i64::try_from(p.seconds_remaining)
-                .ok()
-                .filter(|_| matches!(p.stage.as_str(), "reading" | "restoring")),
-            stage: self.stage.clone(),
-        };
-        // The write runs beside the stream, so a slow API server never stalls reading it.
-        let api = self.api.clone();
-        let name = self.name.clone();
-        let run_id = self.run_id.clone();
-        let writer = Arc::clone(&self.ctx.status);
-        tokio::spawn(async move {
-            let _ = writer
-                .update(&api, &name, |_, s| {
-                    if s.active_run.as_ref().is_some_and(|a| a.run_id == run_id) {
-                        s.progress = Some(progress.clone());
-                    }
-                })
-                .await;
-        })
-    }
-
-    async fn flush(&mut self) {
-        if let Some(h) = self.pending.take() {
-            let _ = h.await;
-        }
-    }
-}
-
+/// Applies the backup's retention after a run that made a snapshot, holding the repository
+/// exclusively.
 async fn apply_retention(
     ctx: &Context,
     backup: &ResticBackup,
@@ -757,7 +529,9 @@ async fn apply_retention(
     }
 }
 
-/// Writes the final status, metrics and events, and clears `activeRun`.
+/// Writes the final status (what `transition` decides), metrics and event, and clears
+/// `activeRun`. A status that cannot be written after retries leaves the run to be
+/// re-attached on the next reconcile.
 async fn finish(
     ctx: &Context,
     api: &Api<ResticBackup>,
@@ -769,129 +543,20 @@ async fn finish(
 ) {
     let ns = backup.namespace().unwrap_or_default();
     let name = backup.name_any();
-    let now = Utc::now();
-    let start = crate::repository::from_time(&started);
-    let duration = (now - start).to_std().unwrap_or_default();
-    let r = outcome.agent.clone().unwrap_or_default();
-    // Counts only from the agent's summary (a run found in the repository has none).
-    let summary = r.backup.clone();
-    let generation = backup.meta().generation;
-    let run = BackupRun {
-        run_id: Some(active.run_id.clone()),
-        trigger: active.trigger,
-        start_time: Some(started.clone()),
-        completion_time: Some(to_time(now)),
-        duration: Some(format_duration(duration)),
-        snapshot_id: Some(r.snapshot_id.clone()).filter(|s| !s.is_empty()),
-        short_snapshot_id: Some(r.snapshot_id.chars().take(8).collect::<String>()).filter(|s| !s.is_empty()),
-        parent_snapshot_id: summary
-            .as_ref()
-            .map(|s| s.parent_snapshot_id.clone())
-            .filter(|s| !s.is_empty()),
-        result: Some(outcome.result),
-        message: Some(outcome.message.clone()).filter(|m| !m.is_empty()),
-        failed_paths: r.failed_paths.clone(),
-        files_new: summary.as_ref().map(|s| s.files_new as i64),
-        files_changed: summary.as_ref().map(|s| s.files_changed as i64),
-        files_unmodified: summary.as_ref().map(|s| s.files_unmodified as i64),
-        data_added: summary.as_ref().map(|s| format_bytes(s.data_added)),
-        data_added_bytes: summary.as_ref().map(|s| s.data_added as i64),
+    let finished = Finished {
+        active,
+        started,
+        now: Utc::now(),
+        outcome: &outcome,
+        retention: retention.as_ref(),
     };
-    let made_snapshot = outcome.result != RunResult::Failed;
+    let generation = backup.meta().generation;
     let mut wait = Duration::from_secs(1);
     let mut attempts = 0;
     let written = loop {
         let written = ctx
             .status
-            .update(api, &name, |_, s| {
-                if s.active_run.as_ref().map(|a| &a.run_id) != Some(&active.run_id) {
-                    return; // already finished by someone else
-                }
-                s.active_run = None;
-                s.progress = None;
-                s.last_backup = Some(run.clone());
-                let stats = s.statistics.get_or_insert_with(BackupStatistics::default);
-                stats.total_backups = Some(stats.total_backups.unwrap_or(0) + 1);
-                match outcome.result {
-                    RunResult::Succeeded => {
-                        stats.successful_backups = Some(stats.successful_backups.unwrap_or(0) + 1)
-                    }
-                    RunResult::Failed => stats.failed_backups = Some(stats.failed_backups.unwrap_or(0) + 1),
-                    RunResult::PartiallyFailed => {
-                        stats.partially_failed_backups = Some(stats.partially_failed_backups.unwrap_or(0) + 1)
-                    }
-                }
-                if made_snapshot && let Some(summary) = &summary {
-                    stats.last_backup_size = Some(format_bytes(summary.total_bytes_processed));
-                    stats.last_backup_size_bytes = i64::try_from(summary.total_bytes_processed).ok();
-                    stats.last_backup_files = i64::try_from(summary.total_files_processed).ok();
-                }
-                if outcome.result == RunResult::Succeeded {
-                    s.last_successful_backup = Some(started.clone());
-                }
-                if let Some(Ok(f)) = &retention {
-                    s.last_retention_run = Some(to_time(Utc::now()));
-                    s.snapshots_after_retention = i64::try_from(f.kept.len()).ok();
-                    s.snapshots_removed_by_retention = i64::try_from(f.removed.len()).ok();
-                }
-                let t = to_time(Utc::now());
-                let (ok, reason, message) = match outcome.result {
-                    RunResult::Succeeded => (
-                        true,
-                        reasons::BACKUP_SUCCEEDED,
-                        "Last backup completed successfully".to_owned(),
-                    ),
-                    RunResult::PartiallyFailed => {
-                        (true, reasons::BACKUP_PARTIALLY_FAILED, outcome.message.clone())
-                    }
-                    RunResult::Failed => (false, outcome.reason, outcome.message.clone()),
-                };
-                let set = |s: &mut restic_operator_api::backup::ResticBackupStatus,
-                           type_: &str,
-                           ok: bool,
-                           reason: &str,
-                           message: String| {
-                    restic_operator_api::common::set_condition(
-                        &mut s.conditions,
-                        restic_operator_api::common::Condition::new(
-                            type_,
-                            ok,
-                            reason,
-                            message,
-                            generation,
-                            t.clone(),
-                        ),
-                    )
-                };
-                set(s, ct::READY, ok, reason, message.clone());
-                set(
-                    s,
-                    ct::PROGRESSING,
-                    false,
-                    reason,
-                    format!("Run {} finished", active.run_id),
-                );
-                let degraded =
-                    outcome.result == RunResult::PartiallyFailed || matches!(retention, Some(Err(_)));
-                set(
-                    s,
-                    ct::DEGRADED,
-                    degraded,
-                    if degraded {
-                        reason
-                    } else {
-                        reasons::BACKUP_SUCCEEDED
-                    },
-                    if degraded {
-                        match &retention {
-                            Some(Err(e)) => e.clone(),
-                            _ => message.clone(),
-                        }
-                    } else {
-                        String::new()
-                    },
-                );
-            })
+            .update(api, &name, |_, s| finished.apply(s, generation))
             .await;
         attempts += 1;
         match written {
@@ -907,89 +572,37 @@ async fn finish(
         tracing::warn!(backup = %name, error = %e, "could not write the final status; the run is re-attached on the next reconcile");
         return;
     }
-    let labels = [name.as_str(), ns.as_str()];
-    ctx.metrics
-        .backup_duration
+    record_metrics(ctx, &name, &ns, &finished);
+    let (type_, reason, note) = finished.event();
+    publish(ctx, backup, type_, reason, note).await;
+}
+
+fn record_metrics(ctx: &Context, name: &str, ns: &str, finished: &Finished<'_>) {
+    let labels = [name, ns];
+    let start = crate::repository::from_time(&finished.started);
+    let duration = (finished.now - start).to_std().unwrap_or_default();
+    let m = &ctx.metrics;
+    m.backup_duration
         .with_label_values(&labels)
         .set(duration.as_secs_f64());
-    ctx.metrics
-        .backup_start
+    m.backup_start
         .with_label_values(&labels)
         .set(start.timestamp() as f64);
-    if made_snapshot && let Some(summary) = &summary {
-        ctx.metrics
-            .backup_size
+    let outcome = finished.outcome;
+    if outcome.result != RunResult::Failed
+        && let Some(summary) = outcome.summary()
+    {
+        m.backup_size
             .with_label_values(&labels)
             .set(summary.total_bytes_processed as f64);
-        ctx.metrics
-            .backup_files
+        m.backup_files
             .with_label_values(&labels)
             .set(summary.total_files_processed as f64);
     }
-    ctx.metrics.set_backup_status(
-        &name,
-        &ns,
-        match outcome.result {
-            RunResult::Succeeded => "success",
-            RunResult::Failed => "failure",
-            RunResult::PartiallyFailed => "partial",
-        },
-    );
-    match outcome.result {
-        RunResult::Succeeded => {
-            publish(
-                ctx,
-                backup,
-                EventType::Normal,
-                er::BACKUP_COMPLETED,
-                format!("Backup completed successfully (snapshot: {})", r.snapshot_id),
-            )
-            .await
-        }
-        RunResult::PartiallyFailed => {
-            publish(
-                ctx,
-                backup,
-                EventType::Warning,
-                er::BACKUP_PARTIALLY_FAILED,
-                format!(
-                    "Backup completed with {} unreadable file(s) (snapshot: {}): {}{}",
-                    r.failed_paths_total.max(r.failed_paths.len() as u64),
-                    r.snapshot_id,
-                    r.failed_paths
-                        .iter()
-                        .take(10)
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    if r.failed_paths_total > 10 { ", ..." } else { "" }
-                ),
-            )
-            .await
-        }
-        RunResult::Failed => {
-            publish(
-                ctx,
-                backup,
-                EventType::Warning,
-                er::BACKUP_FAILED,
-                format!("Backup failed: {}", outcome.message),
-            )
-            .await
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_quantities_become_bytes() {
-        assert_eq!(parse_quantity("512Mi"), Some(512 * 1024 * 1024));
-        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
-        assert_eq!(parse_quantity("1.5Gi"), Some(1_610_612_736));
-        assert_eq!(parse_quantity("1000"), Some(1000));
-        assert_eq!(parse_quantity("lots"), None);
-    }
+    let status = match outcome.result {
+        RunResult::Succeeded => "success",
+        RunResult::Failed => "failure",
+        RunResult::PartiallyFailed => "partial",
+    };
+    m.set_backup_status(name, ns, status);
 }

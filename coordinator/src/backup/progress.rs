@@ -1,0 +1,108 @@
+//! Live progress of a run in flight, written to `status.progress` at most every
+//! `--progress-interval`, beside the event stream so a slow API server never stalls it.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use kube::{Api, ResourceExt};
+use restic_operator_api::backup::ResticBackup;
+use restic_operator_api::common::{ActiveRun, Progress};
+use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
+
+use crate::context::Context;
+use crate::repository::to_time;
+
+/// Writes live progress to status, at most every `progress_interval`.
+pub struct ProgressWriter<'a> {
+    ctx: &'a Context,
+    api: &'a Api<ResticBackup>,
+    name: String,
+    run_id: String,
+    start: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    latest: Option<pb::Progress>,
+    stage: Option<String>,
+    last_write: Option<std::time::Instant>,
+    pending: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<'a> ProgressWriter<'a> {
+    pub fn new(
+        ctx: &'a Context,
+        api: &'a Api<ResticBackup>,
+        backup: &ResticBackup,
+        active: &ActiveRun,
+    ) -> Self {
+        Self {
+            ctx,
+            api,
+            name: backup.name_any(),
+            run_id: active.run_id.clone(),
+            start: active.start_time.clone(),
+            latest: None,
+            stage: None,
+            last_write: None,
+            pending: None,
+        }
+    }
+
+    pub fn on_event(&mut self, event: &pb::RunEvent) {
+        match &event.event {
+            Some(RunEventKind::Progress(p)) => {
+                if !p.stage.is_empty() {
+                    self.stage = Some(p.stage.clone());
+                }
+                self.latest = Some(p.clone());
+            }
+            Some(RunEventKind::Queued(_)) => self.stage = Some("Queued".into()),
+            Some(RunEventKind::Started(_)) => self.stage = Some("Running".into()),
+            _ => return,
+        }
+        let due = self
+            .last_write
+            .is_none_or(|t| t.elapsed() >= self.ctx.config.progress_interval);
+        if due && self.pending.as_ref().is_none_or(|h| h.is_finished()) {
+            self.last_write = Some(std::time::Instant::now());
+            self.pending = Some(self.spawn_write());
+        }
+    }
+
+    fn spawn_write(&self) -> tokio::task::JoinHandle<()> {
+        let p = self.latest.clone().unwrap_or_default();
+        let progress = Progress {
+            run_id: Some(self.run_id.clone()),
+            start_time: self.start.clone(),
+            update_time: Some(to_time(Utc::now())),
+            // The agent reports 0-100; one decimal is enough.
+            percent_done: Some((p.percent_done * 10.0).round() / 10.0),
+            bytes_done: i64::try_from(p.bytes_done).ok(),
+            total_bytes: i64::try_from(p.total_bytes).ok(),
+            files_done: i64::try_from(p.files_done).ok(),
+            total_files: i64::try_from(p.total_files).ok(),
+            // restic's estimate covers reading only; while the last packs upload it is unknown.
+            seconds_remaining: i64::try_from(p.seconds_remaining)
+                .ok()
+                .filter(|_| matches!(p.stage.as_str(), "reading" | "restoring")),
+            stage: self.stage.clone(),
+        };
+        // The write runs beside the stream, so a slow API server never stalls reading it.
+        let api = self.api.clone();
+        let name = self.name.clone();
+        let run_id = self.run_id.clone();
+        let writer = Arc::clone(&self.ctx.status);
+        tokio::spawn(async move {
+            let _ = writer
+                .update(&api, &name, |_, s| {
+                    if s.active_run.as_ref().is_some_and(|a| a.run_id == run_id) {
+                        s.progress = Some(progress.clone());
+                    }
+                })
+                .await;
+        })
+    }
+
+    pub async fn flush(&mut self) {
+        if let Some(h) = self.pending.take() {
+            let _ = h.await;
+        }
+    }
+}
