@@ -86,6 +86,10 @@ pub struct Config {
     /// it is slow on large repositories). A failure never changes the repository's readiness.
     #[arg(long, value_parser = duration, default_value = "30m")]
     pub stats_timeout: Duration,
+    /// How many times the final status of a run is tried before the run is left to the next
+    /// reconcile, which re-attaches to it and writes it (its hooks do not run again).
+    #[arg(long, default_value = "8")]
+    pub status_write_attempts: u32,
     /// Time limit of forget, prune and check.
     #[arg(long, value_parser = duration, default_value = "6h")]
     pub maintenance_timeout: Duration,

@@ -28,6 +28,9 @@ pub struct Context {
     pub repository_events: Recorder,
     /// Consecutive failures per object, for backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Runs whose after-hooks ran but whose final status is not written yet: when such a
+    /// run is finished again (re-attached), its hooks do not run a second time.
+    pub hooks_ran: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -48,6 +51,7 @@ impl Context {
             status: Arc::new(StatusWriter::default()),
             pki: std::sync::RwLock::new(pki),
             failures: Default::default(),
+            hooks_ran: Default::default(),
         }
     }
 

@@ -1612,6 +1612,73 @@ async fn coordinator_may(
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
+/// Grants or withdraws the coordinator's permission to write ResticBackup status (its
+/// ClusterRole of `Node::start_as`).
+async fn backup_status_writable(node: &Node, writable: bool) -> Result<()> {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let roles: Api<ClusterRole> = Api::all(node.client.clone());
+    let name = format!("{}-coordinator", node.ns);
+    let mut role = roles.get(&name).await?;
+    for rule in role.rules.iter_mut().flatten() {
+        let resources = rule.resources.get_or_insert_with(Vec::new);
+        if resources.iter().any(|r| r == "resticrepositories/status") {
+            resources.retain(|r| r != "resticbackups/status");
+            if writable {
+                resources.push("resticbackups/status".into());
+            }
+        }
+    }
+    roles.replace(&name, &PostParams::default(), &role).await?;
+    Ok(())
+}
+
+/// A run whose final status cannot be written is finished again by the next reconcile; its
+/// post-backup hook runs once, not on every attempt. (The exec hook fails here, as pods of
+/// this tier have no kubelet: each run of it is a HookFailed event, counted by its series.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_status_cannot_be_written_runs_its_post_hook_once() -> Result<()> {
+    let rbac = support::CoordinatorRbac {
+        cluster_role: include_str!("../rbac/clusterrole.yaml"),
+        role: include_str!("../rbac/role.yaml"),
+    };
+    let flags = ["--status-write-attempts=2".to_string()];
+    let node = Node::start_as("hook-once", &[], &flags, Some(rbac)).await?;
+    ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    std::fs::write(data.join("dump.sql"), pseudo_random(3 << 20, 13))?;
+    let hook = "  hooks: {postBackup: {exec: {podSelector: {matchLabels: {app: db}}, container: app, \
+                command: [sh, -c, 'true'], timeout: 10s}}}\n  manualTrigger: go\n";
+    node.apply_yaml(&format!("{}{hook}", slow_backup("db"))).await?;
+    wait_dispatched(&node, "db").await?;
+    // The status cannot be written from now on: the run is finished, and finished again.
+    backup_status_writable(&node, false).await?;
+    eventually("the run finished twice", Duration::from_secs(90), || async {
+        let log = node.coordinators[0].log();
+        let finished = log
+            .matches("could not write the final status; the run is re-attached")
+            .count();
+        Ok((finished >= 2).then_some(()))
+    })
+    .await?;
+    let runs: i32 = events(&node, "HookFailed")
+        .await?
+        .iter()
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum();
+    assert_eq!(runs, 1, "the post hook ran {runs} times");
+
+    // Writable again: the run's result is recorded.
+    backup_status_writable(&node, true).await?;
+    let done = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
+    let last = done.status.unwrap().last_backup.unwrap();
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{last:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_works_with_only_its_cluster_role() -> Result<()> {
     let rbac = support::CoordinatorRbac {

@@ -143,8 +143,13 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     let started = active.start_time.clone().unwrap_or_else(|| to_time(Utc::now()));
     let mut outcome = execute(&ctx, &api, &backup, &active).await;
 
-    // Hooks after the run: postBackup on success, onFailure otherwise.
-    let hooks_spec = if outcome.hooks {
+    // Hooks after the run: postBackup on success, onFailure otherwise; once per run, even
+    // when its final status could not be written and it is finished again.
+    let first_finish = ctx.hooks_ran.lock().expect("hooks_ran").insert(run_id.clone());
+    if !first_finish {
+        tracing::info!(run_id, "after-hooks ran when this run first finished; not again");
+    }
+    let hooks_spec = if outcome.hooks && first_finish {
         backup.spec.hooks.clone().unwrap_or_default()
     } else {
         Default::default()
@@ -213,7 +218,9 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
             .join("; ");
     }
     let made_snapshot = outcome.result != RunResult::Failed;
-    finish(&ctx, &api, &backup, &active, started, outcome, retention).await;
+    if finish(&ctx, &api, &backup, &active, started, outcome, retention).await {
+        ctx.hooks_ran.lock().expect("hooks_ran").remove(&run_id);
+    }
     if made_snapshot && let Some(resolved) = &resolved {
         let repo = resolved.access().repository();
         crate::repository::refresh_soon(&ctx, &repo.namespace().unwrap_or_default(), &repo.name_any());
@@ -530,8 +537,8 @@ async fn apply_retention(
 }
 
 /// Writes the final status (what `transition` decides), metrics and event, and clears
-/// `activeRun`. A status that cannot be written after retries leaves the run to be
-/// re-attached on the next reconcile.
+/// `activeRun`; false when the status could not be written after `--status-write-attempts`,
+/// which leaves the run to be re-attached on the next reconcile.
 async fn finish(
     ctx: &Context,
     api: &Api<ResticBackup>,
@@ -540,7 +547,7 @@ async fn finish(
     started: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     outcome: Outcome,
     retention: Option<Result<pb::ForgetSummary, String>>,
-) {
+) -> bool {
     let ns = backup.namespace().unwrap_or_default();
     let name = backup.name_any();
     let finished = Finished {
@@ -560,7 +567,7 @@ async fn finish(
             .await;
         attempts += 1;
         match written {
-            Err(e) if attempts < 8 => {
+            Err(e) if attempts < ctx.config.status_write_attempts => {
                 tracing::warn!(backup = %name, error = %e, "could not write the final status; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
@@ -570,11 +577,12 @@ async fn finish(
     };
     if let Err(e) = written {
         tracing::warn!(backup = %name, error = %e, "could not write the final status; the run is re-attached on the next reconcile");
-        return;
+        return false;
     }
     record_metrics(ctx, &name, &ns, &finished);
     let (type_, reason, note) = finished.event();
     publish(ctx, backup, type_, reason, note).await;
+    true
 }
 
 fn record_metrics(ctx: &Context, name: &str, ns: &str, finished: &Finished<'_>) {
