@@ -117,99 +117,19 @@ pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, rea
 
 async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     let api: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut wait = Duration::from_secs(1);
-    let backup = loop {
-        match api.get_opt(&name).await {
-            Ok(Some(b)) => break b,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(backup = %name, error = %e, "could not read the backup; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(30));
-            }
-        }
-    };
-    // The run as the live object records it; the status may have moved on (another replica,
-    // or this run already finished).
-    let Some(active) = backup
-        .status
-        .as_ref()
-        .and_then(|s| s.active_run.clone())
-        .filter(|a| a.run_id == run_id)
-    else {
+    let Some((backup, active)) = load(&api, &name, &run_id).await else {
         return;
     };
     tracing::info!(backup = %format!("{ns}/{name}"), run_id = %active.run_id, "run");
     let started = active.start_time.clone().unwrap_or_else(|| to_time(Utc::now()));
     let mut outcome = execute(&ctx, &api, &backup, &active).await;
 
-    // Hooks after the run: postBackup on success, onFailure otherwise; once per run, even
-    // when its final status could not be written and it is finished again.
-    let first_finish = ctx.hooks_ran.lock().expect("hooks_ran").insert(run_id.clone());
-    if !first_finish {
-        tracing::info!(run_id, "after-hooks ran when this run first finished; not again");
-    }
-    let hooks_spec = if outcome.hooks && first_finish {
-        backup.spec.hooks.clone().unwrap_or_default()
-    } else {
-        Default::default()
-    };
-    let mut notes = Vec::new();
-    if outcome.result != RunResult::Failed {
-        if let Some(h) = &hooks_spec.post_backup
-            && let Err(e) = hooks::run(&ctx.client, &backup, Phase::PostBackup, h, &active.run_id).await
-        {
-            publish(&ctx, &backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
-            notes.push(e);
-        }
-    } else if let Some(h) = &hooks_spec.on_failure {
-        match hooks::run(&ctx.client, &backup, Phase::OnFailure, h, &active.run_id).await {
-            Ok(_) => notes.push("onFailure hook ran".into()),
-            Err(e) => {
-                publish(&ctx, &backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
-                notes.push(e);
-            }
-        }
-    }
-
-    // Retention after a run that made a snapshot, in the repository the run was sent to.
-    // After a re-attach that is not known, so it is resolved (and checked) again.
+    let notes = after_hooks(&ctx, &backup, &active, &outcome).await;
     let mut resolved = outcome.resolved.take();
-    let mut retention: Option<Result<pb::ForgetSummary, String>> = None;
-    if outcome.result != RunResult::Failed
-        && let Some(spec) = backup.active_retention()
-    {
-        let repository = match resolved.take() {
-            Some(r) => Ok(r),
-            None => resolve::resolve(&ctx.client, &backup).await,
-        };
-        let r = match repository {
-            Ok(repository) => {
-                let r = apply_retention(&ctx, &backup, spec, &active.run_id, &repository).await;
-                resolved = Some(repository);
-                r
-            }
-            Err(e) => Err(format!("retention failed: {e}")),
-        };
-        match &r {
-            Ok(summary) => {
-                publish(
-                    &ctx,
-                    &backup,
-                    EventType::Normal,
-                    er::RETENTION_COMPLETED,
-                    format!(
-                        "Retention policy applied, removed {} snapshots ({} kept)",
-                        summary.removed.len(),
-                        summary.kept.len()
-                    ),
-                )
-                .await
-            }
-            Err(e) => publish(&ctx, &backup, EventType::Warning, er::RETENTION_FAILED, e.clone()).await,
-        }
-        retention = Some(r);
-    }
+    let retention = match outcome.result {
+        RunResult::Failed => None,
+        _ => retention_after(&ctx, &backup, &active, &mut resolved).await,
+    };
     if !notes.is_empty() {
         outcome.message = [outcome.message.clone(), notes.join("; ")]
             .into_iter()
@@ -225,17 +145,118 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
         let repo = resolved.access().repository();
         crate::repository::refresh_soon(&ctx, &repo.namespace().unwrap_or_default(), &repo.name_any());
     }
-    // The holder goes only after the result is in status: until then a restarted coordinator
-    // re-attaches to the run it serves. Only a pod that is ours is deleted.
+    remove_holder(&ctx, &api, &backup, &run_id).await;
+}
+
+/// The backup and its run `run_id` as the live object records them; `None` when the backup is
+/// gone or its status has moved on (another replica, or this run already finished).
+async fn load(api: &Api<ResticBackup>, name: &str, run_id: &str) -> Option<(ResticBackup, ActiveRun)> {
+    let mut wait = Duration::from_secs(1);
+    let backup = loop {
+        match api.get_opt(name).await {
+            Ok(Some(b)) => break b,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(backup = %name, error = %e, "could not read the backup; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let active = backup
+        .status
+        .as_ref()
+        .and_then(|s| s.active_run.clone())
+        .filter(|a| a.run_id == run_id)?;
+    Some((backup, active))
+}
+
+/// Hooks after the run: postBackup on success, onFailure otherwise; once per run, even when
+/// its final status could not be written and it is finished again. Returns what goes into
+/// the run's message.
+async fn after_hooks(
+    ctx: &Context,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    outcome: &Outcome,
+) -> Vec<String> {
+    let first_finish = ctx
+        .hooks_ran
+        .lock()
+        .expect("hooks_ran")
+        .insert(active.run_id.clone());
+    if !first_finish {
+        tracing::info!(run_id = %active.run_id, "after-hooks ran when this run first finished; not again");
+    }
+    let spec = match outcome.hooks && first_finish {
+        true => backup.spec.hooks.clone().unwrap_or_default(),
+        false => Default::default(),
+    };
+    let (phase, hook) = match outcome.result {
+        RunResult::Failed => (Phase::OnFailure, spec.on_failure),
+        _ => (Phase::PostBackup, spec.post_backup),
+    };
+    let Some(hook) = hook else {
+        return Vec::new();
+    };
+    match hooks::run(&ctx.client, backup, phase, &hook, &active.run_id).await {
+        Ok(_) if phase == Phase::OnFailure => vec!["onFailure hook ran".into()],
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            publish(ctx, backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;
+            vec![e]
+        }
+    }
+}
+
+/// Retention after a run that made a snapshot, in the repository the run was sent to (after
+/// a re-attach that is not known, so it is resolved, and checked, again into `resolved`).
+/// `None` when the backup has no retention.
+async fn retention_after(
+    ctx: &Context,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+    resolved: &mut Option<Resolved>,
+) -> Option<Result<pb::ForgetSummary, String>> {
+    let spec = backup.active_retention()?;
+    let repository = match resolved.take() {
+        Some(r) => Ok(r),
+        None => resolve::resolve(&ctx.client, backup).await,
+    };
+    let r = match repository {
+        Ok(repository) => {
+            let r = apply_retention(ctx, backup, spec, &active.run_id, &repository).await;
+            *resolved = Some(repository);
+            r
+        }
+        Err(e) => Err(format!("retention failed: {e}")),
+    };
+    match &r {
+        Ok(summary) => {
+            let note = format!(
+                "Retention policy applied, removed {} snapshots ({} kept)",
+                summary.removed.len(),
+                summary.kept.len()
+            );
+            publish(ctx, backup, EventType::Normal, er::RETENTION_COMPLETED, note).await
+        }
+        Err(e) => publish(ctx, backup, EventType::Warning, er::RETENTION_FAILED, e.clone()).await,
+    }
+    Some(r)
+}
+
+/// The holder goes only after the result is in status: until then a restarted coordinator
+/// re-attaches to the run it serves. Only a pod that is ours is deleted.
+async fn remove_holder(ctx: &Context, api: &Api<ResticBackup>, backup: &ResticBackup, run_id: &str) {
     let in_flight = api
-        .get_opt(&name)
+        .get_opt(&backup.name_any())
         .await
         .ok()
         .flatten()
         .and_then(|b| b.status.and_then(|s| s.active_run))
         .is_some_and(|a| a.run_id == run_id);
     if !in_flight && let Some(pvc) = &backup.spec.source.pvc {
-        Holder::for_backup(&backup, &run_id, &pvc.claim_name, &ctx.config.holder_image, true)
+        Holder::for_backup(backup, run_id, &pvc.claim_name, &ctx.config.holder_image, true)
             .remove(&ctx.client)
             .await;
     }
