@@ -388,8 +388,13 @@ async fn reattach(
                 tracing::info!(run_id = %active.run_id, "re-attached to the run in flight");
                 return Some(Outcome::of_agent(*r));
             }
+            // Only an agent that answered says "unknown run", so the address is known here;
+            // were it not, the run is failed rather than sent without a lookup.
             Ended::Unknown => {
-                return forgotten(ctx, backup, active, address.as_deref().unwrap_or_default()).await;
+                let Some(address) = address.as_deref() else {
+                    return Some(Outcome::failed("the run's agent could not be asked about it"));
+                };
+                return forgotten(ctx, backup, active, address).await;
             }
             Ended::Unavailable(e) => {
                 if tokio::time::Instant::now() > deadline {
@@ -609,11 +614,10 @@ async fn finish(
 fn record_metrics(ctx: &Context, name: &str, ns: &str, finished: &Finished<'_>) {
     let labels = [name, ns];
     let start = crate::repository::from_time(&finished.started);
-    let duration = (finished.now - start).to_std().unwrap_or_default();
     let m = &ctx.metrics;
     m.backup_duration
         .with_label_values(&labels)
-        .set(duration.as_secs_f64());
+        .set(finished.duration().as_secs_f64());
     m.backup_start
         .with_label_values(&labels)
         .set(start.timestamp() as f64);

@@ -95,7 +95,8 @@ pub struct Finished<'a> {
 }
 
 impl Finished<'_> {
-    fn duration(&self) -> std::time::Duration {
+    /// How long the run took.
+    pub fn duration(&self) -> std::time::Duration {
         (self.now - from_time(&self.started)).to_std().unwrap_or_default()
     }
 
