@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use kube::api::{ListParams, Patch, PatchParams};
 use restic_operator_e2e::eventually;
-use restic_operator_proto::v1 as pb;
 use support::Node;
 
 fn count(var: &str, default: usize) -> usize {
@@ -68,16 +67,12 @@ async fn bench() -> Result<()> {
                 .map(|a| a.run_id))
         })
         .await?;
-        let (created, started) = eventually("restic running", Duration::from_secs(10), || {
-            let mut agent = agent.clone();
-            let run_id = run_id.clone();
-            async move {
-                let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
-                Ok(runs
-                    .into_iter()
-                    .find(|r| r.run_id == run_id && r.started_unix_ms > 0)
-                    .map(|r| (r.created_unix_ms, r.started_unix_ms)))
-            }
+        let (created, started) = eventually("restic running", Duration::from_secs(10), || async {
+            let runs = support::runs(&agent).await?;
+            Ok(runs
+                .into_iter()
+                .find(|r| r.run_id == run_id && r.started_unix_ms > 0)
+                .map(|r| (r.created_unix_ms, r.started_unix_ms)))
         })
         .await?;
         if verbose {

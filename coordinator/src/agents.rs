@@ -13,7 +13,41 @@ use restic_operator_proto::MAX_MESSAGE_SIZE;
 use restic_operator_proto::v1::agent_client::AgentClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::error::Class;
 use crate::pki::Pki;
+
+/// Why no agent (or no client for one) is at hand.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentsError {
+    #[error("no ready restic agent on node {node}")]
+    NoAgentOnNode { node: String },
+    /// [`Agents::wait_on_node`] waited `secs` seconds for an agent on `node`, in vain.
+    #[error("no ready restic agent on node {node} (waited {secs}s)")]
+    Waited { node: String, secs: u64 },
+    #[error("no ready restic agent in the cluster")]
+    NoneReady,
+    #[error("agent address {address}: {source}")]
+    Address {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    /// The client TLS configuration (the operator's certificates) was refused.
+    #[error("agent TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+}
+
+impl AgentsError {
+    /// Whether trying again without a change can help: an agent pod comes back (rollouts,
+    /// restarts), a malformed address or TLS configuration does not.
+    pub fn class(&self) -> Class {
+        match self {
+            AgentsError::NoAgentOnNode { .. } | AgentsError::Waited { .. } | AgentsError::NoneReady => {
+                Class::Temporary
+            }
+            AgentsError::Address { .. } | AgentsError::Tls(_) => Class::Permanent,
+        }
+    }
+}
 
 /// Where one agent is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,11 +152,11 @@ impl Agents {
     }
 
     /// The agent of `node`.
-    pub fn on_node(&self, node: &str) -> Result<AgentEndpoint, String> {
+    pub fn on_node(&self, node: &str) -> Result<AgentEndpoint, AgentsError> {
         self.serving()
             .into_iter()
             .find(|a| a.node == node)
-            .ok_or_else(|| format!("no ready restic agent on node {node}"))
+            .ok_or_else(|| AgentsError::NoAgentOnNode { node: node.into() })
     }
 
     /// The agent of `node`, waiting up to `timeout` for one to serve there: an agent pod being
@@ -132,13 +166,16 @@ impl Agents {
         &self,
         node: &str,
         timeout: std::time::Duration,
-    ) -> Result<AgentEndpoint, String> {
+    ) -> Result<AgentEndpoint, AgentsError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match self.on_node(node) {
                 Ok(agent) => return Ok(agent),
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("{e} (waited {}s)", timeout.as_secs()));
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(AgentsError::Waited {
+                        node: node.into(),
+                        secs: timeout.as_secs(),
+                    });
                 }
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
             }
@@ -147,25 +184,25 @@ impl Agents {
 
     /// An agent for repository-wide work (init, stats, check, forget): the first by node
     /// name, so the choice is stable.
-    pub fn any(&self) -> Result<AgentEndpoint, String> {
-        self.serving()
-            .into_iter()
-            .next()
-            .ok_or_else(|| "no ready restic agent in the cluster".to_owned())
+    pub fn any(&self) -> Result<AgentEndpoint, AgentsError> {
+        self.serving().into_iter().next().ok_or(AgentsError::NoneReady)
     }
 
     /// A client for the agent at `address`. Channels are kept per address, and those of
     /// agents that no longer serve are dropped whenever a new one is made, so agent pods that
     /// come and go (rollouts, node churn) do not pile up connections.
-    pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, String> {
+    pub fn client(&self, address: &str) -> Result<AgentClient<Channel>, AgentsError> {
         if let Some(ch) = self.channels.lock().expect("channel lock").get(address) {
             return Ok(AgentClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_SIZE));
         }
         let tls = self.tls.read().expect("tls lock").clone();
         let channel = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| format!("agent address {address}: {e}"))?
+            .map_err(|source| AgentsError::Address {
+                address: address.to_owned(),
+                source,
+            })?
             .tls_config(tls)
-            .map_err(|e| format!("agent TLS: {e}"))?
+            .map_err(AgentsError::Tls)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true)
@@ -208,6 +245,36 @@ mod tests {
         assert_eq!(address("fd00::1", 9443), "https://[fd00::1]:9443");
     }
 
+    fn test_pki() -> Pki {
+        let ca = crate::pki::new_ca(Duration::from_secs(3600)).unwrap();
+        let client =
+            crate::pki::issue(&ca, crate::pki::CLIENT_NAME, false, Duration::from_secs(3600)).unwrap();
+        Pki {
+            ca,
+            client,
+            client_not_after: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_agent_is_temporary_and_says_where() {
+        let (store, _writer) = kube::runtime::reflector::store::<Pod>();
+        let pki = test_pki();
+        let agents = Agents::new(store, &pki, 9443, "restic-agent");
+        let e = agents.on_node("n1").unwrap_err();
+        assert_eq!(e.to_string(), "no ready restic agent on node n1");
+        assert_eq!(e.class(), Class::Temporary);
+        let e = agents.any().unwrap_err();
+        assert_eq!(e.to_string(), "no ready restic agent in the cluster");
+        let e = agents.wait_on_node("n1", Duration::ZERO).await.unwrap_err();
+        assert_eq!(e.to_string(), "no ready restic agent on node n1 (waited 0s)");
+        assert_eq!(e.class(), Class::Temporary);
+        let e = agents.client("not a uri").unwrap_err();
+        assert!(matches!(e, AgentsError::Address { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("agent address not a uri: "), "{e}");
+        assert_eq!(e.class(), Class::Permanent);
+    }
+
     #[tokio::test]
     async fn channels_of_agents_that_are_gone_are_dropped() {
         use kube::runtime::watcher::Event;
@@ -221,14 +288,7 @@ mod tests {
         let (a, b) = (agent("a", "10.0.0.1"), agent("b", "10.0.0.2"));
         writer.apply_watcher_event(&Event::Apply(a.clone()));
         writer.apply_watcher_event(&Event::Apply(b.clone()));
-        let ca = crate::pki::new_ca(Duration::from_secs(3600)).unwrap();
-        let client =
-            crate::pki::issue(&ca, crate::pki::CLIENT_NAME, false, Duration::from_secs(3600)).unwrap();
-        let pki = Pki {
-            ca,
-            client,
-            client_not_after: 0,
-        };
+        let pki = test_pki();
         let agents = Agents::new(store, &pki, 9443, "restic-agent");
         let known = |agents: &Agents| {
             let mut k: Vec<String> = agents.channels.lock().unwrap().keys().cloned().collect();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+// A String error on purpose: clap value parsers conventionally return one (clap prints it as is).
 fn duration(s: &str) -> Result<Duration, String> {
     restic_operator_api::common::parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 5m or 1h"))

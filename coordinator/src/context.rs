@@ -86,6 +86,12 @@ impl Context {
         .await
     }
 
+    /// The time now: the one reading of the wall clock by reconcilers and runs. The decisions
+    /// they make are pure functions that take it as an argument.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+    }
+
     pub fn pki(&self) -> Pki {
         self.pki.read().expect("pki lock").clone()
     }

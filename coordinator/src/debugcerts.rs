@@ -38,6 +38,41 @@ const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
 const MAX_TTL: Duration = Duration::from_secs(60 * 60);
 const MIN_TTL: Duration = Duration::from_secs(10 * 60);
 
+/// Why a request is denied: the message of its `Denied` condition and of the audit event.
+#[derive(Debug, thiserror::Error)]
+pub enum DebugCertError {
+    /// The SubjectAccessReview could not be made.
+    #[error("could not ask the API server whether the requester may: {source}")]
+    Review { source: kube::Error },
+    /// The requester may not port-forward to the agent pods; `review_reason` is the
+    /// SubjectAccessReview's reason, if it gave one.
+    #[error(
+        "{user} may not create pods/portforward in namespace {namespace}, which reaching an agent needs{}",
+        in_parens(.review_reason)
+    )]
+    NotAllowed {
+        user: String,
+        namespace: String,
+        review_reason: Option<String>,
+    },
+    #[error("the request is not PEM")]
+    NotPem,
+    #[error("the request is not a valid certificate signing request: {source}")]
+    InvalidRequest { source: rcgen::Error },
+    #[error("random serial: {source}")]
+    RandomSerial { source: std::io::Error },
+    /// The operator CA's key or certificate cannot be read.
+    #[error("the operator CA: {source}")]
+    Ca { source: rcgen::Error },
+    #[error("signing failed: {source}")]
+    Signing { source: rcgen::Error },
+}
+
+/// ` (reason)`, or nothing.
+fn in_parens(reason: &Option<String>) -> String {
+    reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+}
+
 /// Watches requests for the debug signer and answers each once.
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<CertificateSigningRequest> = Api::all(ctx.client.clone());
@@ -97,78 +132,102 @@ fn requester(csr: &CertificateSigningRequest) -> String {
     csr.spec.username.clone().unwrap_or_else(|| "(unknown)".into())
 }
 
+/// Decides one request: signs it when the requester may debug, denies it otherwise.
 async fn answer(
     ctx: &Context,
     api: &Api<CertificateSigningRequest>,
     recorder: &Recorder,
     csr: &CertificateSigningRequest,
 ) -> Result<(), kube::Error> {
-    let name = csr.name_any();
-    let user = requester(csr);
     let decision = match may_debug(ctx, csr).await {
         Ok(()) => sign(&ctx.pki().ca, csr),
         Err(denied) => Err(denied),
     };
     match decision {
-        Ok((cert, ttl)) => {
-            // Approved already (by us before a failed status write, or by an administrator):
-            // the requester was asked about again all the same, and only the signing is left.
-            if !has_condition(csr, "Approved") {
-                set_condition(
-                    api,
-                    &name,
-                    "Approved",
-                    "AgentDebugAllowed",
-                    &format!(
-                        "{user} may port-forward to the agent pods in {}",
-                        ctx.config.namespace
-                    ),
-                )
-                .await?;
-            }
-            let status = CertificateSigningRequestStatus {
-                certificate: Some(ByteString(cert.into_bytes())),
-                ..Default::default()
-            };
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "status": status })),
-            )
-            .await?;
-            tracing::info!(csr = %name, user = %user, ttl = ttl.as_secs(), "issued an agent debug certificate");
-            audit(
-                ctx,
-                recorder,
-                csr,
-                EventType::Normal,
-                "DebugCertificateIssued",
-                format!(
-                    "Issued a {}-minute agent debug certificate to {user}",
-                    ttl.as_secs() / 60
-                ),
-            )
-            .await;
-        }
-        Err(reason) => {
-            set_condition(api, &name, "Denied", "AgentDebugDenied", &reason).await?;
-            tracing::info!(csr = %name, user = %user, reason = %reason, "denied an agent debug certificate");
-            audit(
-                ctx,
-                recorder,
-                csr,
-                EventType::Warning,
-                "DebugCertificateDenied",
-                format!("Denied an agent debug certificate to {user}: {reason}"),
-            )
-            .await;
-        }
+        Ok((cert, ttl)) => grant(ctx, api, recorder, csr, cert, ttl).await,
+        Err(denied) => deny(ctx, api, recorder, csr, &denied).await,
     }
+}
+
+/// Approves the request (unless it is), stores the signed `cert`, and logs and records it.
+async fn grant(
+    ctx: &Context,
+    api: &Api<CertificateSigningRequest>,
+    recorder: &Recorder,
+    csr: &CertificateSigningRequest,
+    cert: String,
+    ttl: Duration,
+) -> Result<(), kube::Error> {
+    let name = csr.name_any();
+    let user = requester(csr);
+    // Approved already (by us before a failed status write, or by an administrator):
+    // the requester was asked about again all the same, and only the signing is left.
+    if !has_condition(csr, "Approved") {
+        set_condition(
+            api,
+            &name,
+            "Approved",
+            "AgentDebugAllowed",
+            &format!(
+                "{user} may port-forward to the agent pods in {}",
+                ctx.config.namespace
+            ),
+        )
+        .await?;
+    }
+    let status = CertificateSigningRequestStatus {
+        certificate: Some(ByteString(cert.into_bytes())),
+        ..Default::default()
+    };
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await?;
+    tracing::info!(csr = %name, user = %user, ttl = ttl.as_secs(), "issued an agent debug certificate");
+    audit(
+        ctx,
+        recorder,
+        csr,
+        EventType::Normal,
+        "DebugCertificateIssued",
+        format!(
+            "Issued a {}-minute agent debug certificate to {user}",
+            ttl.as_secs() / 60
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// Marks the request `Denied` with why, and logs and records the refusal.
+async fn deny(
+    ctx: &Context,
+    api: &Api<CertificateSigningRequest>,
+    recorder: &Recorder,
+    csr: &CertificateSigningRequest,
+    denied: &DebugCertError,
+) -> Result<(), kube::Error> {
+    let name = csr.name_any();
+    let user = requester(csr);
+    let reason = denied.to_string();
+    set_condition(api, &name, "Denied", "AgentDebugDenied", &reason).await?;
+    tracing::info!(csr = %name, user = %user, reason = %reason, "denied an agent debug certificate");
+    audit(
+        ctx,
+        recorder,
+        csr,
+        EventType::Warning,
+        "DebugCertificateDenied",
+        format!("Denied an agent debug certificate to {user}: {reason}"),
+    )
+    .await;
     Ok(())
 }
 
 /// Whether the requester may port-forward to pods in the operator's namespace.
-async fn may_debug(ctx: &Context, csr: &CertificateSigningRequest) -> Result<(), String> {
+async fn may_debug(ctx: &Context, csr: &CertificateSigningRequest) -> Result<(), DebugCertError> {
     let spec = &csr.spec;
     let review = SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
@@ -190,32 +249,26 @@ async fn may_debug(ctx: &Context, csr: &CertificateSigningRequest) -> Result<(),
     let answer = Api::<SubjectAccessReview>::all(ctx.client.clone())
         .create(&PostParams::default(), &review)
         .await
-        .map_err(|e| format!("could not ask the API server whether the requester may: {e}"))?;
+        .map_err(|source| DebugCertError::Review { source })?;
     let status = answer.status.unwrap_or_default();
     if status.allowed {
         Ok(())
     } else {
-        Err(format!(
-            "{} may not create pods/portforward in namespace {}, which reaching an agent needs{}",
-            requester(csr),
-            ctx.config.namespace,
-            status
-                .reason
-                .filter(|r| !r.is_empty())
-                .map(|r| format!(" ({r})"))
-                .unwrap_or_default()
-        ))
+        Err(DebugCertError::NotAllowed {
+            user: requester(csr),
+            namespace: ctx.config.namespace.clone(),
+            review_reason: status.reason.filter(|r| !r.is_empty()),
+        })
     }
 }
 
 /// Signs the request's public key into a client certificate for `debug:<user>`, whatever
 /// subject it asked for, and returns the certificate followed by the CA (so the CLI can check
 /// the agent's serving certificate) and its validity.
-fn sign(ca: &Pem, csr: &CertificateSigningRequest) -> Result<(String, Duration), String> {
-    let pem =
-        String::from_utf8(csr.spec.request.0.clone()).map_err(|_| "the request is not PEM".to_owned())?;
+fn sign(ca: &Pem, csr: &CertificateSigningRequest) -> Result<(String, Duration), DebugCertError> {
+    let pem = String::from_utf8(csr.spec.request.0.clone()).map_err(|_| DebugCertError::NotPem)?;
     let mut params = CertificateSigningRequestParams::from_pem(&pem)
-        .map_err(|e| format!("the request is not a valid certificate signing request: {e}"))?;
+        .map_err(|source| DebugCertError::InvalidRequest { source })?;
     let ttl = csr
         .spec
         .expiration_seconds
@@ -236,20 +289,21 @@ fn sign(ca: &Pem, csr: &CertificateSigningRequest) -> Result<(String, Duration),
     // Serial numbers must not repeat; rcgen's default derives one from the public key.
     let mut serial = [0u8; 16];
     std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(|e| format!("random serial: {e}"))?,
+        &mut std::fs::File::open("/dev/urandom").map_err(|source| DebugCertError::RandomSerial { source })?,
         &mut serial,
     )
-    .map_err(|e| format!("random serial: {e}"))?;
+    .map_err(|source| DebugCertError::RandomSerial { source })?;
     serial[0] &= 0x7f;
     p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - Duration::from_secs(300);
     p.not_after = now + ttl;
-    let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| format!("the operator CA: {e}"))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|e| format!("the operator CA: {e}"))?;
+    let ca_key = KeyPair::from_pem(&ca.key).map_err(|source| DebugCertError::Ca { source })?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca.cert, ca_key).map_err(|source| DebugCertError::Ca { source })?;
     let cert = params
         .signed_by(&issuer)
-        .map_err(|e| format!("signing failed: {e}"))?;
+        .map_err(|source| DebugCertError::Signing { source })?;
     Ok((format!("{}{}", cert.pem(), ca.cert), ttl))
 }
 
@@ -355,6 +409,33 @@ mod tests {
             b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".to_vec(),
         );
         let err = sign(&ca, &csr).unwrap_err();
-        assert!(err.contains("not a valid certificate signing request"), "{err}");
+        assert!(matches!(err, DebugCertError::InvalidRequest { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("the request is not a valid certificate signing request: "),
+            "{err}"
+        );
+        csr.spec.request = ByteString(vec![0xff, 0xfe]);
+        let err = sign(&ca, &csr).unwrap_err();
+        assert_eq!(err.to_string(), "the request is not PEM");
+    }
+
+    #[test]
+    fn a_denial_names_the_user_and_the_review_reason_if_any() {
+        let denied = |review_reason: Option<&str>| DebugCertError::NotAllowed {
+            user: "alice".into(),
+            namespace: "restic-operator".into(),
+            review_reason: review_reason.map(Into::into),
+        };
+        assert_eq!(
+            denied(None).to_string(),
+            "alice may not create pods/portforward in namespace restic-operator, which reaching an agent \
+             needs"
+        );
+        assert_eq!(
+            denied(Some("no RBAC policy matched")).to_string(),
+            "alice may not create pods/portforward in namespace restic-operator, which reaching an agent \
+             needs (no RBAC policy matched)"
+        );
     }
 }

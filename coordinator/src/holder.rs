@@ -122,12 +122,6 @@ pub fn holder_pod(backup: &ResticBackup, name: &str, claim: &str, image: &str, r
         (NAME_LABEL.to_owned(), NAME.to_owned()),
         (COMPONENT_LABEL.to_owned(), COMPONENT.to_owned()),
     ]);
-    let tiny = |cpu: &str, memory: &str| {
-        Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity(cpu.into())),
-            ("memory".to_owned(), Quantity(memory.into())),
-        ]))
-    };
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -140,55 +134,76 @@ pub fn holder_pod(backup: &ResticBackup, name: &str, claim: &str, image: &str, r
             restart_policy: Some("Never".into()),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(NOBODY),
-                run_as_group: Some(NOBODY),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            containers: vec![Container {
-                name: COMPONENT.into(),
-                image: Some(image.into()),
-                resources: Some(ResourceRequirements {
-                    requests: tiny("1m", "8Mi"),
-                    limits: tiny("10m", "16Mi"),
-                    ..Default::default()
-                }),
-                security_context: Some(SecurityContext {
-                    allow_privilege_escalation: Some(false),
-                    read_only_root_filesystem: Some(true),
-                    capabilities: Some(Capabilities {
-                        drop: Some(vec!["ALL".into()]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: VOLUME.into(),
-                    mount_path: MOUNT_PATH.into(),
-                    read_only: Some(read_only),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }],
-            volumes: Some(vec![Volume {
-                name: VOLUME.into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.into(),
-                    read_only: Some(read_only),
-                }),
-                ..Default::default()
-            }]),
+            security_context: Some(holder_pod_security_context()),
+            containers: vec![holder_container(image, read_only)],
+            volumes: Some(vec![claim_volume(claim, read_only)]),
             node_selector: job.node_selector,
             tolerations: job.tolerations,
             affinity: job.affinity,
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// The holder pod's security context: the pause image's non-root user, default seccomp (pure).
+fn holder_pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NOBODY),
+        run_as_group: Some(NOBODY),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The holder's only container: `image`, tiny, unprivileged, mounting the claim (pure).
+fn holder_container(image: &str, read_only: bool) -> Container {
+    let tiny = |cpu: &str, memory: &str| {
+        Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity(cpu.into())),
+            ("memory".to_owned(), Quantity(memory.into())),
+        ]))
+    };
+    Container {
+        name: COMPONENT.into(),
+        image: Some(image.into()),
+        resources: Some(ResourceRequirements {
+            requests: tiny("1m", "8Mi"),
+            limits: tiny("10m", "16Mi"),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: VOLUME.into(),
+            mount_path: MOUNT_PATH.into(),
+            read_only: Some(read_only),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The holder's only volume: the claim (pure).
+fn claim_volume(claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: VOLUME.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.into(),
+            read_only: Some(read_only),
+        }),
+        ..Default::default()
     }
 }
 
@@ -229,6 +244,20 @@ pub fn controlled_holder(pod: &Pod, owner_uid: &str) -> bool {
 /// the object with `owner_uid` (pure). The API server adds defaults, so this compares what
 /// makes a pod a holder, not every field.
 pub fn check_ours(existing: &Pod, expected: &Pod, owner_uid: &str) -> Result<(), NotOurs> {
+    check_owner_and_labels(existing, expected, owner_uid)?;
+    let (Some(spec), Some(want)) = (&existing.spec, &expected.spec) else {
+        return Err(NotOurs::Containers);
+    };
+    let (Some(want_container), Some(want_volumes)) = (want.containers.first(), &want.volumes) else {
+        return Err(NotOurs::Containers);
+    };
+    check_pod_shape(spec)?;
+    check_container(&spec.containers[0], want_container)?;
+    check_volumes(spec.volumes.as_deref().unwrap_or_default(), want_volumes)
+}
+
+/// Whether `existing` is controlled by `owner_uid` and has every label of `expected` (pure).
+fn check_owner_and_labels(existing: &Pod, expected: &Pod, owner_uid: &str) -> Result<(), NotOurs> {
     let controlled = existing
         .owner_references()
         .iter()
@@ -241,12 +270,11 @@ pub fn check_ours(existing: &Pod, expected: &Pod, owner_uid: &str) -> Result<(),
             return Err(NotOurs::Label(format!("{k}={v}")));
         }
     }
-    let (Some(spec), Some(want)) = (&existing.spec, &expected.spec) else {
-        return Err(NotOurs::Containers);
-    };
-    let (Some(want_container), Some(want_volumes)) = (want.containers.first(), &want.volumes) else {
-        return Err(NotOurs::Containers);
-    };
+    Ok(())
+}
+
+/// Whether the pod uses no host namespace and has exactly one container and no others (pure).
+fn check_pod_shape(spec: &PodSpec) -> Result<(), NotOurs> {
     if spec.host_network == Some(true) || spec.host_pid == Some(true) || spec.host_ipc == Some(true) {
         return Err(NotOurs::HostNamespace);
     }
@@ -256,7 +284,11 @@ pub fn check_ours(existing: &Pod, expected: &Pod, owner_uid: &str) -> Result<(),
     {
         return Err(NotOurs::Containers);
     }
-    let c = &spec.containers[0];
+    Ok(())
+}
+
+/// Whether `c` runs `want_container`'s image, with nothing added, unprivileged, same mounts (pure).
+fn check_container(c: &Container, want_container: &Container) -> Result<(), NotOurs> {
     if c.image != want_container.image {
         return Err(NotOurs::Image {
             found: c.image.clone().unwrap_or_else(|| "no image".into()),
@@ -293,7 +325,11 @@ pub fn check_ours(existing: &Pod, expected: &Pod, owner_uid: &str) -> Result<(),
     if mounts(c) != mounts(want_container) {
         return Err(NotOurs::Mounts);
     }
-    let volumes = spec.volumes.as_deref().unwrap_or_default();
+    Ok(())
+}
+
+/// Whether the pod's only volume is the claim of `want_volumes`, mounted the same way (pure).
+fn check_volumes(volumes: &[Volume], want_volumes: &[Volume]) -> Result<(), NotOurs> {
     let claims = |vs: &[Volume]| -> Vec<(String, Option<(String, bool)>)> {
         vs.iter()
             .map(|v| {
@@ -364,66 +400,49 @@ impl Holder {
     /// that does not run within `timeout` is deleted.
     pub async fn start(&self, client: &Client, timeout: Duration) -> Result<Held, HolderError> {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
-        let uid = match pods.create(&PostParams::default(), &self.expected).await {
-            Ok(created) => created.uid().unwrap_or_default(),
+        let uid = self.create_or_find(&pods).await?;
+        self.wait_running(client, &pods, uid, timeout).await
+    }
+
+    /// Creates the holder, or finds this run's earlier one (checked to be ours); returns its uid.
+    async fn create_or_find(&self, pods: &Api<Pod>) -> Result<String, HolderError> {
+        match pods.create(&PostParams::default(), &self.expected).await {
+            Ok(created) => Ok(created.uid().unwrap_or_default()),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 let existing = pods
                     .get_opt(&self.name)
                     .await
                     .map_err(|e| self.api_error(e))?
-                    .ok_or_else(|| HolderError::Ended {
-                        namespace: self.namespace.clone(),
-                        pod: self.name.clone(),
-                        phase: "deleted".into(),
-                    })?;
+                    .ok_or_else(|| self.ended("deleted".into()))?;
                 self.ours(&existing)?;
-                existing.uid().unwrap_or_default()
+                Ok(existing.uid().unwrap_or_default())
             }
-            Err(e) => return Err(self.api_error(e)),
-        };
+            Err(e) => Err(self.api_error(e)),
+        }
+    }
+
+    /// Polls the holder with `uid` until it runs on a node, fails, is replaced or times out.
+    async fn wait_running(
+        &self,
+        client: &Client,
+        pods: &Api<Pod>,
+        uid: String,
+        timeout: Duration,
+    ) -> Result<Held, HolderError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match pods.get_opt(&self.name).await {
                 Ok(Some(p)) if p.uid().as_deref() != Some(uid.as_str()) => {
                     // Replaced under our feet: whatever is there now was not checked.
                     self.ours(&p)?;
-                    return Err(HolderError::Ended {
-                        namespace: self.namespace.clone(),
-                        pod: self.name.clone(),
-                        phase: "replaced".into(),
-                    });
+                    return Err(self.ended("replaced".into()));
                 }
                 Ok(Some(p)) => {
-                    let phase = p
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.phase.clone())
-                        .unwrap_or_default();
-                    let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                    let terminating = p.metadata.deletion_timestamp.is_some();
-                    if let (false, "Running", Some(node)) = (terminating, phase.as_str(), node) {
-                        return Ok(Held {
-                            pod: self.name.clone(),
-                            uid,
-                            node,
-                        });
-                    }
-                    if terminating || phase == "Failed" || phase == "Succeeded" {
-                        self.delete(client, &uid).await;
-                        return Err(HolderError::Ended {
-                            namespace: self.namespace.clone(),
-                            pod: self.name.clone(),
-                            phase: if terminating { "deleting".into() } else { phase },
-                        });
+                    if let Some(held) = self.running(client, &p, &uid).await? {
+                        return Ok(held);
                     }
                 }
-                Ok(None) => {
-                    return Err(HolderError::Ended {
-                        namespace: self.namespace.clone(),
-                        pod: self.name.clone(),
-                        phase: "deleted".into(),
-                    });
-                }
+                Ok(None) => return Err(self.ended("deleted".into())),
                 Err(e) => tracing::warn!(pod = %self.name, error = %e, "reading the holder pod"),
             }
             if tokio::time::Instant::now() > deadline {
@@ -437,6 +456,38 @@ impl Holder {
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// `Some` once holder `p` runs on a node, `None` while it starts; deletes it if it ended.
+    async fn running(&self, client: &Client, p: &Pod, uid: &str) -> Result<Option<Held>, HolderError> {
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        let terminating = p.metadata.deletion_timestamp.is_some();
+        if let (false, "Running", Some(node)) = (terminating, phase.as_str(), node) {
+            return Ok(Some(Held {
+                pod: self.name.clone(),
+                uid: uid.to_owned(),
+                node,
+            }));
+        }
+        if terminating || phase == "Failed" || phase == "Succeeded" {
+            self.delete(client, uid).await;
+            return Err(self.ended(if terminating { "deleting".into() } else { phase }));
+        }
+        Ok(None)
+    }
+
+    /// The error of a holder that ended (its pod phase, or deleted, deleting, replaced).
+    fn ended(&self, phase: String) -> HolderError {
+        HolderError::Ended {
+            namespace: self.namespace.clone(),
+            pod: self.name.clone(),
+            phase,
         }
     }
 

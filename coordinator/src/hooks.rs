@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{AttachParams, ListParams, LogParams, ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
+use kube::api::{AttachParams, AttachedProcess, ListParams, LogParams, ObjectMeta, PostParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{Hook, label_selector_matches, parse_duration};
@@ -44,6 +45,106 @@ impl Phase {
     }
 }
 
+impl std::fmt::Display for Phase {
+    /// The spec's name of the hook (`preBackup`, ...).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a hook failed. Every message starts with `<phase> hook failed: `; `output` is the end
+/// of what the hook printed (its last 1000 bytes: the exec streams' end, or the Job pod's
+/// log tail).
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The exec hook's command did not finish within its `timeout` (as the spec spells it).
+    #[error("{phase} hook failed: exec did not finish within {timeout}")]
+    ExecTimeout { phase: Phase, timeout: String },
+    #[error("{phase} hook failed: listing pods: {source}")]
+    ListPods { phase: Phase, source: kube::Error },
+    #[error("{phase} hook failed: no running pod in {namespace} matches the hook's podSelector")]
+    NoPod { phase: Phase, namespace: String },
+    #[error("{phase} hook failed: exec in pod {pod} container {container}: {source}")]
+    Exec {
+        phase: Phase,
+        pod: String,
+        container: String,
+        source: kube::Error,
+    },
+    /// The command ended with a status other than `Success`; `message` is the status message.
+    #[error("{phase} hook failed: command in pod {pod} container {container} failed ({message}): {output}")]
+    CommandFailed {
+        phase: Phase,
+        pod: String,
+        container: String,
+        message: String,
+        output: String,
+    },
+    #[error(
+        "{phase} hook failed: command in pod {pod} container {container} ended without a status: \
+         {output}"
+    )]
+    NoStatus {
+        phase: Phase,
+        pod: String,
+        container: String,
+        output: String,
+    },
+    #[error("{phase} hook failed: creating Job {job}: {source}")]
+    CreateJob {
+        phase: Phase,
+        job: String,
+        source: kube::Error,
+    },
+    #[error("{phase} hook failed: reading Job {job}: {source}")]
+    ReadJob {
+        phase: Phase,
+        job: String,
+        source: kube::Error,
+    },
+    #[error("{phase} hook failed: Job {job} was deleted")]
+    JobDeleted { phase: Phase, job: String },
+    /// `why` is the Job's `Failed` condition message (or reason).
+    #[error("{phase} hook failed: Job {job} failed ({why}): {output}")]
+    JobFailed {
+        phase: Phase,
+        job: String,
+        why: String,
+        output: String,
+    },
+    #[error("{phase} hook failed: Job {job} did not finish within {secs}s")]
+    JobTimeout { phase: Phase, job: String, secs: u64 },
+}
+
+impl HookError {
+    /// Which hook failed.
+    pub fn phase(&self) -> Phase {
+        match self {
+            HookError::ExecTimeout { phase, .. }
+            | HookError::ListPods { phase, .. }
+            | HookError::NoPod { phase, .. }
+            | HookError::Exec { phase, .. }
+            | HookError::CommandFailed { phase, .. }
+            | HookError::NoStatus { phase, .. }
+            | HookError::CreateJob { phase, .. }
+            | HookError::ReadJob { phase, .. }
+            | HookError::JobDeleted { phase, .. }
+            | HookError::JobFailed { phase, .. }
+            | HookError::JobTimeout { phase, .. } => *phase,
+        }
+    }
+
+    /// The end of what the hook printed, when it ran to an end.
+    pub fn output(&self) -> Option<&str> {
+        match self {
+            HookError::CommandFailed { output, .. }
+            | HookError::NoStatus { output, .. }
+            | HookError::JobFailed { output, .. } => Some(output.as_str()),
+            _ => None,
+        }
+    }
+}
+
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes of output in a hook's result (it ends up in status messages and events).
 const OUTPUT_LIMIT: usize = 1000;
@@ -57,39 +158,72 @@ pub async fn run(
     phase: Phase,
     hook: &Hook,
     run_id: &str,
-) -> Result<String, String> {
-    let result = if let Some(exec) = &hook.exec {
+) -> Result<String, HookError> {
+    if let Some(exec) = &hook.exec {
         let timeout = parse_duration(&exec.timeout).unwrap_or(DEFAULT_TIMEOUT);
-        match tokio::time::timeout(timeout, run_exec(client, backup, exec)).await {
+        match tokio::time::timeout(timeout, run_exec(client, backup, phase, exec)).await {
             Ok(r) => r,
-            Err(_) => Err(format!("exec did not finish within {}", exec.timeout)),
+            Err(_) => Err(HookError::ExecTimeout {
+                phase,
+                timeout: exec.timeout.clone(),
+            }),
         }
     } else if let Some(job) = &hook.job {
         let timeout = parse_duration(&job.timeout).unwrap_or(DEFAULT_TIMEOUT);
         run_job(client, backup, phase, &job.pod_template, timeout, run_id).await
     } else {
         Ok(String::new())
-    };
-    result.map_err(|e| format!("{} hook failed: {e}", phase.as_str()))
+    }
 }
 
+/// Runs an exec hook's command in the chosen pod and container; its output on `Success`.
 async fn run_exec(
     client: &Client,
     backup: &ResticBackup,
+    phase: Phase,
     exec: &restic_operator_api::common::ExecHook,
-) -> Result<String, String> {
+) -> Result<String, HookError> {
     let ns = backup.namespace().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let (pod_name, container) = exec_target(&api, &ns, phase, exec).await?;
+    let params = AttachParams::default()
+        .container(container.clone())
+        .stdin(false)
+        .stdout(true)
+        .stderr(true);
+    let mut process = api
+        .exec(&pod_name, exec.command.clone(), &params)
+        .await
+        .map_err(|source| HookError::Exec {
+            phase,
+            pod: pod_name.clone(),
+            container: container.clone(),
+            source,
+        })?;
+    let (output, status) = exec_output(&mut process).await;
+    exec_result(phase, pod_name, container, output, status)
+}
+
+/// The pod (chosen by the podSelector) and container (else the pod's first) to exec in.
+async fn exec_target(
+    api: &Api<Pod>,
+    ns: &str,
+    phase: Phase,
+    exec: &restic_operator_api::common::ExecHook,
+) -> Result<(String, String), HookError> {
     let pods = api
         .list(&ListParams::default())
         .await
-        .map_err(|e| format!("listing pods: {e}"))?
+        .map_err(|source| HookError::ListPods { phase, source })?
         .items;
     let (pod, _) = crate::sources::choose(&pods, |p| {
         label_selector_matches(&exec.pod_selector, &p.metadata.labels.clone().unwrap_or_default())
             .then(String::new)
     })
-    .ok_or_else(|| format!("no running pod in {ns} matches the hook's podSelector"))?;
+    .ok_or_else(|| HookError::NoPod {
+        phase,
+        namespace: ns.to_owned(),
+    })?;
     let pod_name = pod.name_any();
     let container = exec
         .container
@@ -101,15 +235,11 @@ async fn run_exec(
                 .map(|c| c.name.clone())
         })
         .unwrap_or_default();
-    let params = AttachParams::default()
-        .container(container.clone())
-        .stdin(false)
-        .stdout(true)
-        .stderr(true);
-    let mut process = api
-        .exec(&pod_name, exec.command.clone(), &params)
-        .await
-        .map_err(|e| format!("exec in pod {pod_name} container {container}: {e}"))?;
+    Ok((pod_name, container))
+}
+
+/// Reads the end of the command's stdout and stderr, then waits for its final status.
+async fn exec_output(process: &mut AttachedProcess) -> (String, Option<Status>) {
     let stdout = process.stdout();
     let stderr = process.stderr();
     let status = process.take_status();
@@ -119,15 +249,32 @@ async fn run_exec(
         None => None,
     };
     let output = ending(format!("{out}{err}").trim(), OUTPUT_LIMIT);
+    (output, status)
+}
+
+/// The exec hook's result from the command's final status (pure).
+fn exec_result(
+    phase: Phase,
+    pod_name: String,
+    container: String,
+    output: String,
+    status: Option<Status>,
+) -> Result<String, HookError> {
     match status {
         Some(s) if s.status.as_deref() == Some("Success") => Ok(output),
-        Some(s) => Err(format!(
-            "command in pod {pod_name} container {container} failed ({}): {output}",
-            s.message.unwrap_or_default()
-        )),
-        None => Err(format!(
-            "command in pod {pod_name} container {container} ended without a status: {output}"
-        )),
+        Some(s) => Err(HookError::CommandFailed {
+            phase,
+            pod: pod_name,
+            container,
+            message: s.message.unwrap_or_default(),
+            output,
+        }),
+        None => Err(HookError::NoStatus {
+            phase,
+            pod: pod_name,
+            container,
+            output,
+        }),
     }
 }
 
@@ -259,6 +406,7 @@ pub fn job(
     }
 }
 
+/// Runs a Job hook: creates the Job (or finds this run's) and waits for its verdict.
 async fn run_job(
     client: &Client,
     backup: &ResticBackup,
@@ -266,50 +414,95 @@ async fn run_job(
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
     timeout: Duration,
     run_id: &str,
-) -> Result<String, String> {
+) -> Result<String, HookError> {
     let ns = backup.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let desired = job(backup, phase, template, timeout, run_id);
     let name = desired.metadata.name.clone().unwrap_or_default();
-    match jobs.create(&PostParams::default(), &desired).await {
-        Ok(_) => {}
+    create_job(&jobs, &desired, &name, phase).await?;
+    wait_for_job(client, &jobs, &ns, name, phase, timeout).await
+}
+
+/// Creates the hook's Job; one already there under its name is this run's.
+async fn create_job(jobs: &Api<Job>, desired: &Job, name: &str, phase: Phase) -> Result<(), HookError> {
+    match jobs.create(&PostParams::default(), desired).await {
+        Ok(_) => Ok(()),
         // A restarted coordinator finds the Job of this run and waits for it.
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        Err(e) => return Err(format!("creating Job {name}: {e}")),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(source) => Err(HookError::CreateJob {
+            phase,
+            job: name.to_owned(),
+            source,
+        }),
     }
+}
+
+/// Polls the Job `name` until it completes, fails, is deleted or outlives its deadline.
+async fn wait_for_job(
+    client: &Client,
+    jobs: &Api<Job>,
+    ns: &str,
+    name: String,
+    phase: Phase,
+    timeout: Duration,
+) -> Result<String, HookError> {
     // The Job's own activeDeadlineSeconds stops it; wait a little longer for its verdict.
     let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(30);
     loop {
-        let job = jobs
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("reading Job {name}: {e}"))?;
+        let job = jobs.get_opt(&name).await.map_err(|source| HookError::ReadJob {
+            phase,
+            job: name.clone(),
+            source,
+        })?;
         let Some(job) = job else {
-            return Err(format!("Job {name} was deleted"));
+            return Err(HookError::JobDeleted { phase, job: name });
         };
-        let conditions = job
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let is = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
-        if is("Complete") {
-            return Ok(job_output(client, &ns, &name).await);
-        }
-        if is("Failed") {
-            let why = conditions
-                .iter()
-                .find(|c| c.type_ == "Failed")
-                .and_then(|c| c.message.clone().or(c.reason.clone()))
-                .unwrap_or_default();
-            let output = job_output(client, &ns, &name).await;
-            return Err(format!("Job {name} failed ({why}): {output}"));
+        if let Some(verdict) = job_verdict(client, ns, &name, phase, &job).await {
+            return verdict;
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("Job {name} did not finish within {}s", timeout.as_secs()));
+            return Err(HookError::JobTimeout {
+                phase,
+                job: name,
+                secs: timeout.as_secs(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The hook's result once `job` has finished (its output, or why it failed); `None` before.
+async fn job_verdict(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    phase: Phase,
+    job: &Job,
+) -> Option<Result<String, HookError>> {
+    let conditions = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let is = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    if is("Complete") {
+        return Some(Ok(job_output(client, ns, name).await));
+    }
+    if is("Failed") {
+        let why = conditions
+            .iter()
+            .find(|c| c.type_ == "Failed")
+            .and_then(|c| c.message.clone().or(c.reason.clone()))
+            .unwrap_or_default();
+        let output = job_output(client, ns, name).await;
+        return Some(Err(HookError::JobFailed {
+            phase,
+            job: name.to_owned(),
+            why,
+            output,
+        }));
+    }
+    None
 }
 
 /// What the Job's pod printed: its log tail, or (when logs cannot be read) how its
@@ -414,6 +607,41 @@ mod tests {
             "[first 3 bytes cut] é"
         );
         assert_eq!(ending("aéé", 3), "…é");
+    }
+
+    #[test]
+    fn a_hook_error_names_its_phase_first_and_keeps_the_output() {
+        let e = HookError::JobFailed {
+            phase: Phase::PreBackup,
+            job: "db-pre-1".into(),
+            why: "BackoffLimitExceeded".into(),
+            output: "pg_dump: error".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "preBackup hook failed: Job db-pre-1 failed (BackoffLimitExceeded): pg_dump: error"
+        );
+        assert_eq!(e.phase(), Phase::PreBackup);
+        assert_eq!(e.output(), Some("pg_dump: error"));
+        let e = HookError::ExecTimeout {
+            phase: Phase::OnFailure,
+            timeout: "20s".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "onFailure hook failed: exec did not finish within 20s"
+        );
+        assert_eq!(e.output(), None);
+        let e = HookError::NoStatus {
+            phase: Phase::PostBackup,
+            pod: "db-0".into(),
+            container: "app".into(),
+            output: "done".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "postBackup hook failed: command in pod db-0 container app ended without a status: done"
+        );
     }
 
     #[test]

@@ -155,12 +155,25 @@ async fn create_or_get(api: &Api<Secret>, secret: Secret) -> Result<Secret, PkiE
 /// a fresh client certificate for this process.
 pub async fn ensure(client: &Client, config: &crate::config::Config) -> Result<Pki, PkiError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
+    let ca = ensure_ca(&api, config).await?;
+    ensure_agent_certificate(&api, config, &ca).await?;
+    let client_cert = issue(&ca, CLIENT_NAME, false, config.cert_validity)?;
+    let client_not_after = not_after(&client_cert.cert).unwrap_or(0);
+    Ok(Pki {
+        ca,
+        client: client_cert,
+        client_not_after,
+    })
+}
+
+/// Reads the CA from its Secret, making a new CA (and the Secret) first when there is none.
+async fn ensure_ca(api: &Api<Secret>, config: &crate::config::Config) -> Result<Pem, PkiError> {
     let ca_secret = match api.get_opt(&config.ca_secret).await? {
         Some(s) => s,
         None => {
             let ca = new_ca(Duration::from_secs(10 * 365 * 86400))?;
             create_or_get(
-                &api,
+                api,
                 secret(
                     &config.ca_secret,
                     &config.namespace,
@@ -171,55 +184,62 @@ pub async fn ensure(client: &Client, config: &crate::config::Config) -> Result<P
             .await?
         }
     };
-    let ca = match (get(&ca_secret, CA_CERT), get(&ca_secret, CA_KEY)) {
-        (Some(cert), Some(key)) => Pem { cert, key },
-        _ => {
-            return Err(PkiError::Malformed(
-                config.ca_secret.clone(),
-                format!("needs the keys {CA_CERT} and {CA_KEY}; delete it to have a new CA made"),
-            ));
-        }
-    };
+    match (get(&ca_secret, CA_CERT), get(&ca_secret, CA_KEY)) {
+        (Some(cert), Some(key)) => Ok(Pem { cert, key }),
+        _ => Err(PkiError::Malformed(
+            config.ca_secret.clone(),
+            format!("needs the keys {CA_CERT} and {CA_KEY}; delete it to have a new CA made"),
+        )),
+    }
+}
+
+/// Whether `agent_secret` holds a key and a certificate from `ca` valid past `renew_at` (pure).
+fn agent_certificate_current(agent_secret: Option<&Secret>, ca: &Pem, renew_at: i64) -> bool {
+    agent_secret
+        .and_then(|s| {
+            let cert = get(s, TLS_CERT)?;
+            let expires = not_after(&cert)?;
+            let same_ca = get(s, CA_CERT).as_deref() == Some(ca.cert.as_str());
+            (same_ca && expires > renew_at && get(s, TLS_KEY).is_some()).then_some(())
+        })
+        .is_some()
+}
+
+/// Issues and stores a new agent serving certificate unless the stored one is current.
+async fn ensure_agent_certificate(
+    api: &Api<Secret>,
+    config: &crate::config::Config,
+    ca: &Pem,
+) -> Result<(), PkiError> {
     let renew_at = Utc::now().timestamp() + config.cert_renew_before.as_secs() as i64;
     let agent_secret = api.get_opt(&config.agent_tls_secret).await?;
-    let current = agent_secret.as_ref().and_then(|s| {
-        let cert = get(s, TLS_CERT)?;
-        let expires = not_after(&cert)?;
-        let same_ca = get(s, CA_CERT).as_deref() == Some(ca.cert.as_str());
-        (same_ca && expires > renew_at && get(s, TLS_KEY).is_some()).then_some(())
-    });
-    if current.is_none() {
-        let server = issue(&ca, &config.agent_server_name, true, config.cert_validity)?;
-        let desired = secret(
-            &config.agent_tls_secret,
-            &config.namespace,
-            "kubernetes.io/tls",
-            &[
-                (TLS_CERT, &server.cert),
-                (TLS_KEY, &server.key),
-                (CA_CERT, &ca.cert),
-            ],
-        );
-        match agent_secret {
-            None => {
-                create_or_get(&api, desired).await?;
-            }
-            Some(old) => {
-                let mut s = desired;
-                s.metadata.resource_version = old.metadata.resource_version;
-                api.replace(&config.agent_tls_secret, &PostParams::default(), &s)
-                    .await?;
-                tracing::info!(secret = %config.agent_tls_secret, "renewed the agent certificate");
-            }
+    if agent_certificate_current(agent_secret.as_ref(), ca, renew_at) {
+        return Ok(());
+    }
+    let server = issue(ca, &config.agent_server_name, true, config.cert_validity)?;
+    let desired = secret(
+        &config.agent_tls_secret,
+        &config.namespace,
+        "kubernetes.io/tls",
+        &[
+            (TLS_CERT, &server.cert),
+            (TLS_KEY, &server.key),
+            (CA_CERT, &ca.cert),
+        ],
+    );
+    match agent_secret {
+        None => {
+            create_or_get(api, desired).await?;
+        }
+        Some(old) => {
+            let mut s = desired;
+            s.metadata.resource_version = old.metadata.resource_version;
+            api.replace(&config.agent_tls_secret, &PostParams::default(), &s)
+                .await?;
+            tracing::info!(secret = %config.agent_tls_secret, "renewed the agent certificate");
         }
     }
-    let client_cert = issue(&ca, CLIENT_NAME, false, config.cert_validity)?;
-    let client_not_after = not_after(&client_cert.cert).unwrap_or(0);
-    Ok(Pki {
-        ca,
-        client: client_cert,
-        client_not_after,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

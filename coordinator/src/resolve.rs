@@ -135,6 +135,15 @@ impl Resolved {
         &self.access
     }
 
+    /// A repository the namespace may use, with the credentials of its Secret (pure; what
+    /// [`resolve`] does with the objects it reads).
+    pub fn from_secret(access: Access, secret: &Secret) -> Result<Self, ResolveError> {
+        let repo = access.repository();
+        let namespace = repo.namespace().unwrap_or_default();
+        let credentials = from_secret(&repo.spec.repository_url, secret, &namespace)?.repository;
+        Ok(Self { access, credentials })
+    }
+
     /// The repository message sent to agents: the checked repository's URL and credentials.
     pub fn agent_repository(&self) -> pb::Repository {
         self.credentials.clone()

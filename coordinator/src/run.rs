@@ -22,12 +22,48 @@ pub enum Ended {
     Unknown,
 }
 
+/// Why a call to an agent did not end in a successful result.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The run ended, failed (the agent's typed failure is in the result).
+    #[error("{}", describe_failure(.0))]
+    Failed(Box<pb::Result>),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the agent lost the run")]
+    Lost,
+}
+
+impl CallError {
+    /// The agent's failure kind, when the run ended failed.
+    pub fn failure(&self) -> Option<pb::FailureKind> {
+        match self {
+            CallError::Failed(r) => {
+                Some(pb::FailureKind::try_from(r.failure).unwrap_or(pb::FailureKind::Unspecified))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Ended {
+    /// The result of a run that succeeded, or why there is none.
+    pub fn succeeded(self) -> Result<pb::Result, CallError> {
+        match self {
+            Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => Ok(*r),
+            Ended::Result(r) => Err(CallError::Failed(r)),
+            Ended::Unavailable(e) => Err(CallError::Unavailable(e)),
+            Ended::Unknown => Err(CallError::Lost),
+        }
+    }
+}
+
 /// Reads `stream` to its end, calling `on_event` for progress and warnings. `None` when the
 /// stream broke before a result.
 pub async fn follow(
     mut stream: tonic::Streaming<pb::RunEvent>,
     on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
-) -> Result<pb::Result, String> {
+) -> Result<pb::Result, CallError> {
     loop {
         match stream.next().await {
             Some(Ok(event)) => {
@@ -36,8 +72,11 @@ pub async fn follow(
                 }
                 on_event(&event);
             }
-            Some(Err(status)) => return Err(format!("{}: {}", status.code(), status.message())),
-            None => return Err("the agent closed the stream without a result".into()),
+            Some(Err(status)) => return Err(unavailable(&status)),
+            None => {
+                let closed = "the agent closed the stream without a result";
+                return Err(CallError::Unavailable(closed.into()));
+            }
         }
     }
 }
@@ -58,7 +97,7 @@ where
 {
     let mut client = match agents.client(address) {
         Ok(c) => c,
-        Err(e) => return Ended::Unavailable(e),
+        Err(e) => return Ended::Unavailable(e.to_string()),
     };
     let first = match start(client.clone()).await {
         Ok(r) => follow(r.into_inner(), on_event).await,
@@ -79,11 +118,11 @@ where
                 ..Default::default()
             }));
         }
-        Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+        Err(s) => Err(unavailable(&s)),
     };
     let mut last_error = match first {
         Ok(result) => return Ended::Result(Box::new(result)),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     let deadline = tokio::time::Instant::now() + lost_after;
     let mut wait = Duration::from_millis(500);
@@ -117,11 +156,15 @@ pub async fn attach(
     {
         Ok(r) => match follow(r.into_inner(), on_event).await {
             Ok(result) => Ended::Result(Box::new(result)),
-            Err(e) => Ended::Unavailable(e),
+            Err(e) => Ended::Unavailable(e.to_string()),
         },
         Err(s) if s.code() == Code::NotFound => Ended::Unknown,
-        Err(s) => Ended::Unavailable(format!("{}: {}", s.code(), s.message())),
+        Err(s) => Ended::Unavailable(unavailable(&s).to_string()),
     }
+}
+
+fn unavailable(status: &tonic::Status) -> CallError {
+    CallError::Unavailable(format!("{}: {}", status.code(), status.message()))
 }
 
 /// A short description of a failed result, for conditions and events (never secrets: the
@@ -159,6 +202,11 @@ pub fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// The run id of a request's options (the key the agent knows the run by).
+pub fn id_of(options: &Option<pb::RunOptions>) -> String {
+    options.as_ref().map(|o| o.run_id.clone()).unwrap_or_default()
 }
 
 /// `RunOptions` for a run.

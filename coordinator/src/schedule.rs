@@ -7,7 +7,20 @@ use std::str::FromStr;
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
+use croner::errors::CronError;
 use croner::parser::{CronParser, Seconds, Year};
+
+/// Why a `schedule` + `timezone` pair cannot be read; the message is for a condition.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// `timezone` is not a name in the IANA database.
+    #[error("timezone {name:?} is not an IANA time zone name such as Europe/Berlin")]
+    Timezone { name: String },
+    /// `schedule` is not a five-field cron expression or a known macro. `expression` is what
+    /// was parsed: trimmed, with `@midnight` and `@annually` read as `@daily` and `@yearly`.
+    #[error("schedule {expression:?} is not a valid cron expression: {source}")]
+    Expression { expression: String, source: CronError },
+}
 
 /// A parsed `schedule` + `timezone` pair.
 #[derive(Clone, Debug)]
@@ -19,12 +32,10 @@ pub struct Schedule {
 impl Schedule {
     /// Parses a five-field cron expression (or a macro such as `@daily`) in `timezone`
     /// (IANA name, default UTC). The error says what is wrong, for a condition message.
-    pub fn parse(expression: &str, timezone: Option<&str>) -> Result<Self, String> {
+    pub fn parse(expression: &str, timezone: Option<&str>) -> Result<Self, ScheduleError> {
         let tz = match timezone.map(str::trim).filter(|t| !t.is_empty()) {
             None => Tz::UTC,
-            Some(name) => Tz::from_str(name).map_err(|_| {
-                format!("timezone {name:?} is not an IANA time zone name such as Europe/Berlin")
-            })?,
+            Some(name) => Tz::from_str(name).map_err(|_| ScheduleError::Timezone { name: name.into() })?,
         };
         let expression = expression.trim();
         let expression = match expression {
@@ -38,7 +49,10 @@ impl Schedule {
             .year(Year::Disallowed)
             .build()
             .parse(expression)
-            .map_err(|e| format!("schedule {expression:?} is not a valid cron expression: {e}"))?;
+            .map_err(|source| ScheduleError::Expression {
+                expression: expression.into(),
+                source,
+            })?;
         Ok(Self { cron, tz })
     }
 
@@ -171,9 +185,21 @@ mod tests {
     #[test]
     fn bad_expressions_and_zones_say_what_is_wrong() {
         let e = Schedule::parse("61 * * * *", None).unwrap_err();
-        assert!(e.contains("not a valid cron expression"), "{e}");
+        assert!(matches!(e, ScheduleError::Expression { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("schedule \"61 * * * *\" is not a valid cron expression: "),
+            "{e}"
+        );
         let e = Schedule::parse("0 2 * * *", Some("Mars/Olympus")).unwrap_err();
-        assert!(e.contains("Mars/Olympus") && e.contains("IANA"), "{e}");
+        assert!(
+            matches!(&e, ScheduleError::Timezone { name } if name == "Mars/Olympus"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "timezone \"Mars/Olympus\" is not an IANA time zone name such as Europe/Berlin"
+        );
         // Seconds are not part of the five-field format.
         assert!(Schedule::parse("0 0 2 * * *", None).is_err());
     }

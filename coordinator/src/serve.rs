@@ -44,18 +44,9 @@ async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result
     Ok(())
 }
 
+/// Runs the coordinator until its controllers stop or it loses the lease.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let client = match &config.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            let c = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-            Client::try_from(c)?
-        }
-        None => Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?,
-    };
+    let client = connect(&config).await?;
     let metrics = Arc::new(Metrics::new());
     serve_metrics(&config, Arc::clone(&metrics)).await?;
 
@@ -67,33 +58,98 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &identity,
         config.lease_duration,
     );
-    if !config.no_leader_election {
-        tokio::select! {
-            _ = elector.acquire(config.lease_renew_interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminate() => return Ok(()),
-        }
+    if !await_leadership(&elector, &config).await {
+        return Ok(());
     }
     metrics.leader.set(1);
     // Renew from now on, before the slower start-up below.
-    let elector = Arc::new(elector);
-    let holder = {
-        let elector = Arc::clone(&elector);
-        let no_election = config.no_leader_election;
-        let interval = config.lease_renew_interval;
-        tokio::spawn(async move {
-            if no_election {
-                std::future::pending::<()>().await
-            } else {
-                elector.hold(interval).await
-            }
-        })
-    };
+    let holder = hold_lease(elector, &config);
 
-    let pki = pki::ensure(&client, &config)
+    let ctx = build_context(&client, &config, &metrics).await?;
+    spawn_background_tasks(&ctx);
+    let controllers = spawn_controllers(&client, &config, &ctx);
+    tracing::info!(identity = %identity, "coordinator running");
+    // Metric series of deleted objects go with them (deletions do not wake a reconcile).
+    spawn_metric_sweep(
+        Arc::clone(&metrics),
+        controllers.backups,
+        controllers.repositories,
+    );
+
+    tokio::select! {
+        _ = holder => {
+            metrics.leader.set(0);
+            anyhow::bail!("lost leadership; exiting so that only the new leader dispatches");
+        }
+        _ = futures::future::join_all(controllers.tasks) => {
+            tracing::info!("controllers stopped");
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the Kubernetes API: through `--kubeconfig` if given, else in-cluster or KUBECONFIG.
+async fn connect(config: &Config) -> anyhow::Result<Client> {
+    let client = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let c = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+            Client::try_from(c)?
+        }
+        None => Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?,
+    };
+    Ok(client)
+}
+
+/// Waits for the lease (unless election is off); `false` when a signal stopped the wait.
+async fn await_leadership(elector: &Elector, config: &Config) -> bool {
+    if !config.no_leader_election {
+        tokio::select! {
+            _ = elector.acquire(config.lease_renew_interval) => {}
+            _ = tokio::signal::ctrl_c() => return false,
+            _ = terminate() => return false,
+        }
+    }
+    true
+}
+
+/// Keeps renewing the lease in a task that ends when it is lost (never, with election off).
+fn hold_lease(elector: Elector, config: &Config) -> tokio::task::JoinHandle<()> {
+    let no_election = config.no_leader_election;
+    let interval = config.lease_renew_interval;
+    tokio::spawn(async move {
+        if no_election {
+            std::future::pending::<()>().await
+        } else {
+            elector.hold(interval).await
+        }
+    })
+}
+
+/// Sets up the PKI and the agent discovery, and builds the context the controllers share.
+async fn build_context(
+    client: &Client,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<Context>> {
+    let pki = pki::ensure(client, config)
         .await
         .context("setting up the agent certificates")?;
+    let agents = watch_agents(client, config, &pki).await;
+    Ok(Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
+        agents,
+        Arc::clone(metrics),
+        pki,
+    )))
+}
 
+/// Watches the agent pods and returns the agents, after waiting up to 10s for the first list.
+async fn watch_agents(client: &Client, config: &Config, pki: &pki::Pki) -> Agents {
     // Agent pods in our namespace.
     let (reader, writer) = reflector::store::<Pod>();
     let agent_pods = Api::<Pod>::namespaced(client.clone(), &config.namespace);
@@ -108,17 +164,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .touched_objects()
     .for_each(|_| async {});
     tokio::spawn(agent_watch);
-    let agents = Agents::new(reader.clone(), &pki, config.agent_port, &config.agent_server_name);
+    let agents = Agents::new(reader.clone(), pki, config.agent_port, &config.agent_server_name);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), reader.wait_until_ready()).await;
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config.clone(),
-        agents,
-        Arc::clone(&metrics),
-        pki,
-    ));
+    agents
+}
+
+/// Starts the side tasks: the agent count metric, certificate renewal, the debug signer.
+fn spawn_background_tasks(ctx: &Arc<Context>) {
     {
-        let ctx = Arc::clone(&ctx);
+        let ctx = Arc::clone(ctx);
         tokio::spawn(async move {
             loop {
                 ctx.metrics.agents.set(ctx.agents.count() as i64);
@@ -126,85 +180,108 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    tokio::spawn(renew_certificates(Arc::clone(&ctx)));
-    tokio::spawn(crate::debugcerts::run(Arc::clone(&ctx)));
+    tokio::spawn(renew_certificates(Arc::clone(ctx)));
+    tokio::spawn(crate::debugcerts::run(Arc::clone(ctx)));
+}
 
+/// The running controllers, and the caches of the objects they watch.
+struct Controllers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    backups: Vec<reflector::Store<ResticBackup>>,
+    repositories: Vec<reflector::Store<ResticRepository>>,
+}
+
+/// Starts the repository and backup controllers for each watched namespace (or for all).
+fn spawn_controllers(client: &Client, config: &Config, ctx: &Arc<Context>) -> Controllers {
     let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
         vec![None]
     } else {
         config.watch_namespaces.iter().cloned().map(Some).collect()
     };
-    let mut controllers = Vec::new();
-    let (mut backup_stores, mut repo_stores) = (Vec::new(), Vec::new());
+    let mut controllers = Controllers {
+        tasks: Vec::new(),
+        backups: Vec::new(),
+        repositories: Vec::new(),
+    };
     for ns in namespaces {
-        let api = |c: &Client| -> (Api<ResticBackup>, Api<ResticRepository>) {
-            match &ns {
-                Some(ns) => (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns)),
-                None => (Api::all(c.clone()), Api::all(c.clone())),
-            }
-        };
-        let (backups, repos) = api(&client);
-        let repo_controller = Controller::new(repos, watcher::Config::default());
-        repo_stores.push(repo_controller.store());
-        let repo_controller = repo_controller
-            .shutdown_on_signal()
-            .run(repository::reconcile, repository::error_policy, Arc::clone(&ctx))
-            .for_each(|_| async {});
-        // Backups follow their repository's readiness; repositories in other namespaces are
-        // watched cluster-wide only when all namespaces are.
-        let backup_controller = Controller::new(backups, watcher::Config::default());
-        let store = backup_controller.store();
-        backup_stores.push(store.clone());
-        let (_, repo_watch) = api(&client);
-        let backup_controller = backup_controller
-            .watches(repo_watch, watcher::Config::default(), move |repo| {
-                backup::referencing(&store.state(), &repo)
-            })
-            .shutdown_on_signal()
-            .run(backup::reconcile, backup::error_policy, Arc::clone(&ctx))
-            .for_each(|_| async {});
-        controllers.push(tokio::spawn(repo_controller));
-        controllers.push(tokio::spawn(backup_controller));
+        spawn_namespace_controllers(client, ns, ctx, &mut controllers);
     }
-    tracing::info!(identity = %identity, "coordinator running");
-    // Metric series of deleted objects go with them (deletions do not wake a reconcile).
-    {
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
-                let keys = |objects: Vec<(Option<String>, Option<String>)>| -> std::collections::HashSet<(String, String)> {
-                    objects.into_iter().map(|(ns, n)| (ns.unwrap_or_default(), n.unwrap_or_default())).collect()
-                };
-                let backups = keys(
-                    backup_stores
-                        .iter()
-                        .flat_map(|s: &kube::runtime::reflector::Store<ResticBackup>| s.state())
-                        .map(|b| (b.metadata.namespace.clone(), b.metadata.name.clone()))
-                        .collect(),
-                );
-                let repos = keys(
-                    repo_stores
-                        .iter()
-                        .flat_map(|s: &kube::runtime::reflector::Store<ResticRepository>| s.state())
-                        .map(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()))
-                        .collect(),
-                );
-                metrics.retain(&backups, &repos);
-            }
-        });
-    }
+    controllers
+}
 
-    tokio::select! {
-        _ = holder => {
-            metrics.leader.set(0);
-            anyhow::bail!("lost leadership; exiting so that only the new leader dispatches");
+/// Starts the repository and backup controllers of one namespace (`None`: all namespaces).
+fn spawn_namespace_controllers(
+    client: &Client,
+    ns: Option<String>,
+    ctx: &Arc<Context>,
+    controllers: &mut Controllers,
+) {
+    let api = |c: &Client| -> (Api<ResticBackup>, Api<ResticRepository>) {
+        match &ns {
+            Some(ns) => (Api::namespaced(c.clone(), ns), Api::namespaced(c.clone(), ns)),
+            None => (Api::all(c.clone()), Api::all(c.clone())),
         }
-        _ = futures::future::join_all(controllers) => {
-            tracing::info!("controllers stopped");
+    };
+    let (backups, repos) = api(client);
+    let repo_controller = Controller::new(repos, watcher::Config::default());
+    controllers.repositories.push(repo_controller.store());
+    let repo_controller = repo_controller
+        .shutdown_on_signal()
+        .run(repository::reconcile, repository::error_policy, Arc::clone(ctx))
+        .for_each(|_| async {});
+    // Backups follow their repository's readiness; repositories in other namespaces are
+    // watched cluster-wide only when all namespaces are.
+    let backup_controller = Controller::new(backups, watcher::Config::default());
+    let store = backup_controller.store();
+    controllers.backups.push(store.clone());
+    let (_, repo_watch) = api(client);
+    let backup_controller = backup_controller
+        .watches(repo_watch, watcher::Config::default(), move |repo| {
+            backup::referencing(&store.state(), &repo)
+        })
+        .shutdown_on_signal()
+        .run(backup::reconcile, backup::error_policy, Arc::clone(ctx))
+        .for_each(|_| async {});
+    controllers.tasks.push(tokio::spawn(repo_controller));
+    controllers.tasks.push(tokio::spawn(backup_controller));
+}
+
+/// Every 10 seconds, drops the metric series of backups and repositories that no longer exist.
+fn spawn_metric_sweep(
+    metrics: Arc<Metrics>,
+    backup_stores: Vec<reflector::Store<ResticBackup>>,
+    repo_stores: Vec<reflector::Store<ResticRepository>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            let backups = object_keys(
+                backup_stores
+                    .iter()
+                    .flat_map(|s: &kube::runtime::reflector::Store<ResticBackup>| s.state())
+                    .map(|b| (b.metadata.namespace.clone(), b.metadata.name.clone()))
+                    .collect(),
+            );
+            let repos = object_keys(
+                repo_stores
+                    .iter()
+                    .flat_map(|s: &kube::runtime::reflector::Store<ResticRepository>| s.state())
+                    .map(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()))
+                    .collect(),
+            );
+            metrics.retain(&backups, &repos);
         }
-    }
-    Ok(())
+    });
+}
+
+/// `(namespace, name)` pairs, a missing part empty (pure).
+fn object_keys(
+    objects: Vec<(Option<String>, Option<String>)>,
+) -> std::collections::HashSet<(String, String)> {
+    objects
+        .into_iter()
+        .map(|(ns, n)| (ns.unwrap_or_default(), n.unwrap_or_default()))
+        .collect()
 }
 
 async fn terminate() {

@@ -6,9 +6,72 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
-use restic_operator_api::common::label_selector_matches;
+use restic_operator_api::common::{label_selector_matches, reasons};
+
+use crate::error::Class;
 
 // Hook Job names use it from here (`hooks`); it lives with the holder names now.
+
+/// Why a backup's source cannot be placed. The message is for a person (condition message).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("listing pods in {namespace}: {source}")]
+    ListPods { namespace: String, source: kube::Error },
+    /// `volume` is the pod volume's name (`podVolumeBackup.volumeName`).
+    #[error("no running pod in {namespace} matches the selector and has a volume named {volume:?}")]
+    NoMatchingPod { namespace: String, volume: String },
+    #[error("reading PersistentVolumeClaim {namespace}/{claim}: {source}")]
+    ReadClaim {
+        namespace: String,
+        claim: String,
+        source: kube::Error,
+    },
+    #[error("PersistentVolumeClaim {namespace}/{claim} does not exist")]
+    ClaimNotFound { namespace: String, claim: String },
+    #[error("PersistentVolumeClaim {namespace}/{claim} is not bound to a volume yet")]
+    ClaimNotBound { namespace: String, claim: String },
+    #[error("reading PersistentVolume {pv_name}: {source}")]
+    ReadVolume { pv_name: String, source: kube::Error },
+    #[error("PersistentVolume {pv_name} of claim {namespace}/{claim} does not exist")]
+    VolumeNotFound {
+        pv_name: String,
+        namespace: String,
+        claim: String,
+    },
+    /// `claim` is `namespace/name`.
+    #[error(
+        "PersistentVolume {pv_name} of claim {claim} is a hostPath volume (what k3s's local-path \
+         provisioner makes by default): the kubelet does not mount hostPath volumes under the \
+         pod's directory, where the agent reads volumes, so it cannot be backed up. Use a \
+         StorageClass that makes local volumes (local-path does with the annotation \
+         volumeType: local on the claim, or defaultVolumeType: local on its StorageClass)"
+    )]
+    HostPath { pv_name: String, claim: String },
+    #[error("customSource backups are not supported by this version of the coordinator")]
+    CustomSourceUnsupported,
+    #[error("spec.source names no source (pvc or podVolumeBackup)")]
+    NoSource,
+}
+
+impl SourceError {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SourceError::CustomSourceUnsupported | SourceError::NoSource => reasons::INVALID_SPEC,
+            _ => reasons::SOURCE_NOT_FOUND,
+        }
+    }
+
+    /// Whether trying again without a change can help (the API server may recover).
+    pub fn class(&self) -> Class {
+        match self {
+            SourceError::ListPods { .. } | SourceError::ReadClaim { .. } | SourceError::ReadVolume { .. } => {
+                Class::Temporary
+            }
+            _ => Class::Permanent,
+        }
+    }
+}
 
 /// The volume of a running pod to back up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,38 +132,52 @@ fn claim_of(pod: &Pod, volume: &str) -> Option<Option<String>> {
     Some(v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
 }
 
-async fn pv_of(client: &Client, ns: &str, claim: &str) -> Result<String, String> {
+async fn pv_of(client: &Client, ns: &str, claim: &str) -> Result<String, SourceError> {
     let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
         .get_opt(claim)
         .await
-        .map_err(|e| format!("reading PersistentVolumeClaim {ns}/{claim}: {e}"))?
-        .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} does not exist"))?;
+        .map_err(|source| SourceError::ReadClaim {
+            namespace: ns.into(),
+            claim: claim.into(),
+            source,
+        })?
+        .ok_or_else(|| SourceError::ClaimNotFound {
+            namespace: ns.into(),
+            claim: claim.into(),
+        })?;
     let pv_name = pvc
         .spec
         .and_then(|s| s.volume_name)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{claim} is not bound to a volume yet"))?;
+        .ok_or_else(|| SourceError::ClaimNotBound {
+            namespace: ns.into(),
+            claim: claim.into(),
+        })?;
     let pv = Api::<PersistentVolume>::all(client.clone())
         .get_opt(&pv_name)
         .await
-        .map_err(|e| format!("reading PersistentVolume {pv_name}: {e}"))?
-        .ok_or_else(|| format!("PersistentVolume {pv_name} of claim {ns}/{claim} does not exist"))?;
+        .map_err(|source| SourceError::ReadVolume {
+            pv_name: pv_name.clone(),
+            source,
+        })?
+        .ok_or_else(|| SourceError::VolumeNotFound {
+            pv_name: pv_name.clone(),
+            namespace: ns.into(),
+            claim: claim.into(),
+        })?;
     mountable(&pv, &format!("{ns}/{claim}"))?;
     Ok(pv_name)
 }
 
 /// The agent reads a claim's volume where the kubelet mounts it, under the pod's directory.
 /// The kubelet mounts a hostPath volume nowhere: containers get the node's directory itself.
-fn mountable(pv: &PersistentVolume, claim: &str) -> Result<(), String> {
+/// `claim` is `namespace/name`.
+fn mountable(pv: &PersistentVolume, claim: &str) -> Result<(), SourceError> {
     if pv.spec.as_ref().is_some_and(|s| s.host_path.is_some()) {
-        return Err(format!(
-            "PersistentVolume {} of claim {claim} is a hostPath volume (what k3s's local-path \
-             provisioner makes by default): the kubelet does not mount hostPath volumes under the \
-             pod's directory, where the agent reads volumes, so it cannot be backed up. Use a \
-             StorageClass that makes local volumes (local-path does with the annotation \
-             volumeType: local on the claim, or defaultVolumeType: local on its StorageClass)",
-            pv.name_any()
-        ));
+        return Err(SourceError::HostPath {
+            pv_name: pv.name_any(),
+            claim: claim.into(),
+        });
     }
     Ok(())
 }
@@ -120,12 +197,15 @@ fn pod_volume(pod: &Pod, volume: String, pv_name: String) -> PodVolume {
 }
 
 /// Finds where the backup's source is now. The error is for a person (condition message).
-pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement, String> {
+pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement, SourceError> {
     let ns = backup.namespace().unwrap_or_default();
     let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())
         .await
-        .map_err(|e| format!("listing pods in {ns}: {e}"))?
+        .map_err(|source| SourceError::ListPods {
+            namespace: ns.clone(),
+            source,
+        })?
         .items;
     let source = &backup.spec.source;
     if let Some(pv) = &source.pod_volume_backup {
@@ -135,10 +215,10 @@ pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement
             (label_selector_matches(&pv.selector, &labels) && claim_of(p, &volume).is_some())
                 .then(|| volume.clone())
         }) else {
-            return Err(format!(
-                "no running pod in {ns} matches the selector and has a volume named {:?}",
-                pv.volume_name
-            ));
+            return Err(SourceError::NoMatchingPod {
+                namespace: ns,
+                volume: pv.volume_name.clone(),
+            });
         };
         let pv_name = match claim_of(pod, &volume).flatten() {
             Some(claim) => pv_of(client, &ns, &claim).await?,
@@ -168,9 +248,9 @@ pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement
         });
     }
     if source.custom_source.is_some() {
-        return Err("customSource backups are not supported by this version of the coordinator".into());
+        return Err(SourceError::CustomSourceUnsupported);
     }
-    Err("spec.source names no source (pvc or podVolumeBackup)".into())
+    Err(SourceError::NoSource)
 }
 
 #[cfg(test)]
@@ -189,10 +269,22 @@ mod tests {
         .unwrap();
         let err = mountable(&pv, "media/emby").unwrap_err();
         assert!(
-            err.contains("pvc-1 of claim media/emby is a hostPath volume"),
-            "{err}"
+            matches!(
+                &err,
+                SourceError::HostPath { pv_name, claim } if pv_name == "pvc-1" && claim == "media/emby"
+            ),
+            "{err:?}"
         );
-        assert!(err.contains("volumeType: local"), "{err}");
+        assert_eq!(err.reason(), reasons::SOURCE_NOT_FOUND);
+        assert_eq!(err.class(), Class::Permanent);
+        assert_eq!(
+            err.to_string(),
+            "PersistentVolume pvc-1 of claim media/emby is a hostPath volume (what k3s's local-path \
+             provisioner makes by default): the kubelet does not mount hostPath volumes under the pod's \
+             directory, where the agent reads volumes, so it cannot be backed up. Use a StorageClass that \
+             makes local volumes (local-path does with the annotation volumeType: local on the claim, or \
+             defaultVolumeType: local on its StorageClass)"
+        );
         let local: PersistentVolume =
             serde_yaml::from_str("metadata: {name: pvc-2}\nspec: {local: {path: /mnt/disk}}").unwrap();
         assert!(mountable(&local, "media/emby").is_ok());

@@ -143,16 +143,13 @@ async fn scheduled_backup_runs_on_time_and_a_manual_trigger_starts_within_two_se
     let mut agent = node.agent_client().await?;
     let t0 = Utc::now().timestamp_millis();
     node.trigger("web", "2024-01-15T10:00:00Z").await?;
-    let started_ms = eventually("the manual run on the agent", Duration::from_secs(10), || {
-        let mut agent = agent.clone();
-        let first = last.run_id.clone().unwrap();
-        async move {
-            let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
-            Ok(runs
-                .into_iter()
-                .find(|r| r.kind == pb::RunKind::Backup as i32 && r.run_id != first && r.started_unix_ms > 0)
-                .map(|r| r.started_unix_ms))
-        }
+    let first = last.run_id.clone().unwrap();
+    let started_ms = eventually("the manual run on the agent", Duration::from_secs(10), || async {
+        let runs = support::runs(&agent).await?;
+        Ok(runs
+            .into_iter()
+            .find(|r| r.kind == pb::RunKind::Backup as i32 && r.run_id != first && r.started_unix_ms > 0)
+            .map(|r| r.started_unix_ms))
     })
     .await?;
     let latency = started_ms - t0;
@@ -261,19 +258,37 @@ async fn wait_dispatched(node: &Node, name: &str) -> Result<String> {
     .with_context(|| node.coordinator_log())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coordinator_killed_mid_backup_reattaches_after_restart_and_makes_exactly_one_snapshot()
--> Result<()> {
-    let mut node = Node::start("sigkill").await?;
+/// A node whose coordinator was killed while it followed a slow backup of `db-0`'s volume
+/// (`size` bytes); returns the node (with no coordinator), the repository and the run id.
+async fn killed_mid_backup(
+    test: &str,
+    size: usize,
+) -> Result<(Node, restic_operator_e2e::ResticRepo, String)> {
+    let mut node = Node::start(test).await?;
     let repo = ready_repository(&node, "main").await?;
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    std::fs::write(data.join("dump.sql"), pseudo_random(6 << 20, 7))?;
+    std::fs::write(data.join("dump.sql"), pseudo_random(size, 7))?;
     node.apply_yaml(&slow_backup("db")).await?;
     node.trigger("db", "once").await?;
     let run_id = wait_dispatched(&node, "db").await?;
-
     node.coordinators[0].kill();
     node.coordinators.clear();
+    Ok((node, repo, run_id))
+}
+
+/// Asserts that the node's (restarted) coordinator never sent a backup to an agent.
+fn assert_not_dispatched(node: &Node, why: &str) {
+    assert_eq!(
+        node.coordinators[0].metric("restic_operator_dispatch_total{kind=\"backup\"}"),
+        None,
+        "{why}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_backup_reattaches_after_restart_and_makes_exactly_one_snapshot()
+-> Result<()> {
+    let (mut node, repo, run_id) = killed_mid_backup("sigkill", 6 << 20).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     node.start_coordinator("coordinator-a").await?;
 
@@ -297,11 +312,7 @@ async fn a_coordinator_killed_mid_backup_reattaches_after_restart_and_makes_exac
     assert_eq!(last.snapshot_id.as_deref(), snapshots[0]["id"].as_str());
     let log = node.coordinators[0].log();
     assert!(log.contains("re-attached to the run in flight"), "{log}");
-    assert_eq!(
-        node.coordinators[0].metric("restic_operator_dispatch_total{kind=\"backup\"}"),
-        None,
-        "the restarted coordinator did not dispatch the backup again"
-    );
+    assert_not_dispatched(&node, "the restarted coordinator dispatched the backup again");
     Ok(())
 }
 
@@ -309,17 +320,8 @@ async fn a_coordinator_killed_mid_backup_reattaches_after_restart_and_makes_exac
 /// finds the run unknown. It looks the run up in the repository instead of sending it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again() -> Result<()> {
-    let mut node = Node::start("forgotten").await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    std::fs::write(data.join("dump.sql"), pseudo_random(3 << 20, 9))?;
-    node.apply_yaml(&slow_backup("db")).await?;
-    node.trigger("db", "once").await?;
-    let run_id = wait_dispatched(&node, "db").await?;
-
     // The coordinator dies; the backup finishes with nobody following it...
-    node.coordinators[0].kill();
-    node.coordinators.clear();
+    let (mut node, repo, run_id) = killed_mid_backup("forgotten", 3 << 20).await?;
     let snapshot = eventually("the run's snapshot", Duration::from_secs(60), || async {
         let list = restic_snapshots(&repo)?;
         Ok(list.first().and_then(|s| s["id"].as_str()).map(String::from))
@@ -342,11 +344,7 @@ async fn a_run_the_agent_forgot_is_found_in_the_repository_and_never_sent_again(
     assert!(message.contains("was not sent again"), "{message}");
     assert_eq!(last.files_new, None, "no counts without the agent's summary");
     assert_eq!(restic_snapshots(&repo)?.len(), 1, "a second snapshot was made");
-    assert_eq!(
-        node.coordinators[0].metric("restic_operator_dispatch_total{kind=\"backup\"}"),
-        None,
-        "the run was sent again"
-    );
+    assert_not_dispatched(&node, "the run was sent again");
     Ok(())
 }
 
@@ -363,23 +361,7 @@ async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()
         Ok(r.status.and_then(|s| s.statistics).map(|_| ()))
     })
     .await?;
-    let src = tempfile::tempdir()?;
-    std::fs::write(src.path().join("f"), pseudo_random(1 << 20, 5))?;
-    let out = repo
-        .restic()?
-        .current_dir(src.path())
-        .args(["backup", "."])
-        .output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut check = repo
-        .restic()?
-        .args(["check", "--read-data", "--limit-download=1"])
-        .spawn()?;
-    eventually("the check's exclusive lock", Duration::from_secs(20), || async {
-        let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
-        Ok((!out.stdout.is_empty()).then_some(()))
-    })
-    .await?;
+    let mut check = hold_exclusive_lock(&repo).await?;
 
     // A spec change makes the coordinator probe the repository and read its statistics again.
     let changed = node
@@ -411,6 +393,113 @@ async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()
         ready.is_true() && ready.reason.as_deref() == Some("RepositoryAccessible"),
         "{ready:?}"
     );
+    Ok(())
+}
+
+/// Starts a slow `restic check` that holds the repository's exclusive lock, once the
+/// repository has a snapshot to read; returns when the lock is there.
+async fn hold_exclusive_lock(repo: &restic_operator_e2e::ResticRepo) -> Result<std::process::Child> {
+    let src = tempfile::tempdir()?;
+    std::fs::write(src.path().join("f"), pseudo_random(1 << 20, 5))?;
+    let out = repo
+        .restic()?
+        .current_dir(src.path())
+        .args(["backup", "."])
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let check = repo
+        .restic()?
+        .args(["check", "--read-data", "--limit-download=1"])
+        .spawn()?;
+    eventually("the check's exclusive lock", Duration::from_secs(20), || async {
+        let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+        Ok((!out.stdout.is_empty()).then_some(()))
+    })
+    .await?;
+    Ok(check)
+}
+
+/// `jobConfig.backoffLimit`: a backup that fails for a reason a retry can fix (here another
+/// process's exclusive lock on the repository) is tried again after a backoff, in the same
+/// run, and the run makes one snapshot; its record says why the first attempt failed. With
+/// the default (no retry) the same failure ends the run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_fails_is_retried_within_its_backoff_limit_in_the_same_run() -> Result<()> {
+    let (node, repo) = db_node("retry").await?;
+    let mut check = hold_exclusive_lock(&repo).await?;
+    let spec = |limit: i32| {
+        format!(
+            "  repositoryRef: {{name: main}}\n  schedule: '@yearly'\n  \
+             source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: db}}}}, volumeName: data}}}}\n  \
+             jobConfig: {{backoffLimit: {limit}}}\n  manualTrigger: once\n"
+        )
+    };
+    node.apply_yaml(&backup_yaml("no-retry", &spec(0))).await?;
+    let once = node.wait_finished("no-retry", 0, Duration::from_secs(60)).await?;
+    let last = once.status.unwrap_or_default().last_backup.context("no record")?;
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Failed"),
+        "{last:?}"
+    );
+    let message = last.message.unwrap_or_default();
+    assert!(
+        message.contains("locked") && !message.contains("attempt"),
+        "{message}"
+    );
+
+    node.apply_yaml(&backup_yaml("retried", &spec(2))).await?;
+    let retrying = wait_event(&node, "BackupRetrying").await;
+    let _ = check.kill();
+    let _ = check.wait();
+    let out = repo.restic()?.args(["unlock", "--remove-all"]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let note = retrying?.note.unwrap_or_default();
+    assert!(
+        note.contains("Attempt 1 of run") && note.contains("attempt 2 of 3 in 10s"),
+        "{note}"
+    );
+    let active = node
+        .backups()
+        .get("retried")
+        .await?
+        .status
+        .and_then(|s| s.active_run);
+    assert_eq!(active.as_ref().and_then(|a| a.attempt), Some(2), "{active:?}");
+
+    let done = node.wait_finished("retried", 0, Duration::from_secs(90)).await?;
+    let last = done.status.unwrap_or_default().last_backup.context("no record")?;
+    assert_eq!(
+        last.result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{last:?}"
+    );
+    let message = last.message.clone().unwrap_or_default();
+    assert!(
+        message.starts_with("attempt 2 of 3; attempt 1 failed: repository locked"),
+        "{message}"
+    );
+    let run_id = last.run_id.clone().context("no run id")?;
+    let runs = node.agent_runs().await?;
+    let outcome = |id: &str| {
+        runs.iter()
+            .find(|r| r.run_id == id)
+            .and_then(|r| r.result.clone())
+            .map(|r| r.outcome)
+    };
+    assert_eq!(outcome(&run_id), Some(pb::Outcome::Failed as i32), "{runs:?}");
+    assert_eq!(
+        outcome(&format!("{run_id}-a2")),
+        Some(pb::Outcome::Succeeded as i32),
+        "{runs:?}"
+    );
+    let snapshots = restic_snapshots(&repo)?;
+    assert_eq!(
+        snapshots.len(),
+        2,
+        "the seeded snapshot and the retried run's: {snapshots:?}"
+    );
+    assert_eq!(last.snapshot_id.as_deref(), snapshots[1]["id"].as_str());
     Ok(())
 }
 
@@ -520,17 +609,17 @@ async fn a_run_given_up_on_is_cancelled_on_its_agent_when_the_agent_answers_agai
     // ...and once the agent is back, the run still going there is cancelled.
     agent_ready(&node, true).await?;
     let agent = node.agent_client().await?;
-    let result = eventually("the run cancelled on the agent", Duration::from_secs(30), || {
-        let mut agent = agent.clone();
-        let run_id = run_id.clone();
-        async move {
-            let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let result = eventually(
+        "the run cancelled on the agent",
+        Duration::from_secs(30),
+        || async {
+            let runs = support::runs(&agent).await?;
             Ok(runs
                 .into_iter()
                 .find(|r| r.run_id == run_id)
                 .and_then(|r| r.result))
-        }
-    })
+        },
+    )
     .await?;
     assert_eq!(result.outcome, pb::Outcome::Cancelled as i32, "{result:?}");
     assert!(
@@ -967,8 +1056,7 @@ async fn a_backup_from_a_namespace_the_repository_does_not_allow_is_refused() ->
     assert!(refused.note.unwrap_or_default().contains("refused"));
     // Still nothing a while later.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut agent = node.agent_client().await?;
-    let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let runs = node.agent_runs().await?;
     assert!(
         runs.iter().all(|r| r.kind != pb::RunKind::Backup as i32),
         "nothing was sent to an agent: {runs:?}"
@@ -1279,8 +1367,7 @@ async fn a_pod_a_user_created_under_the_holder_name_is_neither_used_nor_deleted(
         restic_snapshots(&repo)?.is_empty(),
         "nothing was backed up from it"
     );
-    let mut agent = node.agent_client().await?;
-    let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let runs = node.agent_runs().await?;
     assert!(
         runs.iter().all(|r| r.kind != pb::RunKind::Backup as i32),
         "nothing was sent to the agent: {runs:?}"
@@ -1461,8 +1548,7 @@ async fn a_repository_switched_right_after_a_trigger_never_gets_a_backup_from_a_
         "the repository that does not allow the namespace never got a snapshot"
     );
     assert_eq!(restic_snapshots(&open)?.len(), succeeded);
-    let mut agent = node.agent_client().await?;
-    let runs = agent.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+    let runs = node.agent_runs().await?;
     let backups_sent = runs
         .iter()
         .filter(|r| r.kind == pb::RunKind::Backup as i32)
@@ -1632,15 +1718,20 @@ async fn backup_status_writable(node: &Node, writable: bool) -> Result<()> {
     Ok(())
 }
 
+/// The coordinator's RBAC as the chart ships it.
+fn shipped_rbac() -> support::CoordinatorRbac<'static> {
+    support::CoordinatorRbac {
+        cluster_role: include_str!("../rbac/clusterrole.yaml"),
+        role: include_str!("../rbac/role.yaml"),
+    }
+}
+
 /// A run whose final status cannot be written is finished again by the next reconcile; its
 /// post-backup hook runs once, not on every attempt. (The exec hook fails here, as pods of
 /// this tier have no kubelet: each run of it is a HookFailed event, counted by its series.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_status_cannot_be_written_runs_its_post_hook_once() -> Result<()> {
-    let rbac = support::CoordinatorRbac {
-        cluster_role: include_str!("../rbac/clusterrole.yaml"),
-        role: include_str!("../rbac/role.yaml"),
-    };
+    let rbac = shipped_rbac();
     let flags = ["--status-write-attempts=2".to_string()];
     let node = Node::start_as("hook-once", &[], &flags, Some(rbac)).await?;
     ready_repository(&node, "main").await?;
@@ -1681,10 +1772,7 @@ async fn a_run_whose_status_cannot_be_written_runs_its_post_hook_once() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_coordinator_works_with_only_its_cluster_role() -> Result<()> {
-    let rbac = support::CoordinatorRbac {
-        cluster_role: include_str!("../rbac/clusterrole.yaml"),
-        role: include_str!("../rbac/role.yaml"),
-    };
+    let rbac = shipped_rbac();
     // The operator's namespace (which also holds an app) and a second app namespace.
     let apps = app_namespace("rbac-apps").await?;
     let node = Node::start_as("rbac", &[&apps], &[], Some(rbac)).await?;

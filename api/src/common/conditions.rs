@@ -201,6 +201,8 @@ pub mod event_reasons {
     pub const BACKUP_COMPLETED: &str = "BackupCompleted";
     /// A backup run failed.
     pub const BACKUP_FAILED: &str = "BackupFailed";
+    /// An attempt of a backup run failed and is tried again (`jobConfig.backoffLimit`).
+    pub const BACKUP_RETRYING: &str = "BackupRetrying";
     /// A backup run made a snapshot but could not read some files.
     pub const BACKUP_PARTIALLY_FAILED: &str = "BackupPartiallyFailed";
     /// A retention run (forget, prune) completed.

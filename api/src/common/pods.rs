@@ -52,8 +52,13 @@ pub struct JobConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
-    /// Not used yet. A failed run is not retried; the next scheduled run (or a new
-    /// `manualTrigger`) is the retry.
+    /// How many times the backup of a failed run is tried again before the run counts as
+    /// failed. Default: 0, no retry. A retry places the backup again (a running pod or a holder
+    /// pod) and sends it after 10 s, 20 s, 40 s ... (at most 5 min), with the same run; hooks
+    /// run once per run, `preBackup` before the first attempt and `postBackup` or `onFailure`
+    /// after the last. What a retry cannot fix is not retried: a refused run, a failed hook, a
+    /// wrong password, a missing repository, an invalid request, a cancelled run, an empty
+    /// snapshot of a non-empty volume. `activeDeadlineSeconds` applies to each attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub backoff_limit: Option<i32>,

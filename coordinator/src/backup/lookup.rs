@@ -14,8 +14,8 @@ use restic_operator_api::backup::ResticBackup;
 use restic_operator_proto::v1 as pb;
 
 use crate::context::Context;
-use crate::resolve::{self, Resolved};
-use crate::run::{self, Ended};
+use crate::resolve::{self, ResolveError, Resolved};
+use crate::run::{self, CallError};
 
 /// How far a node's clock may be behind the coordinator's.
 pub const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
@@ -98,23 +98,17 @@ pub async fn find(
     backup: &ResticBackup,
     run_id: &str,
     since: Option<DateTime<Utc>>,
-) -> Result<Option<(pb::Snapshot, Resolved)>, String> {
-    let resolved = resolve::resolve(&ctx.client, backup)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<Option<(pb::Snapshot, Resolved)>, LookupError> {
+    let resolved = resolve::resolve(&ctx.client, backup).await?;
     let identity = Identity::of(backup);
     let request = request(
         &identity,
         run_id,
-        Utc::now().timestamp_millis(),
+        ctx.now().timestamp_millis(),
         &resolved,
         ctx.config.maintenance_timeout,
     );
-    let lookup_id = request
-        .options
-        .as_ref()
-        .map(|o| o.run_id.clone())
-        .unwrap_or_default();
+    let lookup_id = crate::run::id_of(&request.options);
     let ended = ctx
         .dispatch(
             "snapshots",
@@ -129,18 +123,18 @@ pub async fn find(
         .as_ref()
         .and_then(|s| s.last_backup.as_ref())
         .and_then(|l| l.snapshot_id.clone());
-    match ended {
-        Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => {
-            Ok(
-                snapshot_of_run(&r.snapshots, &identity, since, previous.as_deref())
-                    .cloned()
-                    .map(|s| (s, resolved)),
-            )
-        }
-        Ended::Result(r) => Err(run::describe_failure(&r)),
-        Ended::Unavailable(e) => Err(e),
-        Ended::Unknown => Err("the agent lost the lookup".into()),
-    }
+    let found = ended.succeeded()?;
+    let snapshot = snapshot_of_run(&found.snapshots, &identity, since, previous.as_deref());
+    Ok(snapshot.cloned().map(|s| (s, resolved)))
+}
+
+/// Why the repository could not be searched for a run's snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Agent(#[from] CallError),
 }
 
 #[cfg(test)]

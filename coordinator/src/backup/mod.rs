@@ -4,11 +4,18 @@
 //! (see `runner`) owns the run until its result is in status; a restarted coordinator finds
 //! `status.activeRun` and re-attaches.
 
+mod after;
+mod attempt;
+mod cancel;
+mod finish;
 pub mod lookup;
 pub mod progress;
+mod reattach;
 pub mod request;
 pub mod runner;
 pub mod transition;
+
+pub use after::RetentionError;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +49,6 @@ pub struct NewRun {
     pub manual: Option<String>,
 }
 
-/// The plan, the run it starts, and a run refused for its namespace (with why).
-type Decision = (Plan, Option<NewRun>, Option<(NewRun, &'static str, String)>);
-
 /// What reconcile decided (pure).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
@@ -71,17 +75,12 @@ pub fn manual_run_id(uid: &str, trigger: &str, generation: i64) -> String {
     format!("rb-{uid}-m{:08x}-g{generation}", fnv(trigger))
 }
 
-/// Decides what to do at `now` (pure).
+/// Decides what to do at `now` (pure): the tick due, a pending manual trigger, and when the
+/// next tick is.
 pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, deadline: Duration) -> Plan {
     let status = backup.status.clone().unwrap_or_default();
     let uid = backup.uid().unwrap_or_default();
     let in_flight = status.active_run.is_some();
-    let policy = backup
-        .spec
-        .job_config
-        .as_ref()
-        .map(|j| j.concurrency_policy)
-        .unwrap_or_default();
     let base = status
         .last_schedule_time
         .as_ref()
@@ -89,65 +88,11 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
         .or_else(|| backup.metadata.creation_timestamp.as_ref().map(from_time))
         .unwrap_or(now);
     let deadline = chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::hours(1));
-    let mut plan = Plan::default();
-
-    let due_now = if backup.spec.suspend {
-        Due::Wait(None)
-    } else {
-        due(schedule, base, now, deadline)
+    let due_now = match backup.spec.suspend {
+        true => Due::Wait(None),
+        false => due(schedule, base, now, deadline),
     };
-    match due_now.clone() {
-        Due::Wait(_) => {}
-        Due::TooLate { time } => {
-            plan.last_schedule = Some(time);
-            plan.skipped = Some((
-                time,
-                format!(
-                    "missed the run scheduled at {} by more than the starting deadline; waiting for the next one",
-                    time.to_rfc3339()
-                ),
-            ));
-        }
-        Due::Run { time, missed } => {
-            if !in_flight {
-                if backup.pending_manual_trigger().is_none() {
-                    plan.start = Some(NewRun {
-                        run_id: scheduled_run_id(&uid, time),
-                        trigger: RunTrigger::Schedule,
-                        scheduled: time,
-                        manual: None,
-                    });
-                    plan.last_schedule = Some(time);
-                    if missed > 0 {
-                        plan.skipped = Some((
-                            time,
-                            format!("{missed} earlier scheduled run(s) were missed; running once now"),
-                        ));
-                    }
-                }
-            } else {
-                match policy {
-                    ConcurrencyPolicy::Forbid => {
-                        plan.last_schedule = Some(time);
-                        plan.skipped = Some((
-                            time,
-                            format!(
-                                "skipped the run scheduled at {}: the previous run is still in flight (concurrencyPolicy Forbid)",
-                                time.to_rfc3339()
-                            ),
-                        ));
-                    }
-                    // Allow: the tick waits for the run in flight and then runs (within the
-                    // deadline). Replace: the run in flight is cancelled first.
-                    ConcurrencyPolicy::Allow => plan.requeue = Some(Duration::from_secs(5)),
-                    ConcurrencyPolicy::Replace => {
-                        plan.cancel_active = true;
-                        plan.requeue = Some(Duration::from_secs(2));
-                    }
-                }
-            }
-        }
-    }
+    let mut plan = on_tick(backup, &uid, &due_now, in_flight);
     if !in_flight
         && plan.start.is_none()
         && let Some(trigger) = backup.pending_manual_trigger()
@@ -179,261 +124,377 @@ pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, dead
     plan
 }
 
-/// The event of a refusal: what the namespace may not do with the repository (as opposed to
-/// a repository that is not ready yet, which only delays runs).
-fn refusal_event(reason: &str) -> Option<&'static str> {
-    match reason {
-        reasons::NAMESPACE_NOT_ALLOWED => Some(er::NAMESPACE_NOT_ALLOWED),
-        _ => None,
+/// What the schedule alone asks for (pure): a tick to run, to skip, or to wait for.
+fn on_tick(backup: &ResticBackup, uid: &str, due_now: &Due, in_flight: bool) -> Plan {
+    let mut plan = Plan::default();
+    match *due_now {
+        Due::Wait(_) => {}
+        Due::TooLate { time } => {
+            plan.last_schedule = Some(time);
+            let why = format!(
+                "missed the run scheduled at {} by more than the starting deadline; waiting for the next one",
+                time.to_rfc3339()
+            );
+            plan.skipped = Some((time, why));
+        }
+        Due::Run { time, .. } if in_flight => {
+            let policy = backup
+                .spec
+                .job_config
+                .as_ref()
+                .map(|j| j.concurrency_policy)
+                .unwrap_or_default();
+            plan = while_in_flight(policy, time);
+        }
+        // A pending manual trigger takes the tick (see `plan`).
+        Due::Run { .. } if backup.pending_manual_trigger().is_some() => {}
+        Due::Run { time, missed } => {
+            plan.start = Some(NewRun {
+                run_id: scheduled_run_id(uid, time),
+                trigger: RunTrigger::Schedule,
+                scheduled: time,
+                manual: None,
+            });
+            plan.last_schedule = Some(time);
+            if missed > 0 {
+                let why = format!("{missed} earlier scheduled run(s) were missed; running once now");
+                plan.skipped = Some((time, why));
+            }
+        }
+    }
+    plan
+}
+
+/// A tick due at `time` while a run is in flight, by `concurrencyPolicy` (pure).
+fn while_in_flight(policy: ConcurrencyPolicy, time: DateTime<Utc>) -> Plan {
+    match policy {
+        ConcurrencyPolicy::Forbid => Plan {
+            last_schedule: Some(time),
+            skipped: Some((
+                time,
+                format!(
+                    "skipped the run scheduled at {}: the previous run is still in flight (concurrencyPolicy Forbid)",
+                    time.to_rfc3339()
+                ),
+            )),
+            ..Default::default()
+        },
+        // Allow: the tick waits for the run in flight and then runs (within the deadline).
+        ConcurrencyPolicy::Allow => Plan {
+            requeue: Some(Duration::from_secs(5)),
+            ..Default::default()
+        },
+        // Replace: the run in flight is cancelled first.
+        ConcurrencyPolicy::Replace => Plan {
+            cancel_active: true,
+            requeue: Some(Duration::from_secs(2)),
+            ..Default::default()
+        },
     }
 }
 
+/// Why the repository cannot take a run now: its `RepositoryReady` condition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blocked {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Blocked {
+    fn of(e: &ResolveError) -> Self {
+        Self {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The event of a refusal: what the namespace may not do with the repository (as opposed
+    /// to a repository that is not ready yet, which only delays runs).
+    fn refusal_event(&self) -> Option<&'static str> {
+        (self.reason == reasons::NAMESPACE_NOT_ALLOWED).then_some(er::NAMESPACE_NOT_ALLOWED)
+    }
+}
+
+/// What one reconcile decided, on the object as read under the status lock (pure).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    pub plan: Plan,
+    /// The run to record in status and start.
+    pub start: Option<NewRun>,
+    /// A run refused because the namespace may not use the repository.
+    pub refused: Option<NewRun>,
+}
+
+/// Decides at `now` what `backup` does, given whether its repository can take a run (pure).
+/// A run due while the repository is only not ready is not started and its tick is not
+/// consumed: it runs when the repository recovers within the starting deadline. A refused run
+/// is consumed: it never runs later by surprise.
+pub fn decide(
+    backup: &ResticBackup,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+    deadline: Duration,
+    blocked: Option<&Blocked>,
+) -> Decision {
+    let mut plan = plan(backup, schedule, now, deadline);
+    let Some(blocked) = blocked else {
+        let start = plan.start.clone();
+        return Decision {
+            plan,
+            start,
+            refused: None,
+        };
+    };
+    let refused = plan.start.clone().filter(|_| blocked.refusal_event().is_some());
+    if refused.is_none() {
+        plan.last_schedule = None;
+    }
+    Decision {
+        plan,
+        start: None,
+        refused,
+    }
+}
+
+/// Writes what `decision` says into the status of `backup` (pure): the schedule times, the
+/// `RepositoryReady` and `Ready` conditions, the run started, the manual trigger handled.
+pub fn record(
+    status: &mut ResticBackupStatus,
+    backup: &ResticBackup,
+    decision: &Decision,
+    blocked: Option<&Blocked>,
+    now: DateTime<Utc>,
+) {
+    let generation = backup.meta().generation;
+    let set = |s: &mut ResticBackupStatus, type_: &str, ok: bool, reason: &str, message: String| {
+        set_condition(
+            &mut s.conditions,
+            Condition::new(type_, ok, reason, message, generation, to_time(now)),
+        )
+    };
+    status.observed_generation = generation;
+    status.next_backup = decision.plan.next_backup.map(to_time);
+    if let Some(t) = decision.plan.last_schedule {
+        status.last_schedule_time = Some(to_time(t));
+    }
+    match blocked {
+        Some(b) => set(status, ct::REPOSITORY_READY, false, b.reason, b.message.clone()),
+        None => set(
+            status,
+            ct::REPOSITORY_READY,
+            true,
+            reasons::REPOSITORY_ACCESSIBLE,
+            "Repository is accessible".into(),
+        ),
+    }
+    if let Some(m) = decision.refused.as_ref().and_then(|r| r.manual.clone()) {
+        status.last_manual_trigger = Some(m);
+    }
+    if let Some(run) = &decision.start {
+        status.active_run = Some(ActiveRun {
+            run_id: run.run_id.clone(),
+            trigger: Some(run.trigger),
+            scheduled_time: Some(to_time(run.scheduled)),
+            start_time: Some(to_time(now)),
+            node_name: None,
+            agent_pod: None,
+            attempt: Some(1),
+        });
+        if let Some(m) = &run.manual {
+            status.last_manual_trigger = Some(m.clone());
+        }
+        status.progress = None;
+        let message = format!("Run {} started", run.run_id);
+        set(status, ct::PROGRESSING, true, reasons::BACKUP_RUNNING, message);
+    }
+    scheduling(status, backup.spec.suspend, generation, now);
+}
+
+/// `Ready` while no run says otherwise (pure): `Suspended`, or `Scheduled` once the schedule
+/// is active again (a valid spec, no longer suspended). A run's result is left alone.
+fn scheduling(status: &mut ResticBackupStatus, suspend: bool, generation: Option<i64>, now: DateTime<Utc>) {
+    let ready_reason = find_condition(&status.conditions, ct::READY).and_then(|c| c.reason.clone());
+    let (reason, message) = if suspend {
+        (reasons::SUSPENDED, "Scheduling is suspended")
+    } else if ready_reason
+        .as_deref()
+        .is_none_or(|r| r == reasons::SUSPENDED || r == reasons::INVALID_SPEC)
+    {
+        (reasons::SCHEDULED, "Waiting for the next scheduled run")
+    } else {
+        return;
+    };
+    let c = Condition::new(ct::READY, true, reason, message, generation, to_time(now));
+    set_condition(&mut status.conditions, c);
+}
+
+/// The events of `decision` (pure): a skipped tick, a refused run, an accepted manual trigger.
+/// A tick skipped because the repository is only not ready yet is not reported: it runs later.
+pub fn events(decision: &Decision, blocked: Option<&Blocked>) -> Vec<(EventType, &'static str, String)> {
+    let mut events = Vec::new();
+    if let Some((_, why)) = &decision.plan.skipped
+        && (blocked.is_none() || decision.refused.is_some())
+    {
+        events.push((EventType::Warning, er::BACKUP_SKIPPED, why.clone()));
+    }
+    if let (Some(run), Some(b)) = (&decision.refused, blocked) {
+        let reason = b.refusal_event().unwrap_or(er::NAMESPACE_NOT_ALLOWED);
+        let note = format!("Run {} refused: {}", run.run_id, b.message);
+        events.push((EventType::Warning, reason, note));
+    }
+    if let Some(m) = decision.start.as_ref().and_then(|r| r.manual.as_ref()) {
+        let note = format!("Manual trigger {m:?} accepted");
+        events.push((EventType::Normal, er::MANUAL_TRIGGER, note));
+    }
+    events
+}
+
+/// When to look at the backup again (pure): at the next tick, sooner when the plan asks, every
+/// minute while a run is in flight (should its runner have given up, the API server
+/// unreachable for minutes, the next reconcile re-attaches), and at least hourly.
+pub fn next_wake(plan: &Plan, in_flight: bool, now: DateTime<Utc>) -> Duration {
+    let until_next = plan
+        .next_backup
+        .map(|n| (n - now).to_std().unwrap_or_default() + Duration::from_millis(50));
+    let watch_run = in_flight.then_some(Duration::from_secs(60));
+    [until_next, plan.requeue, watch_run]
+        .into_iter()
+        .flatten()
+        .fold(Duration::from_secs(3600), Duration::min)
+        .max(Duration::from_millis(100))
+}
+
 /// Why a repository the backup may use cannot take a run yet (pure): its `Ready` condition.
-pub fn not_ready(access: &Access) -> Option<(&'static str, String)> {
+pub fn not_ready(access: &Access) -> Option<Blocked> {
     let repo = access.repository();
     let key = crate::status::key_of(repo);
-    match repo
+    let message = match repo
         .status
         .as_ref()
         .and_then(|s| find_condition(&s.conditions, ct::READY))
     {
-        Some(c) if c.is_true() => None,
-        Some(c) => Some((
-            reasons::REPOSITORY_NOT_READY,
-            format!(
-                "ResticRepository {key} is not ready ({}): {}",
-                c.reason.clone().unwrap_or_default(),
-                c.message.clone().unwrap_or_default()
-            ),
-        )),
-        None => Some((
-            reasons::REPOSITORY_NOT_READY,
-            format!("ResticRepository {key} has not been checked yet"),
-        )),
-    }
-}
-
-fn condition(
-    status: &mut ResticBackupStatus,
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: impl Into<String>,
-    generation: Option<i64>,
-) {
-    set_condition(
-        &mut status.conditions,
-        Condition::new(type_, ok, reason, message, generation, to_time(Utc::now())),
-    );
+        Some(c) if c.is_true() => return None,
+        Some(c) => format!(
+            "ResticRepository {key} is not ready ({}): {}",
+            c.reason.clone().unwrap_or_default(),
+            c.message.clone().unwrap_or_default()
+        ),
+        None => format!("ResticRepository {key} has not been checked yet"),
+    };
+    Some(Blocked {
+        reason: reasons::REPOSITORY_NOT_READY,
+        message,
+    })
 }
 
 pub async fn reconcile(backup: Arc<ResticBackup>, ctx: Arc<Context>) -> Result<Action> {
     crate::context::observed(&ctx.metrics, CONTROLLER, reconcile_inner(&backup, &ctx)).await
 }
 
+/// Re-attach → validate → dereference → decide and record (under the status lock) → apply.
 async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Action> {
     let ns = backup.namespace().unwrap_or_default();
     let name = backup.name_any();
-    let key = format!("backup/{ns}/{name}");
     let api: Api<ResticBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = backup.meta().generation;
-    let now = Utc::now();
+    let now = ctx.now();
 
     // A run in flight without a runner (coordinator restart): re-attach first. The runner
     // reads the run from the live object, so a stale cache cannot start a finished run.
     if let Some(active) = backup.status.as_ref().and_then(|s| s.active_run.as_ref()) {
         runner::ensure_running(ctx, &ns, &name, &active.run_id);
     }
-
-    // Validate (pure).
     let schedule = match Schedule::parse(&backup.spec.schedule, backup.spec.timezone.as_deref()) {
         Ok(s) => s,
-        Err(e) => {
-            ctx.status
-                .update(&api, &name, |_, s| {
-                    condition(s, ct::READY, false, reasons::INVALID_SPEC, e.clone(), generation);
-                    s.next_backup = None;
-                    s.observed_generation = generation;
-                })
-                .await?;
-            return Ok(Action::await_change());
-        }
+        Err(e) => return invalid(ctx, &api, backup, e.to_string()).await,
     };
+    let blocked = repository_blocked(ctx, backup).await?;
 
-    // Dereference the repository and check it may be used from here. This only decides
-    // whether to record a run; the runner resolves again from the live object, and what it
-    // resolves is what it checks and sends.
-    let repo_problem = match resolve::access(&ctx.client, backup).await {
-        Ok(access) => not_ready(&access),
-        Err(ResolveError::Api { source, .. }) => return Err(source.into()),
-        Err(e) => Some((e.reason(), e.to_string())),
-    };
-
-    let blocked = repo_problem.is_some();
     // Decide on the object as read under the status lock, not on the (possibly older)
     // cached copy this reconcile started from: a run is recorded at most once.
     let deadline = ctx.config.starting_deadline;
-    let mut decided: Option<Decision> = None;
+    let mut decided = None;
     let updated = ctx
         .status
         .update(&api, &name, |fresh, s| {
-            let mut plan = plan(fresh, &schedule, now, deadline);
-            let refuse_event = match (&repo_problem, &plan.start) {
-                (Some((reason, message)), Some(run)) if refusal_event(reason).is_some() => {
-                    Some((run.clone(), *reason, message.clone()))
-                }
-                _ => None,
-            };
-            let start = if blocked { None } else { plan.start.clone() };
-            if blocked && refuse_event.is_none() {
-                // A tick is not consumed while the repository is not usable; it runs when the
-                // repository recovers within the starting deadline.
-                plan.last_schedule = None;
-            }
-            s.observed_generation = generation;
-            s.next_backup = plan.next_backup.map(to_time);
-            if let Some(t) = plan.last_schedule {
-                s.last_schedule_time = Some(to_time(t));
-            }
-            match &repo_problem {
-                Some((reason, message)) => {
-                    condition(
-                        s,
-                        ct::REPOSITORY_READY,
-                        false,
-                        reason,
-                        message.clone(),
-                        generation,
-                    );
-                    // A refused manual trigger is recorded as handled: it will not run later
-                    // by surprise when the repository's allow-list changes.
-                    if let Some((run, _, _)) = &refuse_event
-                        && let Some(m) = &run.manual
-                    {
-                        s.last_manual_trigger = Some(m.clone());
-                    }
-                }
-                None => condition(
-                    s,
-                    ct::REPOSITORY_READY,
-                    true,
-                    reasons::REPOSITORY_ACCESSIBLE,
-                    "Repository is accessible",
-                    generation,
-                ),
-            }
-            if let Some(run) = &start {
-                s.active_run = Some(ActiveRun {
-                    run_id: run.run_id.clone(),
-                    trigger: Some(run.trigger),
-                    scheduled_time: Some(to_time(run.scheduled)),
-                    start_time: Some(to_time(Utc::now())),
-                    node_name: None,
-                    agent_pod: None,
-                    attempt: Some(1),
-                });
-                if let Some(m) = &run.manual {
-                    s.last_manual_trigger = Some(m.clone());
-                }
-                s.progress = None;
-                condition(
-                    s,
-                    ct::PROGRESSING,
-                    true,
-                    reasons::BACKUP_RUNNING,
-                    format!("Run {} started", run.run_id),
-                    generation,
-                );
-            }
-            let ready_reason = find_condition(&s.conditions, ct::READY).and_then(|c| c.reason.clone());
-            if fresh.spec.suspend {
-                condition(
-                    s,
-                    ct::READY,
-                    true,
-                    reasons::SUSPENDED,
-                    "Scheduling is suspended",
-                    generation,
-                );
-            } else if ready_reason.is_none()
-                || ready_reason.as_deref() == Some(reasons::SUSPENDED)
-                || ready_reason.as_deref() == Some(reasons::INVALID_SPEC)
-            {
-                condition(
-                    s,
-                    ct::READY,
-                    true,
-                    reasons::SCHEDULED,
-                    "Waiting for the next scheduled run",
-                    generation,
-                );
-            }
-            decided = Some((plan, start, refuse_event));
+            let decision = decide(fresh, &schedule, now, deadline, blocked.as_ref());
+            record(s, fresh, &decision, blocked.as_ref(), now);
+            decided = Some(decision);
         })
         .await?;
-    let (Some(updated), Some((plan, start, refuse_event))) = (updated, decided) else {
+    let (Some(updated), Some(decision)) = (updated, decided) else {
         return Ok(Action::await_change());
     };
+    apply(ctx, backup, &updated, &decision, blocked.as_ref()).await;
 
-    if let Some((_, why)) = &plan.skipped
-        && (!blocked || refuse_event.is_some())
-    {
-        runner::publish(ctx, backup, EventType::Warning, er::BACKUP_SKIPPED, why.clone()).await;
-    }
-    if let Some((run, reason, message)) = refuse_event {
-        runner::publish(
-            ctx,
-            backup,
-            EventType::Warning,
-            refusal_event(reason).unwrap_or(er::NAMESPACE_NOT_ALLOWED),
-            format!("Run {} refused: {message}", run.run_id),
-        )
-        .await;
-    }
-    if plan.cancel_active
-        && let Some(active) = updated.status.as_ref().and_then(|s| s.active_run.clone())
-    {
-        runner::cancel(ctx, &active).await;
-    }
-    let start_recorded = start.is_some();
-    if let Some(run) = start {
-        if let Some(m) = &run.manual {
-            runner::publish(
-                ctx,
-                backup,
-                EventType::Normal,
-                er::MANUAL_TRIGGER,
-                format!("Manual trigger {m:?} accepted"),
-            )
-            .await;
-        }
-        runner::ensure_running(ctx, &ns, &name, &run.run_id);
-    }
-
-    if blocked {
+    let key = format!("backup/{ns}/{name}");
+    if blocked.is_some() {
         return Ok(Action::requeue(
             backoff(ctx.failed(&key)).max(Duration::from_secs(10)),
         ));
     }
     ctx.succeeded(&key);
-    let until_next = plan
-        .next_backup
-        .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50));
-    // While a run is in flight, look again every minute: should its runner have given up
-    // (the API server unreachable for minutes), the next reconcile re-attaches.
-    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some()) || start_recorded;
-    let watch_run = in_flight.then_some(Duration::from_secs(60));
-    let requeue = [
-        until_next,
-        plan.requeue,
-        watch_run,
-        Some(Duration::from_secs(3600)),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .unwrap_or(Duration::from_secs(3600));
-    Ok(Action::requeue(requeue.max(Duration::from_millis(100))))
+    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some());
+    Ok(Action::requeue(next_wake(&decision.plan, in_flight, ctx.now())))
+}
+
+/// A spec that cannot be scheduled: `Ready=False` with `InvalidSpec`, until it changes.
+async fn invalid(
+    ctx: &Context,
+    api: &Api<ResticBackup>,
+    backup: &ResticBackup,
+    message: String,
+) -> Result<Action> {
+    let generation = backup.meta().generation;
+    let now = to_time(ctx.now());
+    ctx.status
+        .update(api, &backup.name_any(), |_, s| {
+            let c = Condition::new(
+                ct::READY,
+                false,
+                reasons::INVALID_SPEC,
+                message.clone(),
+                generation,
+                now.clone(),
+            );
+            set_condition(&mut s.conditions, c);
+            s.next_backup = None;
+            s.observed_generation = generation;
+        })
+        .await?;
+    Ok(Action::await_change())
+}
+
+/// Dereferences the repository and checks it may take a run from here. This only decides
+/// whether to record a run; the runner resolves again from the live object, and what it
+/// resolves is what it checks and sends. Only an API failure is an error.
+async fn repository_blocked(ctx: &Context, backup: &ResticBackup) -> Result<Option<Blocked>> {
+    match resolve::access(&ctx.client, backup).await {
+        Ok(access) => Ok(not_ready(&access)),
+        Err(ResolveError::Api { source, .. }) => Err(source.into()),
+        Err(e) => Ok(Some(Blocked::of(&e))),
+    }
+}
+
+/// The I/O of a decision: its events, the cancel of a replaced run, the runner of a new one.
+async fn apply(
+    ctx: &Arc<Context>,
+    backup: &ResticBackup,
+    updated: &ResticBackup,
+    decision: &Decision,
+    blocked: Option<&Blocked>,
+) {
+    for (type_, reason, note) in events(decision, blocked) {
+        runner::publish(ctx, backup, type_, reason, note).await;
+    }
+    if decision.plan.cancel_active
+        && let Some(active) = updated.status.as_ref().and_then(|s| s.active_run.as_ref())
+    {
+        cancel::cancel(ctx, active).await;
+    }
+    if let Some(run) = &decision.start {
+        let ns = backup.namespace().unwrap_or_default();
+        runner::ensure_running(ctx, &ns, &backup.name_any(), &run.run_id);
+    }
 }
 
 pub fn error_policy(backup: Arc<ResticBackup>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -607,16 +668,16 @@ mod tests {
         let locked = repo(
             "status: {conditions: [{type: Ready, status: 'False', reason: RepositoryLocked, message: held}]}",
         );
-        let (reason, message) = not_ready(&access(&locked)).unwrap();
-        assert_eq!(reason, reasons::REPOSITORY_NOT_READY);
+        let blocked = not_ready(&access(&locked)).unwrap();
+        assert_eq!(blocked.reason, reasons::REPOSITORY_NOT_READY);
         assert_eq!(
-            message,
+            blocked.message,
             "ResticRepository n/r is not ready (RepositoryLocked): held"
         );
         assert!(
             not_ready(&access(&repo("")))
                 .unwrap()
-                .1
+                .message
                 .contains("not been checked yet")
         );
     }
@@ -627,5 +688,148 @@ mod tests {
         let p = plan(&b, &schedule(), t("2024-01-01T01:00:00Z"), HOUR);
         assert!(p.start.is_none());
         assert_eq!(p.next_backup, Some(t("2024-01-01T02:00:00Z")));
+    }
+
+    fn reason<'a>(s: &'a ResticBackupStatus, type_: &str) -> Option<&'a str> {
+        find_condition(&s.conditions, type_)?.reason.as_deref()
+    }
+
+    fn not_ready_yet() -> Blocked {
+        Blocked {
+            reason: reasons::REPOSITORY_NOT_READY,
+            message: "ResticRepository n/r has not been checked yet".into(),
+        }
+    }
+
+    fn not_allowed() -> Blocked {
+        Blocked {
+            reason: reasons::NAMESPACE_NOT_ALLOWED,
+            message: "ResticRepository o/r does not allow namespace n (spec.allowedNamespaces)".into(),
+        }
+    }
+
+    #[test]
+    fn a_started_run_is_recorded_before_it_runs() {
+        let b = backup().status("lastScheduleTime: '2024-01-14T02:00:00Z'");
+        let now = t("2024-01-15T02:00:01Z");
+        let d = decide(&b, &schedule(), now, HOUR, None);
+        let mut s = b.status.clone().unwrap();
+        record(&mut s, &b, &d, None, now);
+        let active = s.active_run.clone().unwrap();
+        assert_eq!(Some(&active.run_id), d.start.as_ref().map(|r| &r.run_id));
+        assert_eq!(active.start_time, Some(to_time(now)));
+        assert_eq!(active.scheduled_time, Some(to_time(t("2024-01-15T02:00:00Z"))));
+        assert!(find_condition(&s.conditions, ct::PROGRESSING).unwrap().is_true());
+        assert_eq!(
+            reason(&s, ct::REPOSITORY_READY),
+            Some(reasons::REPOSITORY_ACCESSIBLE)
+        );
+        assert_eq!(reason(&s, ct::READY), Some(reasons::SCHEDULED));
+        assert_eq!(s.last_schedule_time, Some(to_time(t("2024-01-15T02:00:00Z"))));
+        assert!(events(&d, None).is_empty());
+    }
+
+    #[test]
+    fn a_repository_not_ready_yet_delays_the_tick_without_consuming_it() {
+        let b = backup().status("lastScheduleTime: '2024-01-14T02:00:00Z'");
+        let now = t("2024-01-15T02:00:01Z");
+        let blocked = not_ready_yet();
+        let d = decide(&b, &schedule(), now, HOUR, Some(&blocked));
+        assert!(d.start.is_none() && d.refused.is_none());
+        let mut s = b.status.clone().unwrap();
+        record(&mut s, &b, &d, Some(&blocked), now);
+        assert!(s.active_run.is_none());
+        assert_eq!(s.last_schedule_time, Some(to_time(t("2024-01-14T02:00:00Z"))));
+        let c = find_condition(&s.conditions, ct::REPOSITORY_READY).unwrap();
+        assert!(!c.is_true());
+        assert_eq!(c.message.as_deref(), Some(blocked.message.as_str()));
+        assert!(events(&d, Some(&blocked)).is_empty());
+        // Once the repository is ready, within the deadline, the same tick runs.
+        let later = decide(&b, &schedule(), t("2024-01-15T02:20:00Z"), HOUR, None);
+        assert_eq!(later.start.unwrap().scheduled, t("2024-01-15T02:00:00Z"));
+    }
+
+    #[test]
+    fn a_refused_manual_trigger_is_handled_and_reported_once() {
+        let b = backup()
+            .spec("manualTrigger: 'go'")
+            .status("lastScheduleTime: '2024-01-15T02:00:00Z'");
+        let now = t("2024-01-15T10:00:00Z");
+        let blocked = not_allowed();
+        let d = decide(&b, &schedule(), now, HOUR, Some(&blocked));
+        assert!(d.start.is_none());
+        assert_eq!(d.refused.as_ref().unwrap().manual.as_deref(), Some("go"));
+        let mut s = b.status.clone().unwrap();
+        record(&mut s, &b, &d, Some(&blocked), now);
+        assert_eq!(s.last_manual_trigger.as_deref(), Some("go"));
+        assert!(s.active_run.is_none());
+        let events = events(&d, Some(&blocked));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1, er::NAMESPACE_NOT_ALLOWED);
+        assert!(
+            events[0]
+                .2
+                .starts_with(&format!("Run {} refused: ", manual_run_id("u1", "go", 0)))
+        );
+        // The handled trigger does not run when the allow-list changes.
+        let b = backup()
+            .spec("manualTrigger: 'go'")
+            .status("lastScheduleTime: '2024-01-15T02:00:00Z', lastManualTrigger: 'go'");
+        assert!(decide(&b, &schedule(), now, HOUR, None).start.is_none());
+    }
+
+    #[test]
+    fn an_accepted_manual_trigger_and_a_skipped_tick_are_reported() {
+        let b = backup().spec("manualTrigger: 'go'").build();
+        let d = decide(&b, &schedule(), t("2024-01-01T01:00:00Z"), HOUR, None);
+        let accepted = events(&d, None);
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0].1, er::MANUAL_TRIGGER);
+        let b = backup().status("lastScheduleTime: '2024-01-14T02:00:00Z', activeRun: {runID: x}");
+        let d = decide(&b, &schedule(), t("2024-01-15T02:00:01Z"), HOUR, None);
+        let events = events(&d, None);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].0, events[0].1),
+            (EventType::Warning, er::BACKUP_SKIPPED)
+        );
+    }
+
+    #[test]
+    fn suspend_and_a_fixed_spec_set_ready_again() {
+        let b = backup()
+            .spec("suspend: true")
+            .status("conditions: [{type: Ready, status: 'False', reason: InvalidSpec}]");
+        let now = t("2024-01-15T02:00:01Z");
+        let d = decide(&b, &schedule(), now, HOUR, None);
+        let mut s = b.status.clone().unwrap();
+        record(&mut s, &b, &d, None, now);
+        assert_eq!(reason(&s, ct::READY), Some(reasons::SUSPENDED));
+        assert_eq!(s.next_backup, None);
+        let b = backup().status("conditions: [{type: Ready, status: 'True', reason: Suspended}]");
+        let mut s = b.status.clone().unwrap();
+        record(&mut s, &b, &decide(&b, &schedule(), now, HOUR, None), None, now);
+        assert_eq!(reason(&s, ct::READY), Some(reasons::SCHEDULED));
+    }
+
+    #[test]
+    fn the_next_wake_is_the_next_tick_or_a_minute_while_a_run_is_in_flight() {
+        let now = t("2024-01-15T01:59:00Z");
+        let plan = Plan {
+            next_backup: Some(t("2024-01-15T02:00:00Z")),
+            ..Default::default()
+        };
+        assert_eq!(next_wake(&plan, false, now), Duration::from_millis(60_050));
+        let far = Plan {
+            next_backup: Some(t("2024-01-16T02:00:00Z")),
+            ..Default::default()
+        };
+        assert_eq!(next_wake(&far, false, now), HOUR);
+        assert_eq!(next_wake(&far, true, now), Duration::from_secs(60));
+        let replace = Plan {
+            requeue: Some(Duration::from_secs(2)),
+            ..far
+        };
+        assert_eq!(next_wake(&replace, true, now), Duration::from_secs(2));
     }
 }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use kube::{Api, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{ActiveRun, Progress};
@@ -71,7 +70,7 @@ impl<'a> ProgressWriter<'a> {
         let progress = Progress {
             run_id: Some(self.run_id.clone()),
             start_time: self.start.clone(),
-            update_time: Some(to_time(Utc::now())),
+            update_time: Some(to_time(self.ctx.now())),
             // The agent reports 0-100; one decimal is enough.
             percent_done: Some((p.percent_done * 10.0).round() / 10.0),
             bytes_done: i64::try_from(p.bytes_done).ok(),

@@ -12,6 +12,7 @@ use restic_operator_api::common::{
 };
 use restic_operator_proto::v1 as pb;
 
+use super::RetentionError;
 use crate::repository::{from_time, to_time};
 use crate::resolve::Resolved;
 use crate::run;
@@ -81,6 +82,50 @@ impl Outcome {
     }
 }
 
+impl Outcome {
+    /// Whether another attempt can succeed where this one failed: the network, the agent, a
+    /// lock, restic itself, a pod not running yet. Not a refused run, a wrong password, a
+    /// missing repository, an invalid request, a cancelled run or an empty snapshot.
+    pub fn retryable(&self) -> bool {
+        if self.result != RunResult::Failed || !self.hooks {
+            return false;
+        }
+        let Some(r) = &self.agent else {
+            return matches!(self.reason, reasons::BACKUP_FAILED | reasons::SOURCE_NOT_FOUND);
+        };
+        use pb::FailureKind as K;
+        matches!(
+            K::try_from(r.failure).unwrap_or(K::Unspecified),
+            K::RepositoryUnreachable
+                | K::Locked
+                | K::Restic
+                | K::Unspecified
+                | K::AgentRestarted
+                | K::OutOfMemory
+                | K::VolumeNotFound
+        )
+    }
+}
+
+/// Whether attempt `attempt` of a run, which ended in `outcome`, is tried again (pure):
+/// `jobConfig.backoffLimit` allows `backoff_limit` retries of what a retry can fix.
+pub fn retry(outcome: &Outcome, attempt: i32, backoff_limit: i32) -> bool {
+    attempt <= backoff_limit && outcome.retryable()
+}
+
+/// How long to wait before attempt `next` (pure): 10 s before the second, doubling after
+/// each, at most 5 minutes.
+pub fn retry_delay(next: i32) -> std::time::Duration {
+    let doublings = u32::try_from(next - 2).unwrap_or(0).min(5);
+    std::time::Duration::from_secs((10u64 << doublings).min(300))
+}
+
+/// What the run's message says of its attempts (pure): which attempt ended it, of how many
+/// allowed, and why the earlier ones failed.
+pub fn attempts_note(attempt: i32, allowed: i32, earlier: &[String]) -> String {
+    format!("attempt {attempt} of {allowed}; {}", earlier.join("; "))
+}
+
 fn failed_count(r: &pb::Result) -> u64 {
     r.failed_paths_total.max(r.failed_paths.len() as u64)
 }
@@ -91,7 +136,7 @@ pub struct Finished<'a> {
     pub started: Time,
     pub now: DateTime<Utc>,
     pub outcome: &'a Outcome,
-    pub retention: Option<&'a Result<pb::ForgetSummary, String>>,
+    pub retention: Option<&'a Result<pb::ForgetSummary, RetentionError>>,
 }
 
 impl Finished<'_> {
@@ -169,7 +214,7 @@ impl Finished<'_> {
         let finished = format!("Run {} finished", self.active.run_id);
         set(ct::PROGRESSING, false, reason, finished);
         match (o.result, self.retention) {
-            (_, Some(Err(e))) => set(ct::DEGRADED, true, reason, e.clone()),
+            (_, Some(Err(e))) => set(ct::DEGRADED, true, reason, e.to_string()),
             (RunResult::PartiallyFailed, _) => set(ct::DEGRADED, true, reason, message),
             _ => set(ct::DEGRADED, false, reasons::BACKUP_SUCCEEDED, String::new()),
         }
@@ -271,7 +316,7 @@ statistics: {totalBackups: 1, successfulBackups: 1}
 
     fn finish(
         outcome: &Outcome,
-        retention: Option<&Result<pb::ForgetSummary, String>>,
+        retention: Option<&Result<pb::ForgetSummary, RetentionError>>,
     ) -> (ResticBackupStatus, (EventType, &'static str, String)) {
         let active = active();
         let finished = Finished {
@@ -359,7 +404,7 @@ statistics: {totalBackups: 1, successfulBackups: 1}
     #[test]
     fn a_failed_retention_degrades_a_successful_run_and_a_good_one_is_recorded() {
         let outcome = Outcome::of_agent(agent("{snapshot: abc}"));
-        let failed = Err("retention failed: locked".to_owned());
+        let failed = Err(RetentionError::NoAgent("locked".to_owned()));
         let (s, _) = finish(&outcome, Some(&failed));
         let degraded = condition(&s, ct::DEGRADED);
         assert!(
@@ -397,7 +442,7 @@ statistics: {totalBackups: 1, successfulBackups: 1}
         let finished = Finished {
             active: &active,
             started: active.start_time.clone().unwrap(),
-            now: Utc::now(),
+            now: "2026-11-26T02:01:30Z".parse().unwrap(),
             outcome: &outcome,
             retention: None,
         };
@@ -405,5 +450,73 @@ statistics: {totalBackups: 1, successfulBackups: 1}
         let before = s.clone();
         finished.apply(&mut s, Some(1));
         assert_eq!(s, before);
+    }
+
+    fn failed_with(kind: pb::FailureKind) -> Outcome {
+        Outcome::of_agent(pb::Result {
+            outcome: pb::Outcome::Failed as i32,
+            failure: kind as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn what_a_retry_can_fix_is_retried_within_the_backoff_limit() {
+        let locked = failed_with(pb::FailureKind::Locked);
+        assert!(!retry(&locked, 1, 0), "backoffLimit 0: no retry");
+        assert!(retry(&locked, 1, 2) && retry(&locked, 2, 2));
+        assert!(
+            !retry(&locked, 3, 2),
+            "the third attempt is the last of backoffLimit 2"
+        );
+        for kind in [
+            pb::FailureKind::RepositoryUnreachable,
+            pb::FailureKind::Restic,
+            pb::FailureKind::AgentRestarted,
+            pb::FailureKind::OutOfMemory,
+        ] {
+            assert!(retry(&failed_with(kind), 1, 1), "{kind:?}");
+        }
+        for kind in [
+            pb::FailureKind::WrongPassword,
+            pb::FailureKind::RepositoryNotFound,
+            pb::FailureKind::InvalidRequest,
+            pb::FailureKind::Cancelled,
+            pb::FailureKind::EmptySnapshot,
+        ] {
+            assert!(!retry(&failed_with(kind), 1, 1), "{kind:?}");
+        }
+        assert!(retry(&Outcome::failed("agent on node n1 unavailable"), 1, 1));
+        assert!(retry(
+            &Outcome::failed_because(reasons::SOURCE_NOT_FOUND, "no pod"),
+            1,
+            1
+        ));
+        let refused = Outcome {
+            hooks: false,
+            ..Outcome::failed_because(reasons::NAMESPACE_NOT_ALLOWED, "refused")
+        };
+        assert!(!retry(&refused, 1, 1));
+        assert!(!retry(
+            &Outcome::failed_because(reasons::INVALID_SPEC, "hostPath"),
+            1,
+            1
+        ));
+        let partial = Outcome::of_agent(agent("{snapshot: abc, failed: [a]}"));
+        assert!(!retry(&partial, 1, 1), "a snapshot was made");
+    }
+
+    #[test]
+    fn retries_back_off_and_the_message_says_why_earlier_attempts_failed() {
+        let secs = |n| retry_delay(n).as_secs();
+        assert_eq!(
+            (secs(2), secs(3), secs(4), secs(7), secs(30)),
+            (10, 20, 40, 300, 300)
+        );
+        let earlier = ["attempt 1 failed: repository locked".to_owned()];
+        assert_eq!(
+            attempts_note(2, 3, &earlier),
+            "attempt 2 of 3; attempt 1 failed: repository locked"
+        );
     }
 }

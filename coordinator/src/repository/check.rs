@@ -5,14 +5,15 @@ use chrono::{DateTime, Utc};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::common::{
-    Condition, ConditionStatus, condition_types as ct, event_reasons as er, reasons, set_condition,
+    Condition, condition_types as ct, event_reasons as er, reasons, set_condition,
 };
-use restic_operator_api::repository::{IntegrityCheckResult, ResticRepository};
+use restic_operator_api::repository::{IntegrityCheckResult, ResticRepository, ResticRepositoryStatus};
 use restic_operator_proto::v1 as pb;
 
+use super::request;
 use super::{from_time, publish, to_time};
 use crate::context::Context;
-use crate::run::{self, Ended};
+use crate::run::CallError;
 use crate::schedule::Schedule;
 
 /// The integrity check to run now, if any: a pending manual trigger, or a due scheduled one.
@@ -39,6 +40,46 @@ pub fn next_integrity_check(repo: &ResticRepository, now: DateTime<Utc>) -> Opti
         .next_after(now)
 }
 
+/// What a check's answer says (pure): passed, and the message for the condition and event.
+pub fn check_result(answer: &Result<pb::Result, CallError>) -> (bool, String) {
+    match answer {
+        Ok(_) => (true, "restic check found no errors".to_owned()),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Records a finished check in `status` (pure): its time and result, and the conditions
+/// `IntegrityCheckSucceeded` and `IntegrityCheckFailed`, which always disagree.
+pub fn record_check(
+    status: &mut ResticRepositoryStatus,
+    passed: bool,
+    message: &str,
+    now: DateTime<Utc>,
+    generation: Option<i64>,
+) {
+    let t = to_time(now);
+    status.last_integrity_check = Some(t.clone());
+    status.last_integrity_check_result = Some(match passed {
+        true => IntegrityCheckResult::Passed,
+        false => IntegrityCheckResult::Failed,
+    });
+    if passed {
+        status.last_successful_integrity_check = Some(t.clone());
+    }
+    let reason = match passed {
+        true => reasons::INTEGRITY_CHECK_PASSED,
+        false => reasons::INTEGRITY_CHECK_FAILED,
+    };
+    for (type_, ok) in [
+        (ct::INTEGRITY_CHECK_SUCCEEDED, passed),
+        (ct::INTEGRITY_CHECK_FAILED, !passed),
+    ] {
+        let c = Condition::new(type_, ok, reason, message, generation, t.clone());
+        set_condition(&mut status.conditions, c);
+    }
+}
+
+/// Runs the integrity check due at `scheduled` (or triggered by `manual`) and records it.
 pub(super) async fn integrity_check(
     ctx: &Context,
     repo: &ResticRepository,
@@ -49,10 +90,9 @@ pub(super) async fn integrity_check(
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
     let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = repo.meta().generation;
     // Record the trigger and the next time first, so a crash never repeats this check in a
     // loop.
-    let next = next_integrity_check(repo, Utc::now().max(scheduled));
+    let next = next_integrity_check(repo, ctx.now().max(scheduled));
     let _ = ctx
         .status
         .update(&api, &name, |_, s| {
@@ -70,30 +110,11 @@ pub(super) async fn integrity_check(
         }
     };
     let _exclusive = ctx.locks.exclusive(&format!("{ns}/{name}")).await;
-    publish(
-        ctx,
-        repo,
-        EventType::Normal,
-        er::INTEGRITY_CHECK_STARTED,
-        "Integrity check started".into(),
-    )
-    .await;
-    let run_id = format!(
-        "repo-{}-check-{}",
-        repo.uid().unwrap_or_default(),
-        scheduled.timestamp()
-    );
-    let request = pb::CheckRequest {
-        options: Some(run::options(&run_id, ctx.config.maintenance_timeout)),
-        repository: Some(creds),
-        read_data_subset: repo
-            .spec
-            .integrity_check
-            .as_ref()
-            .and_then(|c| c.read_data_subset.clone())
-            .unwrap_or_default(),
-    };
-    let ended = ctx
+    let note = "Integrity check started".to_owned();
+    publish(ctx, repo, EventType::Normal, er::INTEGRITY_CHECK_STARTED, note).await;
+    let request = request::check(repo, creds, scheduled, ctx.config.maintenance_timeout);
+    let run_id = crate::run::id_of(&request.options);
+    let answer = ctx
         .dispatch(
             "check",
             &agent.address,
@@ -101,82 +122,36 @@ pub(super) async fn integrity_check(
             |mut c| async move { c.check(request).await },
             &mut |_| {},
         )
-        .await;
-    let (passed, message) = match &ended {
-        Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => {
-            (true, "restic check found no errors".to_owned())
-        }
-        Ended::Result(r) => (false, run::describe_failure(r)),
-        Ended::Unavailable(e) => (false, e.clone()),
-        Ended::Unknown => (false, "the agent lost the run".to_owned()),
-    };
-    let now = Utc::now();
-    ctx.metrics
-        .integrity_check_timestamp
-        .with_label_values(&[&name, &ns])
+        .await
+        .succeeded();
+    record(ctx, repo, check_result(&answer)).await;
+}
+
+/// Records a finished check: metrics, status and event.
+async fn record(ctx: &Context, repo: &ResticRepository, (passed, message): (bool, String)) {
+    let (ns, name) = (repo.namespace().unwrap_or_default(), repo.name_any());
+    let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
+    let (now, generation) = (ctx.now(), repo.meta().generation);
+    let labels = [name.as_str(), ns.as_str()];
+    let m = &ctx.metrics;
+    m.integrity_check_timestamp
+        .with_label_values(&labels)
         .set(now.timestamp() as f64);
-    ctx.metrics
-        .integrity_check_status
-        .with_label_values(&[&name, &ns])
+    m.integrity_check_status
+        .with_label_values(&labels)
         .set(if passed { 1.0 } else { 0.0 });
-    let t = to_time(now);
     let _ = ctx
         .status
         .update(&api, &name, |_, s| {
-            s.last_integrity_check = Some(t.clone());
-            s.last_integrity_check_result = Some(if passed {
-                IntegrityCheckResult::Passed
-            } else {
-                IntegrityCheckResult::Failed
-            });
-            if passed {
-                s.last_successful_integrity_check = Some(t.clone());
-            }
-            let (st, sf) = if passed {
-                (ConditionStatus::True, ConditionStatus::False)
-            } else {
-                (ConditionStatus::False, ConditionStatus::True)
-            };
-            let reason = if passed {
-                reasons::INTEGRITY_CHECK_PASSED
-            } else {
-                reasons::INTEGRITY_CHECK_FAILED
-            };
-            set_condition(
-                &mut s.conditions,
-                Condition::new(
-                    ct::INTEGRITY_CHECK_SUCCEEDED,
-                    st,
-                    reason,
-                    message.clone(),
-                    generation,
-                    t.clone(),
-                ),
-            );
-            set_condition(
-                &mut s.conditions,
-                Condition::new(
-                    ct::INTEGRITY_CHECK_FAILED,
-                    sf,
-                    reason,
-                    message.clone(),
-                    generation,
-                    t.clone(),
-                ),
-            );
+            record_check(s, passed, &message, now, generation)
         })
         .await;
-    if passed {
-        publish(ctx, repo, EventType::Normal, er::INTEGRITY_CHECK_PASSED, message).await;
-    } else {
-        publish(
-            ctx,
-            repo,
-            EventType::Warning,
-            er::REPOSITORY_UNHEALTHY,
-            format!("Repository integrity check failed: {message}"),
-        )
-        .await;
+    match passed {
+        true => publish(ctx, repo, EventType::Normal, er::INTEGRITY_CHECK_PASSED, message).await,
+        false => {
+            let note = format!("Repository integrity check failed: {message}");
+            publish(ctx, repo, EventType::Warning, er::REPOSITORY_UNHEALTHY, note).await
+        }
     }
 }
 
@@ -208,5 +183,35 @@ mod tests {
             next_integrity_check(&later, now),
             Some("2024-01-21T03:00:00Z".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn a_check_records_its_result_and_two_conditions_that_agree() {
+        let now: DateTime<Utc> = "2026-11-22T03:10:00Z".parse().unwrap();
+        let mut s = ResticRepositoryStatus::default();
+        let failed = Err(CallError::Failed(Box::new(pb::Result {
+            outcome: pb::Outcome::Failed as i32,
+            reason: "pack 1f2e is damaged".into(),
+            ..Default::default()
+        })));
+        let (passed, message) = check_result(&failed);
+        assert!(!passed);
+        assert_eq!(message, "restic failed: pack 1f2e is damaged");
+        record_check(&mut s, passed, &message, now, Some(2));
+        let c = |s: &ResticRepositoryStatus, t| {
+            restic_operator_api::common::find_condition(&s.conditions, t)
+                .unwrap()
+                .is_true()
+        };
+        assert!(!c(&s, ct::INTEGRITY_CHECK_SUCCEEDED) && c(&s, ct::INTEGRITY_CHECK_FAILED));
+        assert_eq!(s.last_integrity_check_result, Some(IntegrityCheckResult::Failed));
+        assert!(s.last_successful_integrity_check.is_none());
+
+        let (passed, message) = check_result(&Ok(pb::Result::default()));
+        record_check(&mut s, passed, &message, now, Some(2));
+        assert!(c(&s, ct::INTEGRITY_CHECK_SUCCEEDED) && !c(&s, ct::INTEGRITY_CHECK_FAILED));
+        assert_eq!(s.last_successful_integrity_check, Some(to_time(now)));
+        let (_, lost) = check_result(&Err(CallError::Lost));
+        assert_eq!(lost, "the agent lost the run");
     }
 }

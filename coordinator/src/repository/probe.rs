@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::common::{
@@ -12,12 +12,14 @@ use restic_operator_api::common::{
 };
 use restic_operator_api::repository::{ResticRepository, ResticRepositoryStatus};
 use restic_operator_proto::v1 as pb;
+use restic_operator_proto::v1::agent_client::AgentClient;
+use tonic::transport::Channel;
 
+use super::request::{self, Kind};
 use super::{publish, to_time};
 use crate::context::Context;
-use crate::error::Result;
 use crate::resolve::CredentialsError;
-use crate::run::{self, Ended};
+use crate::run::{self, CallError};
 
 /// Why a repository is not Ready: the condition reason and a message.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,164 +50,167 @@ pub fn not_ready_from_credentials(e: &CredentialsError) -> NotReady {
     }
 }
 
-pub(super) fn ready(
+/// What a probe's answer means for readiness (pure).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Ready {
+        reason: &'static str,
+        message: &'static str,
+    },
+    /// No repository at the URL, and no init tried yet: initialize it.
+    Initialize,
+    NotReady(NotReady),
+}
+
+/// The verdict on a probe's `answer`; `init` is `None` before any init, `Some(created)` after
+/// one (`created`: it made the repository, rather than finding one made meanwhile).
+pub fn verdict(answer: &Result<pb::Result, CallError>, init: Option<bool>) -> Verdict {
+    match (answer, init) {
+        (Ok(_), Some(true)) => Verdict::Ready {
+            reason: reasons::REPOSITORY_INITIALIZED,
+            message: "Repository was initialized and is accessible",
+        },
+        (Ok(_), _) => Verdict::Ready {
+            reason: reasons::REPOSITORY_ACCESSIBLE,
+            message: "Repository is initialized and accessible",
+        },
+        (Err(e), None) if e.failure() == Some(pb::FailureKind::RepositoryNotFound) => Verdict::Initialize,
+        (Err(e), _) => Verdict::NotReady(not_ready_from_call(e)),
+    }
+}
+
+/// What an init's `answer` means (pure): `Ok(true)` when it made the repository, `Ok(false)`
+/// when one exists already (another initializer won the race: `init` never touches an
+/// existing repository), or why the repository stays not ready.
+pub fn initialized(answer: &Result<pb::Result, CallError>) -> Result<bool, NotReady> {
+    match answer {
+        Ok(_) => Ok(true),
+        Err(e) if e.failure() == Some(pb::FailureKind::RepositoryExists) => Ok(false),
+        Err(CallError::Failed(r)) => Err(NotReady {
+            reason: reasons::REPOSITORY_NOT_INITIALIZED,
+            message: format!(
+                "no repository exists at the URL and restic init failed: {}",
+                run::describe_failure(r)
+            ),
+        }),
+        Err(e) => Err(not_ready_from_call(e)),
+    }
+}
+
+/// Why a call that did not succeed leaves the repository not ready.
+fn not_ready_from_call(e: &CallError) -> NotReady {
+    match e {
+        CallError::Failed(r) => not_ready_from(r),
+        CallError::Unavailable(message) => NotReady {
+            reason: reasons::AGENT_UNAVAILABLE,
+            message: message.clone(),
+        },
+        CallError::Lost => NotReady {
+            reason: reasons::REPOSITORY_NOT_READY,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Sets the `Ready` condition from a verdict (pure).
+pub fn ready(
     status: &mut ResticRepositoryStatus,
     generation: Option<i64>,
-    ok: Result<&'static str, &NotReady>,
-    message: &str,
+    verdict: &Result<(&'static str, &str), NotReady>,
+    now: DateTime<Utc>,
 ) {
-    let now = to_time(Utc::now());
-    let c = match ok {
-        Ok(reason) => Condition::new(ct::READY, true, reason, message, generation, now),
+    let now = to_time(now);
+    let c = match verdict {
+        Ok((reason, message)) => Condition::new(ct::READY, true, reason, *message, generation, now),
         Err(nr) => Condition::new(ct::READY, false, nr.reason, nr.message.clone(), generation, now),
     };
     set_condition(&mut status.conditions, c);
     status.observed_generation = generation;
 }
 
-/// The readiness probe, with `init` first when the repository does not exist. `Err(Some(d))`
-/// asks for a retry after `d`, `Err(None)` for backoff (failed; the condition says why).
+/// The readiness probe, with `init` first when the repository does not exist; the verdict
+/// goes into `Ready`. `Err(Some(d))` asks for a retry after `d`, `Err(None)` for backoff
+/// (failed; the condition says why).
 pub(super) async fn probe(
     repo: &ResticRepository,
     ctx: &Context,
     creds: &pb::Repository,
 ) -> Result<(), Option<Duration>> {
-    let ns = repo.namespace().unwrap_or_default();
-    let name = repo.name_any();
-    let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
-    let generation = repo.meta().generation;
-    let uid = repo.uid().unwrap_or_default();
-    let write = |ok: Result<&'static str, NotReady>, message: String| {
-        let api = api.clone();
-        let name = name.clone();
-        async move {
-            let r = ctx
-                .status
-                .update(&api, &name, |_, s| {
-                    ready(s, generation, ok.as_ref().map(|r| *r), &message)
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(repository = %name, error = %e, "status update failed");
-            }
-        }
-    };
     let agent = match ctx.agents.any() {
         Ok(a) => a,
         Err(e) => {
             let nr = NotReady {
                 reason: reasons::AGENT_UNAVAILABLE,
-                message: e,
+                message: e.to_string(),
             };
-            write(Err(nr), String::new()).await;
+            write(ctx, repo, &Err(nr)).await;
             return Err(Some(Duration::from_secs(10)));
         }
     };
-    let stamp = Utc::now().timestamp();
-    let timeout = ctx.config.repository_timeout;
-    let mut initialized = false;
-    for attempt in 0..2 {
-        let run_id = format!("repo-{uid}-probe-{stamp}-{attempt}");
-        let request = pb::RepositoryRequest {
-            options: Some(run::options(&run_id, timeout)),
-            repository: Some(creds.clone()),
-        };
-        let ended = ctx
-            .dispatch(
-                "probe",
-                &agent.address,
-                &run_id,
-                |mut c| async move { c.probe(request).await },
-                &mut |_| {},
-            )
-            .await;
-        let result = match ended {
-            Ended::Result(r) => r,
-            Ended::Unavailable(message) => {
-                let nr = NotReady {
-                    reason: reasons::AGENT_UNAVAILABLE,
-                    message,
-                };
-                write(Err(nr), String::new()).await;
-                return Err(None);
-            }
-            Ended::Unknown => return Err(None),
-        };
-        if result.outcome == pb::Outcome::Succeeded as i32 {
-            let (reason, message) = if initialized {
-                (
-                    reasons::REPOSITORY_INITIALIZED,
-                    "Repository was initialized and is accessible",
-                )
-            } else {
-                (
-                    reasons::REPOSITORY_ACCESSIBLE,
-                    "Repository is initialized and accessible",
-                )
-            };
-            write(Ok(reason), message.into()).await;
-            return Ok(());
-        }
-        let not_found = result.failure == pb::FailureKind::RepositoryNotFound as i32;
-        if !(not_found && attempt == 0) {
-            write(Err(not_ready_from(&result)), String::new()).await;
-            return Err(None);
-        }
-        // No repository at the URL: initialize it. `init` refuses to touch an existing
-        // repository (RepositoryExists), so a race with another initializer is harmless.
-        let run_id = format!("repo-{uid}-init-{stamp}");
-        let request = pb::RepositoryRequest {
-            options: Some(run::options(&run_id, timeout)),
-            repository: Some(creds.clone()),
-        };
-        let ended = ctx
-            .dispatch(
-                "init",
-                &agent.address,
-                &run_id,
-                |mut c| async move { c.init(request).await },
-                &mut |_| {},
-            )
-            .await;
-        match ended {
-            Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => {
-                initialized = true;
-                publish(
-                    ctx,
-                    repo,
-                    EventType::Normal,
-                    er::REPOSITORY_INITIALIZED,
-                    format!(
+    let at = ctx.now();
+    let ask = |kind, attempt| {
+        let request = request::repository(kind, repo, creds, at, attempt, ctx.config.repository_timeout);
+        call(ctx, &agent.address, kind, request)
+    };
+    let mut verdict = verdict(&ask(Kind::Probe, 0).await, None);
+    if verdict == Verdict::Initialize {
+        verdict = match initialized(&ask(Kind::Init, 0).await) {
+            Ok(created) => {
+                if created {
+                    let note = format!(
                         "Initialized the restic repository at {}",
                         repo.spec.repository_url
-                    ),
-                )
-                .await;
+                    );
+                    publish(ctx, repo, EventType::Normal, er::REPOSITORY_INITIALIZED, note).await;
+                }
+                self::verdict(&ask(Kind::Probe, 1).await, Some(created))
             }
-            Ended::Result(r) if r.failure == pb::FailureKind::RepositoryExists as i32 => {}
-            Ended::Result(r) => {
-                let nr = NotReady {
-                    reason: reasons::REPOSITORY_NOT_INITIALIZED,
-                    message: format!(
-                        "no repository exists at the URL and restic init failed: {}",
-                        run::describe_failure(&r)
-                    ),
-                };
-                write(Err(nr), String::new()).await;
-                return Err(None);
-            }
-            Ended::Unavailable(e) => {
-                let nr = NotReady {
-                    reason: reasons::AGENT_UNAVAILABLE,
-                    message: e,
-                };
-                write(Err(nr), String::new()).await;
-                return Err(None);
-            }
-            Ended::Unknown => return Err(None),
-        }
+            Err(nr) => Verdict::NotReady(nr),
+        };
     }
-    Err(None)
+    let (written, outcome) = match verdict {
+        Verdict::Ready { reason, message } => (Ok((reason, message)), Ok(())),
+        Verdict::NotReady(nr) => (Err(nr), Err(None)),
+        Verdict::Initialize => unreachable!("an init was tried"),
+    };
+    write(ctx, repo, &written).await;
+    outcome
+}
+
+/// Writes the probe's verdict into `Ready` (a failure to write is logged: the next probe
+/// writes it again).
+async fn write(ctx: &Context, repo: &ResticRepository, verdict: &Result<(&'static str, &str), NotReady>) {
+    let name = repo.name_any();
+    let api: Api<ResticRepository> =
+        Api::namespaced(ctx.client.clone(), &repo.namespace().unwrap_or_default());
+    let (generation, now) = (repo.meta().generation, ctx.now());
+    let r = ctx
+        .status
+        .update(&api, &name, |_, s| ready(s, generation, verdict, now))
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(repository = %name, error = %e, "status update failed");
+    }
+}
+
+/// Sends one repository request of `kind` to the agent at `address` and follows it.
+pub(super) async fn call(
+    ctx: &Context,
+    address: &str,
+    kind: Kind,
+    request: pb::RepositoryRequest,
+) -> Result<pb::Result, CallError> {
+    let run_id = crate::run::id_of(&request.options);
+    let send = |mut c: AgentClient<Channel>| async move {
+        match kind {
+            Kind::Probe => c.probe(request).await,
+            Kind::Init => c.init(request).await,
+            Kind::Stats => c.stats(request).await,
+        }
+    };
+    ctx.dispatch(kind.as_str(), address, &run_id, send, &mut |_| {})
+        .await
+        .succeeded()
 }
 
 #[cfg(test)]
@@ -236,5 +241,101 @@ mod tests {
             not_ready_from(&r(pb::FailureKind::Locked)).reason,
             "RepositoryLocked"
         );
+    }
+
+    fn failed(k: pb::FailureKind) -> Result<pb::Result, CallError> {
+        Err(CallError::Failed(Box::new(pb::Result {
+            outcome: pb::Outcome::Failed as i32,
+            failure: k as i32,
+            reason: "x".into(),
+            ..Default::default()
+        })))
+    }
+
+    fn ok() -> Result<pb::Result, CallError> {
+        Ok(pb::Result {
+            outcome: pb::Outcome::Succeeded as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_missing_repository_is_initialized_once_then_probed_again() {
+        assert_eq!(
+            verdict(&failed(pb::FailureKind::RepositoryNotFound), None),
+            Verdict::Initialize
+        );
+        assert_eq!(initialized(&ok()), Ok(true));
+        assert_eq!(
+            verdict(&ok(), Some(true)),
+            Verdict::Ready {
+                reason: reasons::REPOSITORY_INITIALIZED,
+                message: "Repository was initialized and is accessible"
+            }
+        );
+        // Still missing after the init: not ready, and no second init.
+        let Verdict::NotReady(nr) = verdict(&failed(pb::FailureKind::RepositoryNotFound), Some(true)) else {
+            panic!("a repository still missing after init is not ready");
+        };
+        assert_eq!(nr.reason, reasons::REPOSITORY_NOT_INITIALIZED);
+    }
+
+    #[test]
+    fn an_init_that_finds_a_repository_made_meanwhile_is_no_failure() {
+        assert_eq!(initialized(&failed(pb::FailureKind::RepositoryExists)), Ok(false));
+        assert!(matches!(
+            verdict(&ok(), Some(false)),
+            Verdict::Ready {
+                reason: reasons::REPOSITORY_ACCESSIBLE,
+                ..
+            }
+        ));
+        let nr = initialized(&failed(pb::FailureKind::WrongPassword)).unwrap_err();
+        assert_eq!(nr.reason, reasons::REPOSITORY_NOT_INITIALIZED);
+        assert!(
+            nr.message.starts_with(
+                "no repository exists at the URL and restic init failed: wrong repository password"
+            ),
+            "{}",
+            nr.message
+        );
+    }
+
+    #[test]
+    fn an_agent_that_cannot_be_reached_or_loses_the_probe_leaves_the_repository_not_ready() {
+        let Verdict::NotReady(nr) = verdict(&Err(CallError::Unavailable("connection refused".into())), None)
+        else {
+            panic!("an unreachable agent is not a ready repository");
+        };
+        assert_eq!(
+            (nr.reason, nr.message.as_str()),
+            (reasons::AGENT_UNAVAILABLE, "connection refused")
+        );
+        let Verdict::NotReady(nr) = verdict(&Err(CallError::Lost), None) else {
+            panic!("a lost probe is not a ready repository");
+        };
+        assert_eq!(nr.reason, reasons::REPOSITORY_NOT_READY);
+        let Verdict::NotReady(nr) = verdict(&failed(pb::FailureKind::Locked), None) else {
+            panic!("a locked repository is not ready");
+        };
+        assert_eq!(nr.reason, reasons::REPOSITORY_LOCKED);
+    }
+
+    #[test]
+    fn the_ready_condition_says_what_the_verdict_says() {
+        let mut s = ResticRepositoryStatus::default();
+        let now: DateTime<Utc> = "2026-11-26T10:00:00Z".parse().unwrap();
+        let nr = NotReady {
+            reason: reasons::AUTHENTICATION_FAILED,
+            message: "wrong repository password".into(),
+        };
+        ready(&mut s, Some(4), &Err(nr), now);
+        let c = restic_operator_api::common::find_condition(&s.conditions, ct::READY).unwrap();
+        assert!(!c.is_true());
+        assert_eq!(c.reason.as_deref(), Some(reasons::AUTHENTICATION_FAILED));
+        assert_eq!((c.observed_generation, s.observed_generation), (Some(4), Some(4)));
+        ready(&mut s, Some(4), &Ok((reasons::REPOSITORY_ACCESSIBLE, "ok")), now);
+        let c = restic_operator_api::common::find_condition(&s.conditions, ct::READY).unwrap();
+        assert!(c.is_true());
     }
 }

@@ -2,16 +2,17 @@
 //! and after backups, with their own timeout; a failure is a warning event, never a change of
 //! readiness.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use restic_operator_api::common::{event_reasons as er, format_bytes};
 use restic_operator_api::repository::{RepositoryStatistics, ResticRepository};
 use restic_operator_proto::v1 as pb;
 
+use super::probe::call;
+use super::request::{self, Kind};
 use super::{publish, to_time};
 use crate::context::Context;
-use crate::run::{self, Ended};
 
 /// Reads a repository's statistics (`restic stats`, slow on large repositories) into
 /// `status.statistics` and the metrics. A failure is a warning event; readiness is the
@@ -26,26 +27,10 @@ pub(super) async fn statistics(repo: &ResticRepository, ctx: &Context, creds: &p
     let Ok(agent) = ctx.agents.any() else {
         return; // the probe reports a missing agent
     };
-    let uid = repo.uid().unwrap_or_default();
-    let run_id = format!("repo-{uid}-stats-{}", Utc::now().timestamp());
-    let request = pb::RepositoryRequest {
-        options: Some(run::options(&run_id, ctx.config.stats_timeout)),
-        repository: Some(creds.clone()),
-    };
-    let ended = ctx
-        .dispatch(
-            "stats",
-            &agent.address,
-            &run_id,
-            |mut c| async move { c.stats(request).await },
-            &mut |_| {},
-        )
-        .await;
-    let stats = match ended {
-        Ended::Result(r) if r.outcome == pb::Outcome::Succeeded as i32 => r.stats.unwrap_or_default(),
-        Ended::Result(r) => return statistics_failed(ctx, repo, run::describe_failure(&r)).await,
-        Ended::Unavailable(e) => return statistics_failed(ctx, repo, e).await,
-        Ended::Unknown => return statistics_failed(ctx, repo, "the agent lost the run".into()).await,
+    let request = request::repository(Kind::Stats, repo, creds, ctx.now(), 0, ctx.config.stats_timeout);
+    let stats = match call(ctx, &agent.address, Kind::Stats, request).await {
+        Ok(r) => r.stats.unwrap_or_default(),
+        Err(e) => return statistics_failed(ctx, repo, e.to_string()).await,
     };
     ctx.metrics
         .repository_size
@@ -56,20 +41,26 @@ pub(super) async fn statistics(repo: &ResticRepository, ctx: &Context, creds: &p
         .with_label_values(&[&name, &ns])
         .set(stats.snapshots_count as f64);
     let api: Api<ResticRepository> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = ctx.now();
     let written = ctx
         .status
         .update(&api, &name, |_, s| {
-            s.statistics = Some(RepositoryStatistics {
-                total_size: Some(format_bytes(stats.total_size)),
-                total_size_bytes: i64::try_from(stats.total_size).ok(),
-                total_file_count: i64::try_from(stats.total_file_count).ok(),
-                snapshot_count: i64::try_from(stats.snapshots_count).ok(),
-                update_time: Some(to_time(Utc::now())),
-            })
+            s.statistics = Some(statistics_of(&stats, now))
         })
         .await;
     if let Err(e) = written {
         tracing::warn!(repository = %name, error = %e, "status update failed");
+    }
+}
+
+/// The status figures of the agent's statistics at `now` (pure).
+pub fn statistics_of(stats: &pb::RepositoryStats, now: DateTime<Utc>) -> RepositoryStatistics {
+    RepositoryStatistics {
+        total_size: Some(format_bytes(stats.total_size)),
+        total_size_bytes: i64::try_from(stats.total_size).ok(),
+        total_file_count: i64::try_from(stats.total_file_count).ok(),
+        snapshot_count: i64::try_from(stats.snapshots_count).ok(),
+        update_time: Some(to_time(now)),
     }
 }
 

@@ -402,6 +402,11 @@ impl Node {
         self.client_for(self.agent().port).await
     }
 
+    /// The runs the node's agent knows, finished or not.
+    pub async fn agent_runs(&self) -> Result<Vec<restic_operator_proto::v1::RunInfo>> {
+        runs(&self.agent_client().await?).await
+    }
+
     /// A gRPC client for an agent on a loopback port.
     pub async fn client_for(&self, port: u16) -> Result<AgentClient<Channel>> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
@@ -444,4 +449,10 @@ pub fn restic_snapshots(repo: &ResticRepo) -> Result<Vec<serde_json::Value>> {
         bail!("restic snapshots: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The runs `agent` knows, finished or not.
+pub async fn runs(agent: &AgentClient<Channel>) -> Result<Vec<restic_operator_proto::v1::RunInfo>> {
+    let request = restic_operator_proto::v1::ListRunsRequest {};
+    Ok(agent.clone().list_runs(request).await?.into_inner().runs)
 }
