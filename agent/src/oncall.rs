@@ -39,7 +39,7 @@ pub struct Target<'a> {
 pub async fn reach(target: &Target<'_>) -> Result<Reached> {
     let client = client(target.kubeconfig).await?;
     let (pod, port) = agent_pod(&client, target).await?;
-    let (cert, ca, key) = certificate(&client, target.ttl).await?;
+    let DebugIdentity { cert, ca, key } = certificate(&client, target.ttl).await?;
     let addr = forward(&client, target.namespace, &pod, port).await?;
     Ok(Reached {
         addr,
@@ -107,8 +107,16 @@ async fn agent_pod(client: &Client, target: &Target<'_>) -> Result<(String, u16)
     Ok((pod.metadata.name.clone().unwrap_or_default(), port))
 }
 
-/// A key made here, its certificate signed by the coordinator: (certificate, CA, key).
-async fn certificate(client: &Client, ttl: Duration) -> Result<(String, String, String)> {
+/// A client identity for the debug session, in PEM.
+struct DebugIdentity {
+    cert: String,
+    /// The CA that signed `cert`, which also signs the agents' certificates.
+    ca: String,
+    key: String,
+}
+
+/// A key made here, its certificate signed by the coordinator.
+async fn certificate(client: &Client, ttl: Duration) -> Result<DebugIdentity> {
     let key = rcgen::KeyPair::generate()?;
     let mut params = rcgen::CertificateParams::new(Vec::new())?;
     params
@@ -153,7 +161,8 @@ async fn certificate(client: &Client, ttl: Duration) -> Result<(String, String, 
         if let Some(pem) = status.certificate {
             let pem = String::from_utf8(pem.0).context("the certificate is not PEM")?;
             let (cert, ca) = split_first(&pem).context("the issued bundle lacks the CA")?;
-            return Ok((cert, ca, key.serialize_pem()));
+            let key = key.serialize_pem();
+            return Ok(DebugIdentity { cert, ca, key });
         }
         if tokio::time::Instant::now() > deadline {
             bail!(

@@ -699,9 +699,10 @@ async fn repository_failures_have_their_own_reasons_and_never_leak_the_password(
     req.options.as_mut().unwrap().timeout_seconds = 5;
     let (_, unreachable) = collect(client.stats(req).await?.into_inner()).await?;
     ensure!(
-        unreachable.failure == FailureKind::RepositoryUnreachable as i32,
+        unreachable.failure == FailureKind::RepositoryUnreachable as i32 && unreachable.timed_out,
         "{unreachable:?}"
     );
+    ensure!(!bad.timed_out, "a wrong password is answered at once: {bad:?}");
     // Initializing twice is refused, not a second repository.
     let req = pb::RepositoryRequest {
         options: Some(options("init-again")),

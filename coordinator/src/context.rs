@@ -31,6 +31,9 @@ pub struct Context {
     /// Runs whose after-hooks ran but whose final status is not written yet: when such a
     /// run is finished again (re-attached), its hooks do not run a second time.
     pub hooks_ran: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Runs asked to stop (`concurrencyPolicy: Replace`) that no agent may be running yet: a
+    /// run between attempts, or being placed, ends before its next attempt is sent.
+    cancels: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -52,6 +55,7 @@ impl Context {
             pki: std::sync::RwLock::new(pki),
             failures: Default::default(),
             hooks_ran: Default::default(),
+            cancels: Default::default(),
         }
     }
 
@@ -90,6 +94,20 @@ impl Context {
     /// they make are pure functions that take it as an argument.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
         chrono::Utc::now()
+    }
+
+    /// Asks run `run_id` to end before its next attempt is sent.
+    pub fn request_cancel(&self, run_id: &str) {
+        self.cancels.lock().expect("cancels").insert(run_id.to_owned());
+    }
+
+    pub fn cancel_requested(&self, run_id: &str) -> bool {
+        self.cancels.lock().expect("cancels").contains(run_id)
+    }
+
+    /// Forgets a cancel request once its run has ended.
+    pub fn forget_cancel(&self, run_id: &str) {
+        self.cancels.lock().expect("cancels").remove(run_id);
     }
 
     pub fn pki(&self) -> Pki {

@@ -62,6 +62,15 @@ impl SourceError {
         }
     }
 
+    /// Whether another attempt of the run can find the source: a pod may start, a claim may
+    /// be bound; a hostPath volume or an unsupported spec stays what it is.
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            SourceError::HostPath { .. } | SourceError::CustomSourceUnsupported | SourceError::NoSource
+        )
+    }
+
     /// Whether trying again without a change can help (the API server may recover).
     pub fn class(&self) -> Class {
         match self {

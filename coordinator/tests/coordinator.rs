@@ -361,7 +361,7 @@ async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()
         Ok(r.status.and_then(|s| s.statistics).map(|_| ()))
     })
     .await?;
-    let mut check = hold_exclusive_lock(&repo).await?;
+    let check = hold_exclusive_lock(&repo).await?;
 
     // A spec change makes the coordinator probe the repository and read its statistics again.
     let changed = node
@@ -379,8 +379,7 @@ async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()
             .filter(|s| s.observed_generation == changed.metadata.generation))
     })
     .await;
-    let _ = check.kill();
-    let _ = check.wait();
+    drop(check);
     let note = failed?.note.unwrap_or_default();
     assert!(note.contains("locked"), "{note}");
     let status = probed?;
@@ -396,9 +395,20 @@ async fn a_repository_whose_statistics_cannot_be_read_stays_ready() -> Result<()
     Ok(())
 }
 
+/// A slow `restic check` holding a repository's exclusive lock, stopped when dropped (its
+/// lock then stays behind: `restic unlock --remove-all` removes it).
+struct ExclusiveLock(std::process::Child);
+
+impl Drop for ExclusiveLock {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a slow `restic check` that holds the repository's exclusive lock, once the
 /// repository has a snapshot to read; returns when the lock is there.
-async fn hold_exclusive_lock(repo: &restic_operator_e2e::ResticRepo) -> Result<std::process::Child> {
+async fn hold_exclusive_lock(repo: &restic_operator_e2e::ResticRepo) -> Result<ExclusiveLock> {
     let src = tempfile::tempdir()?;
     std::fs::write(src.path().join("f"), pseudo_random(1 << 20, 5))?;
     let out = repo
@@ -407,13 +417,28 @@ async fn hold_exclusive_lock(repo: &restic_operator_e2e::ResticRepo) -> Result<s
         .args(["backup", "."])
         .output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let check = repo
-        .restic()?
-        .args(["check", "--read-data", "--limit-download=1"])
-        .spawn()?;
+    // It waits for the locks of others (the coordinator reads the repository's statistics).
+    let check = ExclusiveLock(
+        repo.restic()?
+            .args(["check", "--read-data", "--limit-download=1", "--retry-lock=2m"])
+            .spawn()?,
+    );
+    // Other locks come and go (the coordinator reads the repository's statistics): wait for
+    // this process's own exclusive one.
+    let pid = check.0.id();
     eventually("the check's exclusive lock", Duration::from_secs(20), || async {
         let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
-        Ok((!out.stdout.is_empty()).then_some(()))
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let lock = repo.restic()?.args(["cat", "lock", id, "--no-lock"]).output()?;
+            let lock: serde_json::Value = match serde_json::from_slice(&lock.stdout) {
+                Ok(v) => v,
+                Err(_) => continue, // removed meanwhile
+            };
+            if lock["exclusive"] == true && lock["pid"] == pid {
+                return Ok(Some(()));
+            }
+        }
+        Ok(None)
     })
     .await?;
     Ok(check)
@@ -426,7 +451,7 @@ async fn hold_exclusive_lock(repo: &restic_operator_e2e::ResticRepo) -> Result<s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_that_fails_is_retried_within_its_backoff_limit_in_the_same_run() -> Result<()> {
     let (node, repo) = db_node("retry").await?;
-    let mut check = hold_exclusive_lock(&repo).await?;
+    let check = hold_exclusive_lock(&repo).await?;
     let spec = |limit: i32| {
         format!(
             "  repositoryRef: {{name: main}}\n  schedule: '@yearly'\n  \
@@ -450,8 +475,7 @@ async fn a_backup_that_fails_is_retried_within_its_backoff_limit_in_the_same_run
 
     node.apply_yaml(&backup_yaml("retried", &spec(2))).await?;
     let retrying = wait_event(&node, "BackupRetrying").await;
-    let _ = check.kill();
-    let _ = check.wait();
+    drop(check);
     let out = repo.restic()?.args(["unlock", "--remove-all"]).output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let note = retrying?.note.unwrap_or_default();
@@ -581,7 +605,10 @@ async fn a_run_given_up_on_is_cancelled_on_its_agent_when_the_agent_answers_agai
     let repo = ready_repository(&node, "main").await?;
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
     std::fs::write(data.join("dump.sql"), pseudo_random(16 << 20, 11))?;
-    node.apply_yaml(&slow_backup("db")).await?;
+    // Retries allowed: a run that may still be going on its agent is never one of them.
+    let retries = "  jobConfig: {backoffLimit: 2}\n";
+    node.apply_yaml(&format!("{}{retries}", slow_backup("db")))
+        .await?;
     node.trigger("db", "once").await?;
     let run_id = wait_dispatched(&node, "db").await?;
 
@@ -604,6 +631,10 @@ async fn a_run_given_up_on_is_cancelled_on_its_agent_when_the_agent_answers_agai
             .unwrap_or_default()
             .contains("lost the run in flight"),
         "{last:?}"
+    );
+    assert!(
+        events(&node, "BackupRetrying").await?.is_empty(),
+        "a run that may still be going on was retried: {last:?}"
     );
 
     // ...and once the agent is back, the run still going there is cancelled.

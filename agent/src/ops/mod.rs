@@ -81,10 +81,12 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
             }
             other => other,
         };
-        return failed(
+        let mut r = failed(
             kind,
             format!("{what} did not finish within its timeout and was stopped; last: {reason}"),
         );
+        r.timed_out = true;
+        return r;
     }
     let mut r = failed(kind, format!("{what} failed: {reason}"));
     r.exit_code = out.exit_code.unwrap_or(-1);

@@ -47,18 +47,24 @@ pub struct JobConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub failed_jobs_history_limit: Option<i32>,
-    /// Maximum duration of the restic backup of one run, in seconds; a backup still going after
-    /// that is stopped and counted as failed. Default: the coordinator's `--run-timeout` (24h).
+    /// Maximum duration of the restic backup of one attempt of a run, in seconds; a backup still
+    /// going after that is stopped and counted as failed (and not retried). Default: the
+    /// coordinator's `--run-timeout` (24h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub active_deadline_seconds: Option<i64>,
     /// How many times the backup of a failed run is tried again before the run counts as
-    /// failed. Default: 0, no retry. A retry places the backup again (a running pod or a holder
-    /// pod) and sends it after 10 s, 20 s, 40 s ... (at most 5 min), with the same run; hooks
-    /// run once per run, `preBackup` before the first attempt and `postBackup` or `onFailure`
-    /// after the last. What a retry cannot fix is not retried: a refused run, a failed hook, a
-    /// wrong password, a missing repository, an invalid request, a cancelled run, an empty
-    /// snapshot of a non-empty volume. `activeDeadlineSeconds` applies to each attempt.
+    /// failed. Default: 0, no retry. A retry finds the source again (the running pod, or the
+    /// run's holder pod) and sends the backup after 10 s, 20 s, 40 s ... (at most 5 min), in the
+    /// same run; hooks run once per run, `preBackup` before the first attempt and `postBackup`
+    /// or `onFailure` after the last. Retried: nothing could be sent (no pod mounts the volume
+    /// yet, the holder pod did not start, no agent serves the node), or restic ended failed
+    /// (the repository unreachable or locked, restic's own error, out of memory). Never
+    /// retried, so that a run makes at most one snapshot: a run whose agent stopped answering
+    /// or lost it (it may still be going on there), or restarted during it. Not retried either:
+    /// a refused run, a failed hook, a wrong password, a missing repository, an invalid
+    /// request, a cancelled run, an empty snapshot of a non-empty volume, a hostPath volume, a
+    /// backup stopped at `activeDeadlineSeconds` while it was still working.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub backoff_limit: Option<i32>,

@@ -112,8 +112,8 @@ pub struct ActiveRun {
     /// The pod doing the work: the node agent (also for a claim mounted by a holder pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_pod: Option<ObjectReference>,
-    /// Attempt number of the run: 1, and one more for each retry of a failed backup (see
-    /// `jobConfig.backoffLimit`).
+    /// Attempt number of the run: 1, and one more for each retry of a failed ResticBackup
+    /// run (see its `jobConfig.backoffLimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<i32>,
 }

@@ -19,7 +19,7 @@ use crate::run::CallError;
 pub enum RetentionError {
     #[error("retention failed: {0}")]
     Resolve(#[from] ResolveError),
-    #[error("retention failed: {0}")]
+    #[error("{0}")]
     NoAgent(String),
     #[error("retention failed: {0}")]
     Agent(#[from] CallError),

@@ -4,6 +4,7 @@
 //! `jobConfig.backoffLimit` allows one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -44,6 +45,9 @@ pub(super) async fn attempt(
         Ok(agent) => agent,
         Err(e) => return Outcome::failed(format!("{e} (pod {} mounts the volume there)", source.pod)),
     };
+    if let Some(cancelled) = cancelled(ctx, active) {
+        return cancelled;
+    }
     record_placement(ctx, api, backup, active, &source.node, &agent).await;
     let request = request::backup(ctx.config.run_timeout, backup, active, resolved, &source);
     send(
@@ -60,29 +64,43 @@ pub(super) async fn attempt(
 
 /// After a failed attempt that is to be retried: the next attempt's number goes into
 /// `status.activeRun` (unplaced, so a restarted coordinator starts it rather than asking the
-/// failed attempt's agent), an event says why, and the backoff is waited.
+/// failed attempt's agent; its progress cleared), an event says why, and the backoff is
+/// waited. `Err` ends the run instead: the backup is gone, its status has moved on to
+/// another run, or the run was cancelled (`concurrencyPolicy: Replace`) during the backoff.
 pub(super) async fn next_attempt(
     ctx: &Context,
     api: &Api<ResticBackup>,
     backup: &ResticBackup,
     active: &ActiveRun,
-    failed: &Outcome,
+    failed: Outcome,
     limit: i32,
-) -> ActiveRun {
+) -> Result<ActiveRun, Outcome> {
     let next = ActiveRun {
         attempt: Some(active.attempt.unwrap_or(1) + 1),
         node_name: None,
         agent_pod: None,
         ..active.clone()
     };
-    let _ = ctx
+    let live = ctx
         .status
         .update(api, &backup.name_any(), |_, s| {
             if let Some(a) = s.active_run.as_mut().filter(|a| a.run_id == next.run_id) {
                 *a = next.clone();
+                s.progress = None;
             }
         })
         .await;
+    let ours = |b: &ResticBackup| {
+        let a = b.status.as_ref().and_then(|s| s.active_run.as_ref());
+        a.is_some_and(|a| a.run_id == next.run_id)
+    };
+    match live {
+        Ok(Some(b)) if !ours(&b) => return Err(failed),
+        Ok(None) => return Err(failed),
+        // Not recorded: a restarted coordinator asks the failed attempt's agent, gets its
+        // failure and retries from there.
+        Ok(Some(_)) | Err(_) => {}
+    }
     let n = next.attempt.unwrap_or(2);
     let delay = retry_delay(n);
     let note = format!(
@@ -94,8 +112,30 @@ pub(super) async fn next_attempt(
         delay.as_secs()
     );
     publish(ctx, backup, EventType::Warning, er::BACKUP_RETRYING, note).await;
-    tokio::time::sleep(delay).await;
-    next
+    let until = tokio::time::Instant::now() + delay;
+    while tokio::time::Instant::now() < until {
+        if let Some(cancelled) = cancelled(ctx, &next) {
+            return Err(cancelled);
+        }
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+    }
+    Ok(next)
+}
+
+/// The outcome of a run cancelled (`concurrencyPolicy: Replace`) before its attempt was sent.
+pub(super) fn cancelled(ctx: &Context, active: &ActiveRun) -> Option<Outcome> {
+    ctx.cancel_requested(&active.run_id).then(|| {
+        Outcome::of_agent(pb::Result {
+            outcome: pb::Outcome::Cancelled as i32,
+            failure: pb::FailureKind::Cancelled as i32,
+            reason: format!(
+                "cancelled before attempt {} was sent",
+                active.attempt.unwrap_or(1)
+            ),
+            ..Default::default()
+        })
+    })
 }
 
 /// Records where the run goes (`activeRun.nodeName` and `agentPod`) before it is sent, so a
@@ -137,7 +177,10 @@ async fn send(
 ) -> Outcome {
     let (node, address) = (agent.node.as_str(), agent.address.as_str());
     let _shared = ctx.locks.shared(repository).await;
-    let note = format!("Starting backup {} on node {node}", active.run_id);
+    let note = match active.attempt.unwrap_or(1) {
+        ..=1 => format!("Starting backup {} on node {node}", active.run_id),
+        n => format!("Starting backup {} (attempt {n}) on node {node}", active.run_id),
+    };
     publish(ctx, backup, EventType::Normal, er::BACKUP_STARTED, note).await;
     let mut progress = ProgressWriter::new(ctx, api, backup, active);
     let run_id = request::agent_run_id(active);
@@ -155,17 +198,18 @@ async fn send(
         Ended::Result(r) => Outcome::of_agent(*r),
         Ended::Unavailable(e) => {
             cancel_abandoned(ctx, node, active);
-            Outcome::failed(format!("agent on node {node} unavailable: {e}"))
+            Outcome::uncertain(format!("agent on node {node} unavailable: {e}"))
         }
-        Ended::Unknown => Outcome::failed(format!("the agent on node {node} lost run {}", active.run_id)),
+        Ended::Unknown => Outcome::uncertain(format!("the agent on node {node} lost run {}", active.run_id)),
     }
 }
 
 /// The pod volume the run reads: a running pod's, or a holder's started for the claim.
 async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Result<PodVolume, Outcome> {
-    let placement = sources::resolve(&ctx.client, backup)
-        .await
-        .map_err(|e| Outcome::failed_because(e.reason(), e.to_string()))?;
+    let placement = sources::resolve(&ctx.client, backup).await.map_err(|e| Outcome {
+        permanent: !e.retryable(),
+        ..Outcome::failed_because(e.reason(), e.to_string())
+    })?;
     match placement {
         Placement::Pod(pv) => Ok(pv),
         Placement::Holder { claim, pv_name } => {

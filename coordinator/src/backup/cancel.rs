@@ -10,8 +10,10 @@ use restic_operator_proto::v1 as pb;
 use super::request::agent_run_id;
 use crate::context::Context;
 
-/// Asks the agent to cancel the run in flight (`concurrencyPolicy: Replace`).
+/// Asks the agent to cancel the run in flight (`concurrencyPolicy: Replace`), and the runner
+/// not to send another attempt of it.
 pub async fn cancel(ctx: &Context, active: &ActiveRun) {
+    ctx.request_cancel(&active.run_id);
     let Some(address) = recorded_address(ctx, active) else {
         return;
     };

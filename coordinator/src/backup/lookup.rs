@@ -123,7 +123,10 @@ pub async fn find(
         .as_ref()
         .and_then(|s| s.last_backup.as_ref())
         .and_then(|l| l.snapshot_id.clone());
-    let found = ended.succeeded()?;
+    let found = match ended.succeeded() {
+        Err(CallError::Lost) => return Err(LookupError::Lost),
+        other => other?,
+    };
     let snapshot = snapshot_of_run(&found.snapshots, &identity, since, previous.as_deref());
     Ok(snapshot.cloned().map(|s| (s, resolved)))
 }
@@ -135,6 +138,8 @@ pub enum LookupError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Agent(#[from] CallError),
+    #[error("the agent lost the lookup")]
+    Lost,
 }
 
 #[cfg(test)]

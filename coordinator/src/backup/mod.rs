@@ -258,14 +258,15 @@ pub fn decide(
 
 /// Writes what `decision` says into the status of `backup` (pure): the schedule times, the
 /// `RepositoryReady` and `Ready` conditions, the run started, the manual trigger handled.
+/// `generation` is that of the spec the schedule was read from.
 pub fn record(
     status: &mut ResticBackupStatus,
     backup: &ResticBackup,
     decision: &Decision,
     blocked: Option<&Blocked>,
+    generation: Option<i64>,
     now: DateTime<Utc>,
 ) {
-    let generation = backup.meta().generation;
     let set = |s: &mut ResticBackupStatus, type_: &str, ok: bool, reason: &str, message: String| {
         set_condition(
             &mut s.conditions,
@@ -411,13 +412,13 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
 
     // Decide on the object as read under the status lock, not on the (possibly older)
     // cached copy this reconcile started from: a run is recorded at most once.
-    let deadline = ctx.config.starting_deadline;
+    let (deadline, generation) = (ctx.config.starting_deadline, backup.meta().generation);
     let mut decided = None;
     let updated = ctx
         .status
         .update(&api, &name, |fresh, s| {
             let decision = decide(fresh, &schedule, now, deadline, blocked.as_ref());
-            record(s, fresh, &decision, blocked.as_ref(), now);
+            record(s, fresh, &decision, blocked.as_ref(), generation, now);
             decided = Some(decision);
         })
         .await?;
@@ -433,7 +434,9 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
         ));
     }
     ctx.succeeded(&key);
-    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some());
+    // `updated` is the object as read before this write: a run it just recorded is in flight.
+    let in_flight =
+        updated.status.as_ref().is_some_and(|s| s.active_run.is_some()) || decision.start.is_some();
     Ok(Action::requeue(next_wake(&decision.plan, in_flight, ctx.now())))
 }
 
@@ -714,7 +717,7 @@ mod tests {
         let now = t("2024-01-15T02:00:01Z");
         let d = decide(&b, &schedule(), now, HOUR, None);
         let mut s = b.status.clone().unwrap();
-        record(&mut s, &b, &d, None, now);
+        record(&mut s, &b, &d, None, b.meta().generation, now);
         let active = s.active_run.clone().unwrap();
         assert_eq!(Some(&active.run_id), d.start.as_ref().map(|r| &r.run_id));
         assert_eq!(active.start_time, Some(to_time(now)));
@@ -737,7 +740,7 @@ mod tests {
         let d = decide(&b, &schedule(), now, HOUR, Some(&blocked));
         assert!(d.start.is_none() && d.refused.is_none());
         let mut s = b.status.clone().unwrap();
-        record(&mut s, &b, &d, Some(&blocked), now);
+        record(&mut s, &b, &d, Some(&blocked), b.meta().generation, now);
         assert!(s.active_run.is_none());
         assert_eq!(s.last_schedule_time, Some(to_time(t("2024-01-14T02:00:00Z"))));
         let c = find_condition(&s.conditions, ct::REPOSITORY_READY).unwrap();
@@ -760,7 +763,7 @@ mod tests {
         assert!(d.start.is_none());
         assert_eq!(d.refused.as_ref().unwrap().manual.as_deref(), Some("go"));
         let mut s = b.status.clone().unwrap();
-        record(&mut s, &b, &d, Some(&blocked), now);
+        record(&mut s, &b, &d, Some(&blocked), b.meta().generation, now);
         assert_eq!(s.last_manual_trigger.as_deref(), Some("go"));
         assert!(s.active_run.is_none());
         let events = events(&d, Some(&blocked));
@@ -803,12 +806,19 @@ mod tests {
         let now = t("2024-01-15T02:00:01Z");
         let d = decide(&b, &schedule(), now, HOUR, None);
         let mut s = b.status.clone().unwrap();
-        record(&mut s, &b, &d, None, now);
+        record(&mut s, &b, &d, None, b.meta().generation, now);
         assert_eq!(reason(&s, ct::READY), Some(reasons::SUSPENDED));
         assert_eq!(s.next_backup, None);
         let b = backup().status("conditions: [{type: Ready, status: 'True', reason: Suspended}]");
         let mut s = b.status.clone().unwrap();
-        record(&mut s, &b, &decide(&b, &schedule(), now, HOUR, None), None, now);
+        record(
+            &mut s,
+            &b,
+            &decide(&b, &schedule(), now, HOUR, None),
+            None,
+            b.meta().generation,
+            now,
+        );
         assert_eq!(reason(&s, ct::READY), Some(reasons::SCHEDULED));
     }
 

@@ -59,7 +59,7 @@ pub(super) async fn reattach(
             // were it not, the run is failed rather than sent without a lookup.
             Ended::Unknown => {
                 let Some(address) = address.as_deref() else {
-                    return Some(Outcome::failed("the run's agent could not be asked about it"));
+                    return Some(Outcome::uncertain("the run's agent could not be asked about it"));
                 };
                 return forgotten(ctx, backup, active, address).await;
             }
@@ -68,7 +68,7 @@ pub(super) async fn reattach(
                     if let Some(node) = &active.node_name {
                         cancel_abandoned(ctx, node, active);
                     }
-                    return Some(Outcome::failed(format!("lost the run in flight: {e}")));
+                    return Some(Outcome::uncertain(format!("lost the run in flight: {e}")));
                 }
                 tracing::info!(run_id = %active.run_id, error = %e, "re-attach failed; retrying");
                 tokio::time::sleep(wait).await;
@@ -104,7 +104,7 @@ async fn forgotten(
             outcome.resolved = Some(resolved);
             Some(outcome)
         }
-        Err(e) => Some(Outcome::failed(format!(
+        Err(e) => Some(Outcome::uncertain(format!(
             "the agent no longer knew run {}, and the repository could not be searched for its \
              snapshot, so it was not sent again (the next run will be): {e}",
             active.run_id

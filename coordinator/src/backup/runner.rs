@@ -81,6 +81,7 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
         crate::repository::refresh_soon(&ctx, &repo.namespace().unwrap_or_default(), &repo.name_any());
     }
     remove_holder(&ctx, &api, &backup, &run_id).await;
+    ctx.forget_cancel(&run_id);
 }
 
 /// The backup and its run `run_id` as the live object records them; `None` when the backup is
@@ -149,10 +150,17 @@ async fn execute(
         .and_then(|j| j.backoff_limit)
         .unwrap_or(0);
     let mut earlier = Vec::new();
+    let mut stopped = false;
     while retry(&outcome, active.attempt.unwrap_or(1), limit) {
         let failed = active.attempt.unwrap_or(1);
         earlier.push(format!("attempt {failed} failed: {}", outcome.message));
-        active = next_attempt(ctx, api, backup, &active, &outcome, limit).await;
+        active = match next_attempt(ctx, api, backup, &active, outcome, limit).await {
+            Ok(next) => next,
+            Err(ended) => {
+                (outcome, stopped) = (ended, true);
+                break;
+            }
+        };
         // After a re-attach the repository is not known yet: resolved, and checked, again.
         let repository = match resolved.take() {
             Some(r) => r,
@@ -165,7 +173,10 @@ async fn execute(
         resolved = Some(repository);
     }
     if !earlier.is_empty() {
-        let note = attempts_note(active.attempt.unwrap_or(1), limit + 1, &earlier);
+        let note = match stopped {
+            true => earlier.join("; "),
+            false => attempts_note(active.attempt.unwrap_or(1), limit + 1, &earlier),
+        };
         outcome.message = [outcome.message.clone(), note]
             .into_iter()
             .filter(|s| !s.is_empty())
@@ -189,7 +200,10 @@ async fn prepare(
         Ok(r) => r,
         Err(e) => return Err(refuse(ctx, api, backup, active, e).await),
     };
+    // A later attempt (its run re-attached after a coordinator restart) had its preBackup.
+    let first = active.attempt.unwrap_or(1) <= 1;
     if let Some(h) = backup.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref())
+        && first
         && let Err(e) = hooks::run(&ctx.client, backup, Phase::PreBackup, h, &active.run_id).await
     {
         let e = e.to_string();

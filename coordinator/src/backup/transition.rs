@@ -29,6 +29,11 @@ pub struct Outcome {
     pub hooks: bool,
     /// What the run was sent with (not known after a re-attach).
     pub resolved: Option<Resolved>,
+    /// The run may still be going on its agent, or may have made a snapshot nobody saw: its
+    /// agent stopped answering, lost it, or could not be asked. Never retried.
+    pub uncertain: bool,
+    /// No other attempt can change this failure (a hostPath volume, say).
+    pub permanent: bool,
 }
 
 impl Outcome {
@@ -40,6 +45,16 @@ impl Outcome {
             agent: None,
             hooks: true,
             resolved: None,
+            uncertain: false,
+            permanent: false,
+        }
+    }
+
+    /// A failure after which the run may still be going on, or have made a snapshot.
+    pub fn uncertain(message: impl Into<String>) -> Self {
+        Self {
+            uncertain: true,
+            ..Self::failed(message)
         }
     }
 
@@ -83,27 +98,33 @@ impl Outcome {
 }
 
 impl Outcome {
-    /// Whether another attempt can succeed where this one failed: the network, the agent, a
-    /// lock, restic itself, a pod not running yet. Not a refused run, a wrong password, a
-    /// missing repository, an invalid request, a cancelled run or an empty snapshot.
+    /// Whether another attempt can succeed where this one failed, without a second snapshot:
+    /// either nothing was sent (no pod mounts the volume yet, the holder pod did not start, no
+    /// agent serves the node), or restic itself ended failed (the repository unreachable, a
+    /// lock, restic's own error, out of memory, the volume not found). Never a run that may
+    /// still be going on or may have made a snapshot (its agent stopped answering, lost it, or
+    /// restarted during it), a refused run, a wrong password, a missing repository, an invalid
+    /// request, a cancelled run, an empty snapshot, or a backup stopped at its deadline while
+    /// it was still working.
     pub fn retryable(&self) -> bool {
-        if self.result != RunResult::Failed || !self.hooks {
+        if self.result != RunResult::Failed || !self.hooks || self.uncertain || self.permanent {
             return false;
         }
         let Some(r) = &self.agent else {
-            return matches!(self.reason, reasons::BACKUP_FAILED | reasons::SOURCE_NOT_FOUND);
+            return matches!(
+                self.reason,
+                reasons::BACKUP_FAILED | reasons::SOURCE_NOT_FOUND | crate::holder::HOLDER_NOT_STARTED
+            );
         };
         use pb::FailureKind as K;
-        matches!(
-            K::try_from(r.failure).unwrap_or(K::Unspecified),
-            K::RepositoryUnreachable
-                | K::Locked
-                | K::Restic
-                | K::Unspecified
-                | K::AgentRestarted
-                | K::OutOfMemory
-                | K::VolumeNotFound
-        )
+        match K::try_from(r.failure).unwrap_or(K::Unspecified) {
+            K::RepositoryUnreachable => true,
+            _ if r.timed_out => false,
+            kind => matches!(
+                kind,
+                K::Locked | K::Restic | K::Unspecified | K::OutOfMemory | K::VolumeNotFound
+            ),
+        }
     }
 }
 
@@ -123,6 +144,7 @@ pub fn retry_delay(next: i32) -> std::time::Duration {
 /// What the run's message says of its attempts (pure): which attempt ended it, of how many
 /// allowed, and why the earlier ones failed.
 pub fn attempts_note(attempt: i32, allowed: i32, earlier: &[String]) -> String {
+    let allowed = allowed.max(attempt);
     format!("attempt {attempt} of {allowed}; {}", earlier.join("; "))
 }
 
@@ -472,12 +494,13 @@ statistics: {totalBackups: 1, successfulBackups: 1}
         for kind in [
             pb::FailureKind::RepositoryUnreachable,
             pb::FailureKind::Restic,
-            pb::FailureKind::AgentRestarted,
             pb::FailureKind::OutOfMemory,
+            pb::FailureKind::VolumeNotFound,
         ] {
             assert!(retry(&failed_with(kind), 1, 1), "{kind:?}");
         }
         for kind in [
+            pb::FailureKind::AgentRestarted,
             pb::FailureKind::WrongPassword,
             pb::FailureKind::RepositoryNotFound,
             pb::FailureKind::InvalidRequest,
@@ -486,22 +509,42 @@ statistics: {totalBackups: 1, successfulBackups: 1}
         ] {
             assert!(!retry(&failed_with(kind), 1, 1), "{kind:?}");
         }
-        assert!(retry(&Outcome::failed("agent on node n1 unavailable"), 1, 1));
-        assert!(retry(
-            &Outcome::failed_because(reasons::SOURCE_NOT_FOUND, "no pod"),
-            1,
-            1
-        ));
+        // Nothing was sent: retried.
+        assert!(retry(&Outcome::failed("no ready restic agent on node n1"), 1, 1));
+        let no_pod = Outcome::failed_because(reasons::SOURCE_NOT_FOUND, "no pod");
+        assert!(retry(&no_pod, 1, 1));
+        let holder = Outcome::failed_because(crate::holder::HOLDER_NOT_STARTED, "not running");
+        assert!(retry(&holder, 1, 1));
+        // Sent, then the agent stopped answering or lost it: the run may still go on, or have
+        // made a snapshot. Never retried.
+        assert!(!retry(&Outcome::uncertain("agent on node n1 unavailable"), 1, 1));
+        // Stopped at its deadline while working: another attempt would take as long.
+        let timed_out = |kind: pb::FailureKind| {
+            let mut o = failed_with(kind);
+            o.agent.as_mut().unwrap().timed_out = true;
+            o
+        };
+        assert!(!retry(&timed_out(pb::FailureKind::Restic), 1, 1));
+        assert!(retry(&timed_out(pb::FailureKind::RepositoryUnreachable), 1, 1));
         let refused = Outcome {
             hooks: false,
             ..Outcome::failed_because(reasons::NAMESPACE_NOT_ALLOWED, "refused")
         };
         assert!(!retry(&refused, 1, 1));
-        assert!(!retry(
-            &Outcome::failed_because(reasons::INVALID_SPEC, "hostPath"),
-            1,
-            1
-        ));
+        let conflict = Outcome::failed_because(crate::holder::HOLDER_POD_CONFLICT, "not ours");
+        assert!(!retry(&conflict, 1, 1));
+        let host_path = crate::sources::SourceError::HostPath {
+            pv_name: "pv".into(),
+            claim: "n/data".into(),
+        };
+        let host_path = Outcome {
+            permanent: !host_path.retryable(),
+            ..Outcome::failed_because(host_path.reason(), host_path.to_string())
+        };
+        assert!(
+            !retry(&host_path, 1, 1),
+            "no retry makes a hostPath volume readable"
+        );
         let partial = Outcome::of_agent(agent("{snapshot: abc, failed: [a]}"));
         assert!(!retry(&partial, 1, 1), "a snapshot was made");
     }
@@ -517,6 +560,10 @@ statistics: {totalBackups: 1, successfulBackups: 1}
         assert_eq!(
             attempts_note(2, 3, &earlier),
             "attempt 2 of 3; attempt 1 failed: repository locked"
+        );
+        assert!(
+            attempts_note(3, 2, &earlier).starts_with("attempt 3 of 3;"),
+            "a lowered limit"
         );
     }
 }
