@@ -13,8 +13,8 @@ use crate::common::{
     SCHEDULE_MESSAGE, SCHEDULE_RULE, default_group_by,
 };
 
-/// Repository-wide retention on a schedule. Not acted on yet: this version of the coordinator
-/// accepts and validates it, and a later release runs it.
+/// Repository-wide retention on a schedule: one `restic forget` per policy, then one
+/// `restic prune` if asked, with the repository held alone (after its backups and checks).
 // Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
 // duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -27,7 +27,7 @@ use crate::common::{
     status = "GlobalRetentionPolicyStatus",
     shortname = "grp",
     category = "restic",
-    doc = "Retention for a whole repository on its own schedule: restic forget per policy (snapshots selected by tags and hostname), then optionally prune. Not acted on yet by this version of the coordinator.",
+    doc = "Retention for a whole repository on its own schedule: restic forget per policy (snapshots selected by tags and hostname), then optionally prune.",
     printcolumn(
         name = "Schedule",
         type_ = "string",
@@ -64,8 +64,9 @@ use crate::common::{
 )]
 #[serde(rename_all = "camelCase")]
 pub struct GlobalRetentionPolicySpec {
-    /// The ResticRepository to apply retention to. It may be in another namespace if it allows
-    /// this one (`spec.allowedNamespaces` of the repository).
+    /// The ResticRepository to apply retention to, in this policy's namespace: a policy acts on
+    /// every snapshot of the repository, whichever namespace made it, so a repository in
+    /// another namespace is refused (`NamespaceNotAllowed`) whatever its `allowedNamespaces`.
     pub repository_ref: RepositoryReference,
     /// When retention runs, as a five-field cron expression, e.g. `20 1 * * 0` (Sundays at
     /// 1:20 AM), or a macro such as `@weekly`.
@@ -88,7 +89,7 @@ pub struct GlobalRetentionPolicySpec {
     #[serde(default)]
     pub prune: bool,
     /// Where to report each run's outcome. Not sent yet: accepted and validated, for a later
-    /// release.
+    /// release (the run's result is in status and events).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifications: Option<Notifications>,
     /// Suspend scheduling. Manual triggers still run. Default: false.
@@ -115,10 +116,10 @@ pub struct RetentionPolicyRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotFilter {
-    /// Only snapshots that have all of these tags.
+    /// Only snapshots that have all of these tags (an empty tag is refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
-    /// Only snapshots of this hostname.
+    /// Only snapshots of this hostname (an empty one is refused: leave it out for any host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
 }

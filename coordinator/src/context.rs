@@ -26,6 +26,7 @@ pub struct Context {
     /// Event recorders, one per controller.
     pub backup_events: Recorder,
     pub repository_events: Recorder,
+    pub policy_events: Recorder,
     /// Consecutive failures per object, for backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Runs whose after-hooks ran but whose final status is not written yet: when such a
@@ -45,6 +46,7 @@ impl Context {
         Self {
             backup_events: Recorder::new(client.clone(), reporter("backup")),
             repository_events: Recorder::new(client.clone(), reporter("repository")),
+            policy_events: Recorder::new(client.clone(), reporter("retention")),
             client,
             config,
             agents,
@@ -124,6 +126,16 @@ impl Context {
 
     pub fn succeeded(&self, key: &str) {
         self.failures.lock().expect("failures").remove(key);
+    }
+
+    /// What a controller does after a failed reconcile of the object `key`: a permanent error
+    /// waits for a change, a temporary one backs off.
+    pub fn on_error(&self, key: &str, error: &crate::error::Error) -> Action {
+        tracing::warn!(object = %key, %error, "reconcile failed");
+        match error.class() {
+            crate::error::Class::Permanent => Action::await_change(),
+            crate::error::Class::Temporary => Action::requeue(crate::error::backoff(self.failed(key))),
+        }
     }
 }
 

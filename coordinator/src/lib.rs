@@ -1,6 +1,6 @@
-//! The restic-operator coordinator: reconciles ResticRepository and ResticBackup objects,
-//! decides where each run goes, and drives the node agents over mutual-TLS gRPC. It never
-//! runs restic and never reads volume data; the agents do.
+//! The restic-operator coordinator: reconciles ResticRepository, ResticBackup and
+//! GlobalRetentionPolicy objects, decides where each run goes, and drives the node agents over
+//! mutual-TLS gRPC. It never runs restic and never reads volume data; the agents do.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +16,8 @@ pub mod leader;
 pub mod locks;
 pub mod metrics;
 pub mod pki;
+pub mod plan;
+pub mod policy;
 pub mod repository;
 pub mod resolve;
 pub mod retention;

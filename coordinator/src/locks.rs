@@ -33,6 +33,11 @@ impl RepositoryLocks {
         self.lock(key).try_read_owned().ok()
     }
 
+    /// Exclusive access only if nothing else runs or waits.
+    pub fn try_exclusive(&self, key: &str) -> Option<OwnedRwLockWriteGuard<()>> {
+        self.lock(key).try_write_owned().ok()
+    }
+
     /// For forget, prune and check: alone.
     pub async fn exclusive(&self, key: &str) -> OwnedRwLockWriteGuard<()> {
         self.lock(key).write_owned().await

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{Api, Client, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
-use restic_operator_api::common::reasons;
+use restic_operator_api::common::{RepositoryReference, reasons};
 use restic_operator_api::repository::ResticRepository;
 use restic_operator_proto::v1 as pb;
 
@@ -169,11 +169,57 @@ pub fn check_namespace(
     }
 }
 
+/// The objects among `objects` whose `repo_ref` names `repo` (for the repository watches of
+/// the kinds that use a repository).
+pub fn referencing<K>(
+    objects: &[std::sync::Arc<K>],
+    repo: &ResticRepository,
+    repo_ref: impl Fn(&K) -> &RepositoryReference,
+) -> Vec<kube::runtime::reflector::ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let repo_ns = repo.namespace().unwrap_or_default();
+    objects
+        .iter()
+        .filter(|o| {
+            let r = repo_ref(o);
+            let ns = o.namespace().unwrap_or_default();
+            r.name == repo.name_any() && r.namespace_or(&ns) == repo_ns
+        })
+        .map(|o| kube::runtime::reflector::ObjectRef::from_obj(o.as_ref()))
+        .collect()
+}
+
 /// Reads the repository `backup` references and checks that the backup's namespace may use
 /// it (the Namespace's labels are read live for `allowedNamespaces.selector`).
 pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, ResolveError> {
     let ns = backup.namespace().unwrap_or_default();
-    let repo_ref = &backup.spec.repository_ref;
+    access_for(client, &ns, &backup.spec.repository_ref).await
+}
+
+/// Why the repository `repo_ref` (referenced from namespace `ns`) cannot take a run now, if
+/// anything stops it: it does not exist, does not allow the namespace, or is not ready. Only a
+/// failure to read the API is an error.
+pub async fn blocked(
+    client: &Client,
+    ns: &str,
+    repo_ref: &RepositoryReference,
+) -> Result<Option<crate::plan::Blocked>, kube::Error> {
+    match access_for(client, ns, repo_ref).await {
+        Ok(access) => Ok(crate::plan::not_ready(&access)),
+        Err(ResolveError::Api { source, .. }) => Err(source),
+        Err(e) => Ok(Some(crate::plan::Blocked::of(&e))),
+    }
+}
+
+/// [`access`] for any object in namespace `ns` that references a repository.
+pub async fn access_for(
+    client: &Client,
+    ns: &str,
+    repo_ref: &RepositoryReference,
+) -> Result<Access, ResolveError> {
+    let ns = ns.to_owned();
     let repo_ns = repo_ref.namespace_or(&ns).to_owned();
     let repo = Api::<ResticRepository>::namespaced(client.clone(), &repo_ns)
         .get_opt(&repo_ref.name)
@@ -207,7 +253,17 @@ pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, Re
 /// Resolves what a run of `backup` (as read live by the caller) uses: [`access`], then the
 /// repository's credentials.
 pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Resolved, ResolveError> {
-    let access = access(client, backup).await?;
+    let ns = backup.namespace().unwrap_or_default();
+    resolve_for(client, &ns, &backup.spec.repository_ref).await
+}
+
+/// [`resolve`] for any object in namespace `ns` that references a repository.
+pub async fn resolve_for(
+    client: &Client,
+    ns: &str,
+    repo_ref: &RepositoryReference,
+) -> Result<Resolved, ResolveError> {
+    let access = access_for(client, ns, repo_ref).await?;
     let credentials = load_credentials(client, access.repository()).await?.repository;
     Ok(Resolved { access, credentials })
 }

@@ -12,13 +12,14 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::repository::ResticRepository;
+use restic_operator_api::retention::GlobalRetentionPolicy;
 
 use crate::agents::Agents;
 use crate::config::Config;
 use crate::context::Context;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
-use crate::{backup, pki, repository};
+use crate::{backup, pki, policy, repository};
 
 async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -244,6 +245,34 @@ fn spawn_namespace_controllers(
         .for_each(|_| async {});
     controllers.tasks.push(tokio::spawn(repo_controller));
     controllers.tasks.push(tokio::spawn(backup_controller));
+    controllers
+        .tasks
+        .push(tokio::spawn(policy_controller(client, ns.as_deref(), ctx)));
+}
+
+/// The GlobalRetentionPolicy controller of one watched namespace (or of all), which follows
+/// its repositories' readiness like the backup controller.
+fn policy_controller(
+    client: &Client,
+    ns: Option<&str>,
+    ctx: &Arc<Context>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (policies, repos): (Api<GlobalRetentionPolicy>, Api<ResticRepository>) = match ns {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let controller = Controller::new(policies, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(repos, watcher::Config::default(), move |repo| {
+            policy::referencing(&store.state(), &repo)
+        })
+        .shutdown_on_signal()
+        .run(policy::reconcile, policy::error_policy, Arc::clone(ctx))
+        .for_each(|_| async {})
 }
 
 /// Every 10 seconds, drops the metric series of backups and repositories that no longer exist.

@@ -9,6 +9,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
 use restic_operator_api::repository::{ResticRepository, ResticRepositoryStatus};
+use restic_operator_api::retention::{GlobalRetentionPolicy, GlobalRetentionPolicyStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -23,6 +24,13 @@ pub trait WithStatus: Resource<DynamicType = ()> + Clone + DeserializeOwned + st
 impl WithStatus for ResticBackup {
     type Status = ResticBackupStatus;
     fn status(&self) -> Option<&ResticBackupStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl WithStatus for GlobalRetentionPolicy {
+    type Status = GlobalRetentionPolicyStatus;
+    fn status(&self) -> Option<&GlobalRetentionPolicyStatus> {
         self.status.as_ref()
     }
 }

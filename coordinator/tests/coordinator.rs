@@ -2259,3 +2259,152 @@ async fn a_secret_written_for_the_old_scripts_still_makes_the_repository_ready()
         .await?;
     Ok(())
 }
+
+/// The ids of the snapshots `restic forget --dry-run` with `args` would remove.
+fn predicted_removals(repo: &restic_operator_e2e::ResticRepo, args: &[&str]) -> Result<Vec<String>> {
+    let out = repo
+        .restic()?
+        .args(["forget", "--dry-run", "--json", "--no-lock"])
+        .args(args)
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let groups: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    Ok(groups
+        .iter()
+        .flat_map(|g| g["remove"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect())
+}
+
+/// A GlobalRetentionPolicy removes exactly what `restic forget --dry-run` with the same
+/// arguments predicts, policy by policy, prunes once, and leaves the snapshots no selector
+/// matches untouched; its status and event say what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_retention_policy_removes_what_restic_forget_predicts_and_nothing_else() -> Result<()> {
+    let node = Node::start("grp").await?;
+    let repo = ready_repository(&node, "main").await?;
+    let src = tempfile::tempdir()?;
+    for (tag, host) in [
+        ("app=a", "db"),
+        ("app=b", "web"),
+        ("app=b", "db"),
+        ("other", "db"),
+    ] {
+        for day in 1..=5 {
+            std::fs::write(src.path().join("f"), pseudo_random(4 << 10, day))?;
+            let time = format!("2026-11-{day:02} 02:00:00");
+            let out = repo
+                .restic()?
+                .current_dir(src.path())
+                .args(["backup", ".", "--host", host, "--tag", tag, "--time", &time])
+                .output()?;
+            ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let before: Vec<String> = restic_snapshots(&repo)?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect();
+    let mut expected = predicted_removals(&repo, &["--tag", "app=a", "--group-by", "", "--keep-last", "2"])?;
+    expected.extend(predicted_removals(
+        &repo,
+        &[
+            "--tag",
+            "app=b",
+            "--host",
+            "web",
+            "--group-by",
+            "",
+            "--keep-daily",
+            "3",
+        ],
+    )?);
+    ensure!(
+        expected.len() == 5,
+        "3 of app=a and 2 of app=b on web: {expected:?}"
+    );
+
+    node.apply_yaml(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: GlobalRetentionPolicy\nmetadata: {name: weekly}\n\
+         spec:\n  repositoryRef: {name: main}\n  schedule: '@yearly'\n  groupBy: []\n  prune: true\n  \
+         manualTrigger: go\n  policies:\n  \
+         - {selector: {tags: [app=a]}, retention: {keepLast: 2}}\n  \
+         - {selector: {tags: [app=b], hostname: web}, retention: {keepDaily: 3}}\n",
+    )
+    .await?;
+    let policies = node.policies();
+    let status = eventually("the retention run's result", Duration::from_secs(90), || async {
+        let p = policies.get("weekly").await?;
+        Ok(p.status
+            .filter(|s| s.last_run_result.is_some() && s.active_run.is_none()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    assert_eq!(
+        status.last_run_result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded"),
+        "{status:?}"
+    );
+    let after: Vec<String> = restic_snapshots(&repo)?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(String::from))
+        .collect();
+    let mut left: Vec<&String> = before.iter().filter(|id| !expected.contains(id)).collect();
+    let mut found: Vec<&String> = after.iter().collect();
+    left.sort();
+    found.sort();
+    assert_eq!(
+        found, left,
+        "exactly what restic forget --dry-run predicted was removed"
+    );
+    assert_eq!(status.snapshots_removed, Some(5));
+    assert_eq!(status.snapshots_after_retention, Some(15));
+    assert!(status.repository_size_before_bytes.is_some() && status.repository_size_after_bytes.is_some());
+    assert_eq!(status.last_manual_trigger.as_deref(), Some("go"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .context("no Ready")?;
+    assert!(ready.is_true(), "{ready:?}");
+    let note = wait_event(&node, "RetentionCompleted")
+        .await?
+        .note
+        .unwrap_or_default();
+    assert!(note.starts_with("Removed 5 snapshot(s); repository "), "{note}");
+    // Pruned once: the agent ran one prune, named for the run.
+    let runs = node.agent_runs().await?;
+    let prunes: Vec<&str> = runs
+        .iter()
+        .filter(|r| r.run_id.ends_with("-prune"))
+        .map(|r| r.run_id.as_str())
+        .collect();
+    assert_eq!(prunes.len(), 1, "{prunes:?}");
+
+    // A policy naming a repository of another namespace is refused, whatever that repository
+    // allows: it would act on every namespace's snapshots there.
+    node.apply_yaml(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: GlobalRetentionPolicy\nmetadata: {name: elsewhere}\n\
+         spec:\n  repositoryRef: {name: shared, namespace: backup-system}\n  schedule: '@yearly'\n  \
+         manualTrigger: go\n  policies:\n  - {retention: {keepLast: 1}}\n",
+    )
+    .await?;
+    let refused = eventually("the policy refused", Duration::from_secs(30), || async {
+        let p = policies.get("elsewhere").await?;
+        let status = p.status.unwrap_or_default();
+        Ok(status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "RepositoryReady" && c.reason.as_deref() == Some("NamespaceNotAllowed")))
+    })
+    .await?;
+    assert!(!refused.is_true(), "{refused:?}");
+    wait_event(&node, "NamespaceNotAllowed").await?;
+    let p = policies.get("elsewhere").await?;
+    let status = p.status.unwrap_or_default();
+    assert!(
+        status.active_run.is_none() && status.last_run.is_none(),
+        "{status:?}"
+    );
+    Ok(())
+}

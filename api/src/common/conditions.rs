@@ -201,6 +201,9 @@ pub mod event_reasons {
     pub const BACKUP_COMPLETED: &str = "BackupCompleted";
     /// A backup run failed.
     pub const BACKUP_FAILED: &str = "BackupFailed";
+    /// A run waits for its repository: retention for the repository's backups and checks, or
+    /// a backup for retention, a prune or a check that holds the repository.
+    pub const REPOSITORY_BUSY: &str = "RepositoryBusy";
     /// An attempt of a backup run failed and is tried again (`jobConfig.backoffLimit`).
     pub const BACKUP_RETRYING: &str = "BackupRetrying";
     /// A backup run made a snapshot but could not read some files.

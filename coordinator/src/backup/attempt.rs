@@ -176,7 +176,17 @@ async fn send(
     repository: &str,
 ) -> Outcome {
     let (node, address) = (agent.node.as_str(), agent.address.as_str());
-    let _shared = ctx.locks.shared(repository).await;
+    let _shared = match ctx.locks.try_shared(repository) {
+        Some(guard) => guard,
+        None => {
+            let note = format!(
+                "Run {} waits for retention, a prune or a check of repository {repository} to finish",
+                active.run_id
+            );
+            publish(ctx, backup, EventType::Normal, er::REPOSITORY_BUSY, note).await;
+            ctx.locks.shared(repository).await
+        }
+    };
     let note = match active.attempt.unwrap_or(1) {
         ..=1 => format!("Starting backup {} on node {node}", active.run_id),
         n => format!("Starting backup {} (attempt {n}) on node {node}", active.run_id),

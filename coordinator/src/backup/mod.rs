@@ -22,243 +22,59 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
-use restic_operator_api::common::{
-    ActiveRun, ConcurrencyPolicy, Condition, RunTrigger, condition_types as ct, event_reasons as er,
-    find_condition, reasons, set_condition,
-};
 use restic_operator_api::repository::ResticRepository;
 
 use crate::context::Context;
 use crate::error::{Error, Result, backoff};
-use crate::holder::fnv;
-use crate::repository::{from_time, to_time};
-use crate::resolve::{self, Access, ResolveError};
-use crate::schedule::{Due, Schedule, due};
+use crate::plan::Scheduled;
+pub use crate::plan::{Blocked, Decision, NewRun, Plan, events, gate, next_wake, not_ready};
+use crate::repository::from_time;
+use crate::resolve;
+use crate::schedule::Schedule;
 
 pub const CONTROLLER: &str = "resticbackup";
-
-/// A run to start.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NewRun {
-    pub run_id: String,
-    pub trigger: RunTrigger,
-    pub scheduled: DateTime<Utc>,
-    pub manual: Option<String>,
-}
-
-/// What reconcile decided (pure).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Plan {
-    pub start: Option<NewRun>,
-    /// A scheduled time handled without a run, and why (for an event).
-    pub skipped: Option<(DateTime<Utc>, String)>,
-    /// New `status.lastScheduleTime`.
-    pub last_schedule: Option<DateTime<Utc>>,
-    pub next_backup: Option<DateTime<Utc>>,
-    /// Cancel the run in flight (`Replace`).
-    pub cancel_active: bool,
-    pub requeue: Option<Duration>,
-}
-
-/// The run id of a scheduled run: the object's UID and the scheduled time, so the same tick
-/// always has the same id.
-pub fn scheduled_run_id(uid: &str, scheduled: DateTime<Utc>) -> String {
-    format!("rb-{uid}-{}", scheduled.timestamp())
-}
-
-/// The run id of a manual run: the trigger value and the generation that set it (setting
-/// `a`, `b`, then `a` again is three runs).
-pub fn manual_run_id(uid: &str, trigger: &str, generation: i64) -> String {
-    format!("rb-{uid}-m{:08x}-g{generation}", fnv(trigger))
-}
 
 /// Decides what to do at `now` (pure): the tick due, a pending manual trigger, and when the
 /// next tick is.
 pub fn plan(backup: &ResticBackup, schedule: &Schedule, now: DateTime<Utc>, deadline: Duration) -> Plan {
     let status = backup.status.clone().unwrap_or_default();
     let uid = backup.uid().unwrap_or_default();
-    let in_flight = status.active_run.is_some();
-    let base = status
-        .last_schedule_time
-        .as_ref()
-        .map(from_time)
-        .or_else(|| backup.metadata.creation_timestamp.as_ref().map(from_time))
-        .unwrap_or(now);
-    let deadline = chrono::Duration::from_std(deadline).unwrap_or(chrono::Duration::hours(1));
-    let due_now = match backup.spec.suspend {
-        true => Due::Wait(None),
-        false => due(schedule, base, now, deadline),
+    let scheduled = Scheduled {
+        prefix: RUN_PREFIX,
+        uid: &uid,
+        suspend: backup.spec.suspend,
+        in_flight: status.active_run.is_some(),
+        policy: backup
+            .spec
+            .job_config
+            .as_ref()
+            .map(|j| j.concurrency_policy)
+            .unwrap_or_default(),
+        last_schedule: status.last_schedule_time.as_ref().map(from_time),
+        created: backup.metadata.creation_timestamp.as_ref().map(from_time),
+        manual: backup.pending_manual_trigger(),
+        generation: backup.metadata.generation.unwrap_or(0),
+        last_run: status.last_backup.as_ref().and_then(|l| l.run_id.as_deref()),
     };
-    let mut plan = on_tick(backup, &uid, &due_now, in_flight);
-    if !in_flight
-        && plan.start.is_none()
-        && let Some(trigger) = backup.pending_manual_trigger()
-    {
-        // A tick due right now is served by this run.
-        if let Due::Run { time, .. } = due_now {
-            plan.last_schedule = Some(time);
-        }
-        plan.start = Some(NewRun {
-            run_id: manual_run_id(&uid, trigger, backup.metadata.generation.unwrap_or(0)),
-            trigger: RunTrigger::Manual,
-            scheduled: now,
-            manual: Some(trigger.to_owned()),
-        });
-    }
-    // A run that already finished (its id is the last run's) is never started again.
-    let last_run = status.last_backup.as_ref().and_then(|l| l.run_id.as_deref());
-    if plan
-        .start
-        .as_ref()
-        .is_some_and(|r| Some(r.run_id.as_str()) == last_run)
-    {
-        plan.start = None;
-    }
-    if !backup.spec.suspend {
-        let after = plan.last_schedule.map_or(now, |l| l.max(now));
-        plan.next_backup = schedule.next_after(after);
-    }
-    plan
+    crate::plan::plan(&scheduled, schedule, now, deadline)
 }
 
-/// What the schedule alone asks for (pure): a tick to run, to skip, or to wait for.
-fn on_tick(backup: &ResticBackup, uid: &str, due_now: &Due, in_flight: bool) -> Plan {
-    let mut plan = Plan::default();
-    match *due_now {
-        Due::Wait(_) => {}
-        Due::TooLate { time } => {
-            plan.last_schedule = Some(time);
-            let why = format!(
-                "missed the run scheduled at {} by more than the starting deadline; waiting for the next one",
-                time.to_rfc3339()
-            );
-            plan.skipped = Some((time, why));
-        }
-        Due::Run { time, .. } if in_flight => {
-            let policy = backup
-                .spec
-                .job_config
-                .as_ref()
-                .map(|j| j.concurrency_policy)
-                .unwrap_or_default();
-            plan = while_in_flight(policy, time);
-        }
-        // A pending manual trigger takes the tick (see `plan`).
-        Due::Run { .. } if backup.pending_manual_trigger().is_some() => {}
-        Due::Run { time, missed } => {
-            plan.start = Some(NewRun {
-                run_id: scheduled_run_id(uid, time),
-                trigger: RunTrigger::Schedule,
-                scheduled: time,
-                manual: None,
-            });
-            plan.last_schedule = Some(time);
-            if missed > 0 {
-                let why = format!("{missed} earlier scheduled run(s) were missed; running once now");
-                plan.skipped = Some((time, why));
-            }
-        }
-    }
-    plan
+/// The prefix of a backup's run ids.
+pub const RUN_PREFIX: &str = "rb";
+
+/// The run id of a scheduled run of a backup.
+pub fn scheduled_run_id(uid: &str, scheduled: DateTime<Utc>) -> String {
+    crate::plan::scheduled_run_id(RUN_PREFIX, uid, scheduled)
 }
 
-/// A tick due at `time` while a run is in flight, by `concurrencyPolicy` (pure).
-fn while_in_flight(policy: ConcurrencyPolicy, time: DateTime<Utc>) -> Plan {
-    match policy {
-        ConcurrencyPolicy::Forbid => Plan {
-            last_schedule: Some(time),
-            skipped: Some((
-                time,
-                format!(
-                    "skipped the run scheduled at {}: the previous run is still in flight (concurrencyPolicy Forbid)",
-                    time.to_rfc3339()
-                ),
-            )),
-            ..Default::default()
-        },
-        // Allow: the tick waits for the run in flight and then runs (within the deadline).
-        ConcurrencyPolicy::Allow => Plan {
-            requeue: Some(Duration::from_secs(5)),
-            ..Default::default()
-        },
-        // Replace: the run in flight is cancelled first.
-        ConcurrencyPolicy::Replace => Plan {
-            cancel_active: true,
-            requeue: Some(Duration::from_secs(2)),
-            ..Default::default()
-        },
-    }
+/// The run id of a manual run of a backup.
+pub fn manual_run_id(uid: &str, trigger: &str, generation: i64) -> String {
+    crate::plan::manual_run_id(RUN_PREFIX, uid, trigger, generation)
 }
 
-/// Why the repository cannot take a run now: its `RepositoryReady` condition.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Blocked {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Blocked {
-    fn of(e: &ResolveError) -> Self {
-        Self {
-            reason: e.reason(),
-            message: e.to_string(),
-        }
-    }
-
-    /// The event of a refusal: what the namespace may not do with the repository (as opposed
-    /// to a repository that is not ready yet, which only delays runs).
-    fn refusal_event(&self) -> Option<&'static str> {
-        (self.reason == reasons::NAMESPACE_NOT_ALLOWED).then_some(er::NAMESPACE_NOT_ALLOWED)
-    }
-}
-
-/// What one reconcile decided, on the object as read under the status lock (pure).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Decision {
-    pub plan: Plan,
-    /// The run to record in status and start.
-    pub start: Option<NewRun>,
-    /// A run refused because the namespace may not use the repository.
-    pub refused: Option<NewRun>,
-}
-
-/// Decides at `now` what `backup` does, given whether its repository can take a run (pure).
-/// A run due while the repository is only not ready is not started and its tick is not
-/// consumed: it runs when the repository recovers within the starting deadline. A refused run
-/// is consumed: it never runs later by surprise.
-pub fn decide(
-    backup: &ResticBackup,
-    schedule: &Schedule,
-    now: DateTime<Utc>,
-    deadline: Duration,
-    blocked: Option<&Blocked>,
-) -> Decision {
-    let mut plan = plan(backup, schedule, now, deadline);
-    let Some(blocked) = blocked else {
-        let start = plan.start.clone();
-        return Decision {
-            plan,
-            start,
-            refused: None,
-        };
-    };
-    let refused = plan.start.clone().filter(|_| blocked.refusal_event().is_some());
-    if refused.is_none() {
-        plan.last_schedule = None;
-    }
-    Decision {
-        plan,
-        start: None,
-        refused,
-    }
-}
-
-/// Writes what `decision` says into the status of `backup` (pure): the schedule times, the
-/// `RepositoryReady` and `Ready` conditions, the run started, the manual trigger handled.
-/// `generation` is that of the spec the schedule was read from.
+/// Writes what `decision` says into the status of `backup` (pure; see [`crate::plan::record`]).
 pub fn record(
     status: &mut ResticBackupStatus,
     backup: &ResticBackup,
@@ -267,125 +83,20 @@ pub fn record(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) {
-    let set = |s: &mut ResticBackupStatus, type_: &str, ok: bool, reason: &str, message: String| {
-        set_condition(
-            &mut s.conditions,
-            Condition::new(type_, ok, reason, message, generation, to_time(now)),
-        )
-    };
-    status.observed_generation = generation;
-    status.next_backup = decision.plan.next_backup.map(to_time);
-    if let Some(t) = decision.plan.last_schedule {
-        status.last_schedule_time = Some(to_time(t));
-    }
-    match blocked {
-        Some(b) => set(status, ct::REPOSITORY_READY, false, b.reason, b.message.clone()),
-        None => set(
-            status,
-            ct::REPOSITORY_READY,
-            true,
-            reasons::REPOSITORY_ACCESSIBLE,
-            "Repository is accessible".into(),
-        ),
-    }
-    if let Some(m) = decision.refused.as_ref().and_then(|r| r.manual.clone()) {
-        status.last_manual_trigger = Some(m);
-    }
-    if let Some(run) = &decision.start {
-        status.active_run = Some(ActiveRun {
-            run_id: run.run_id.clone(),
-            trigger: Some(run.trigger),
-            scheduled_time: Some(to_time(run.scheduled)),
-            start_time: Some(to_time(now)),
-            node_name: None,
-            agent_pod: None,
-            attempt: Some(1),
-        });
-        if let Some(m) = &run.manual {
-            status.last_manual_trigger = Some(m.clone());
-        }
-        status.progress = None;
-        let message = format!("Run {} started", run.run_id);
-        set(status, ct::PROGRESSING, true, reasons::BACKUP_RUNNING, message);
-    }
-    scheduling(status, backup.spec.suspend, generation, now);
+    let suspend = backup.spec.suspend;
+    crate::plan::record(status, suspend, decision, blocked, generation, now);
 }
 
-/// `Ready` while no run says otherwise (pure): `Suspended`, or `Scheduled` once the schedule
-/// is active again (a valid spec, no longer suspended). A run's result is left alone.
-fn scheduling(status: &mut ResticBackupStatus, suspend: bool, generation: Option<i64>, now: DateTime<Utc>) {
-    let ready_reason = find_condition(&status.conditions, ct::READY).and_then(|c| c.reason.clone());
-    let (reason, message) = if suspend {
-        (reasons::SUSPENDED, "Scheduling is suspended")
-    } else if ready_reason
-        .as_deref()
-        .is_none_or(|r| r == reasons::SUSPENDED || r == reasons::INVALID_SPEC)
-    {
-        (reasons::SCHEDULED, "Waiting for the next scheduled run")
-    } else {
-        return;
-    };
-    let c = Condition::new(ct::READY, true, reason, message, generation, to_time(now));
-    set_condition(&mut status.conditions, c);
-}
-
-/// The events of `decision` (pure): a skipped tick, a refused run, an accepted manual trigger.
-/// A tick skipped because the repository is only not ready yet is not reported: it runs later.
-pub fn events(decision: &Decision, blocked: Option<&Blocked>) -> Vec<(EventType, &'static str, String)> {
-    let mut events = Vec::new();
-    if let Some((_, why)) = &decision.plan.skipped
-        && (blocked.is_none() || decision.refused.is_some())
-    {
-        events.push((EventType::Warning, er::BACKUP_SKIPPED, why.clone()));
-    }
-    if let (Some(run), Some(b)) = (&decision.refused, blocked) {
-        let reason = b.refusal_event().unwrap_or(er::NAMESPACE_NOT_ALLOWED);
-        let note = format!("Run {} refused: {}", run.run_id, b.message);
-        events.push((EventType::Warning, reason, note));
-    }
-    if let Some(m) = decision.start.as_ref().and_then(|r| r.manual.as_ref()) {
-        let note = format!("Manual trigger {m:?} accepted");
-        events.push((EventType::Normal, er::MANUAL_TRIGGER, note));
-    }
-    events
-}
-
-/// When to look at the backup again (pure): at the next tick, sooner when the plan asks, every
-/// minute while a run is in flight (should its runner have given up, the API server
-/// unreachable for minutes, the next reconcile re-attaches), and at least hourly.
-pub fn next_wake(plan: &Plan, in_flight: bool, now: DateTime<Utc>) -> Duration {
-    let until_next = plan
-        .next_backup
-        .map(|n| (n - now).to_std().unwrap_or_default() + Duration::from_millis(50));
-    let watch_run = in_flight.then_some(Duration::from_secs(60));
-    [until_next, plan.requeue, watch_run]
-        .into_iter()
-        .flatten()
-        .fold(Duration::from_secs(3600), Duration::min)
-        .max(Duration::from_millis(100))
-}
-
-/// Why a repository the backup may use cannot take a run yet (pure): its `Ready` condition.
-pub fn not_ready(access: &Access) -> Option<Blocked> {
-    let repo = access.repository();
-    let key = crate::status::key_of(repo);
-    let message = match repo
-        .status
-        .as_ref()
-        .and_then(|s| find_condition(&s.conditions, ct::READY))
-    {
-        Some(c) if c.is_true() => return None,
-        Some(c) => format!(
-            "ResticRepository {key} is not ready ({}): {}",
-            c.reason.clone().unwrap_or_default(),
-            c.message.clone().unwrap_or_default()
-        ),
-        None => format!("ResticRepository {key} has not been checked yet"),
-    };
-    Some(Blocked {
-        reason: reasons::REPOSITORY_NOT_READY,
-        message,
-    })
+/// Decides at `now` what `backup` does, given whether its repository can take a run (pure;
+/// see [`gate`]).
+pub fn decide(
+    backup: &ResticBackup,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+    deadline: Duration,
+    blocked: Option<&Blocked>,
+) -> Decision {
+    gate(plan(backup, schedule, now, deadline), blocked)
 }
 
 pub async fn reconcile(backup: Arc<ResticBackup>, ctx: Arc<Context>) -> Result<Action> {
@@ -447,21 +158,10 @@ async fn invalid(
     backup: &ResticBackup,
     message: String,
 ) -> Result<Action> {
-    let generation = backup.meta().generation;
-    let now = to_time(ctx.now());
+    let (generation, now) = (backup.meta().generation, ctx.now());
     ctx.status
         .update(api, &backup.name_any(), |_, s| {
-            let c = Condition::new(
-                ct::READY,
-                false,
-                reasons::INVALID_SPEC,
-                message.clone(),
-                generation,
-                now.clone(),
-            );
-            set_condition(&mut s.conditions, c);
-            s.next_backup = None;
-            s.observed_generation = generation;
+            crate::plan::invalid(s, &message, generation, now)
         })
         .await?;
     Ok(Action::await_change())
@@ -471,11 +171,8 @@ async fn invalid(
 /// whether to record a run; the runner resolves again from the live object, and what it
 /// resolves is what it checks and sends. Only an API failure is an error.
 async fn repository_blocked(ctx: &Context, backup: &ResticBackup) -> Result<Option<Blocked>> {
-    match resolve::access(&ctx.client, backup).await {
-        Ok(access) => Ok(not_ready(&access)),
-        Err(ResolveError::Api { source, .. }) => Err(source.into()),
-        Err(e) => Ok(Some(Blocked::of(&e))),
-    }
+    let ns = backup.namespace().unwrap_or_default();
+    Ok(resolve::blocked(&ctx.client, &ns, &backup.spec.repository_ref).await?)
 }
 
 /// The I/O of a decision: its events, the cancel of a replaced run, the runner of a new one.
@@ -501,12 +198,10 @@ async fn apply(
 }
 
 pub fn error_policy(backup: Arc<ResticBackup>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("backup/{}", crate::status::key_of(backup.as_ref()));
-    tracing::warn!(backup = %key, %error, "reconcile failed");
-    match error.class() {
-        crate::error::Class::Permanent => Action::await_change(),
-        crate::error::Class::Temporary => Action::requeue(backoff(ctx.failed(&key))),
-    }
+    ctx.on_error(
+        &format!("backup/{}", crate::status::key_of(backup.as_ref())),
+        error,
+    )
 }
 
 /// The ResticBackups that reference `repo` (for the repository watch).
@@ -514,21 +209,18 @@ pub fn referencing(
     backups: &[Arc<ResticBackup>],
     repo: &ResticRepository,
 ) -> Vec<kube::runtime::reflector::ObjectRef<ResticBackup>> {
-    let repo_ns = repo.namespace().unwrap_or_default();
-    backups
-        .iter()
-        .filter(|b| {
-            let ns = b.namespace().unwrap_or_default();
-            b.spec.repository_ref.name == repo.name_any()
-                && b.spec.repository_ref.namespace_or(&ns) == repo_ns
-        })
-        .map(|b| kube::runtime::reflector::ObjectRef::from_obj(b.as_ref()))
-        .collect()
+    resolve::referencing(backups, repo, |b| &b.spec.repository_ref)
 }
 
 #[cfg(test)]
 mod tests {
+    use kube::runtime::events::EventType;
+    use restic_operator_api::common::{
+        RunTrigger, condition_types as ct, event_reasons as er, find_condition, reasons,
+    };
+
     use super::*;
+    use crate::repository::to_time;
 
     fn t(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()

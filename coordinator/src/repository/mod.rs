@@ -9,6 +9,7 @@ pub mod request;
 mod statistics;
 
 pub use check::{integrity_check_due, next_integrity_check};
+pub(crate) use probe::call;
 pub use probe::{NotReady, Verdict, not_ready_from, not_ready_from_credentials};
 
 use std::sync::Arc;
@@ -223,12 +224,10 @@ pub async fn publish(ctx: &Context, repo: &ResticRepository, type_: EventType, r
 }
 
 pub fn error_policy(repo: Arc<ResticRepository>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("repository/{}", crate::status::key_of(repo.as_ref()));
-    tracing::warn!(repository = %key, %error, "reconcile failed");
-    match error.class() {
-        crate::error::Class::Permanent => Action::await_change(),
-        crate::error::Class::Temporary => Action::requeue(backoff(ctx.failed(&key))),
-    }
+    ctx.on_error(
+        &format!("repository/{}", crate::status::key_of(repo.as_ref())),
+        error,
+    )
 }
 
 #[cfg(test)]

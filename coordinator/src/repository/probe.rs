@@ -194,7 +194,7 @@ async fn write(ctx: &Context, repo: &ResticRepository, verdict: &Result<(&'stati
 }
 
 /// Sends one repository request of `kind` to the agent at `address` and follows it.
-pub(super) async fn call(
+pub(crate) async fn call(
     ctx: &Context,
     address: &str,
     kind: Kind,
@@ -206,6 +206,7 @@ pub(super) async fn call(
             Kind::Probe => c.probe(request).await,
             Kind::Init => c.init(request).await,
             Kind::Stats => c.stats(request).await,
+            Kind::Prune => c.prune(request).await,
         }
     };
     ctx.dispatch(kind.as_str(), address, &run_id, send, &mut |_| {})

@@ -20,6 +20,8 @@ pub enum Kind {
     Init,
     /// `restic stats`.
     Stats,
+    /// `restic prune`.
+    Prune,
 }
 
 impl Kind {
@@ -28,6 +30,7 @@ impl Kind {
             Kind::Probe => "probe",
             Kind::Init => "init",
             Kind::Stats => "stats",
+            Kind::Prune => "prune",
         }
     }
 }
@@ -48,6 +51,7 @@ pub fn repository(
         Kind::Probe => format!("repo-{uid}-probe-{stamp}-{attempt}"),
         Kind::Init => format!("repo-{uid}-init-{stamp}"),
         Kind::Stats => format!("repo-{uid}-stats-{stamp}"),
+        Kind::Prune => format!("repo-{uid}-prune-{stamp}"),
     };
     pb::RepositoryRequest {
         options: Some(run::options(&run_id, timeout)),

@@ -265,6 +265,9 @@ impl Node {
             "ResticBackup" => {
                 self.backups().patch(&name, &pp, &Patch::Apply(&value)).await?;
             }
+            "GlobalRetentionPolicy" => {
+                self.policies().patch(&name, &pp, &Patch::Apply(&value)).await?;
+            }
             other => bail!("apply_yaml: unsupported kind {other}"),
         }
         Ok(())
@@ -275,6 +278,10 @@ impl Node {
     }
 
     pub fn repositories(&self) -> Api<ResticRepository> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn policies(&self) -> Api<restic_operator_api::retention::GlobalRetentionPolicy> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 

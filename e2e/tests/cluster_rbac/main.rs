@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use kube::Api;
+use restic_operator_api::retention::GlobalRetentionPolicy;
 
 use restic_operator_e2e::EXTERNAL_KUBECONFIG_ENV;
 use support::{Ctx, ONCALL_GROUP, OPERATOR_NAMESPACE, RELEASE, agent_node, env};
@@ -148,6 +149,24 @@ spec:
     ))?;
     let idle = ctx.finished_run("idle", None, Duration::from_secs(180)).await?;
     ensure!(idle.snapshot_id.is_some(), "{idle:?}\n{}", ctx.diagnostics());
+
+    // Repository-wide retention, from the repository's own namespace (keeping everything).
+    ctx.apply_in(
+        &repo_ns,
+        &format!(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: GlobalRetentionPolicy\n\
+             metadata: {{name: keep-all, namespace: {repo_ns}}}\n\
+             spec:\n  repositoryRef: {{name: shared}}\n  schedule: '@yearly'\n  manualTrigger: one\n  \
+             policies:\n  - retention: {{keepLast: 100}}\n"
+        ),
+    )?;
+    let policies: Api<GlobalRetentionPolicy> = Api::namespaced(ctx.client.clone(), &repo_ns);
+    let ran = restic_operator_e2e::eventually("the retention run", Duration::from_secs(180), || async {
+        let p = policies.get("keep-all").await?;
+        Ok(p.status.and_then(|s| s.last_run_result))
+    })
+    .await?;
+    ensure!(ran.to_string() == "Succeeded", "{ran}\n{}", ctx.diagnostics());
 
     // A person on call gets a debug certificate (signed after a SubjectAccessReview).
     let alice = env().cluster.kubeconfig_as("alice", &[ONCALL_GROUP])?;
