@@ -403,53 +403,38 @@ pub fn invalid<S: ScheduleStatus>(
     *status.observed_generation() = generation;
 }
 
-impl ScheduleStatus for ResticBackupStatus {
-    fn conditions(&mut self) -> &mut Vec<Condition> {
-        &mut self.conditions
-    }
-    fn observed_generation(&mut self) -> &mut Option<i64> {
-        &mut self.observed_generation
-    }
-    fn next_run(&mut self) -> &mut Option<Time> {
-        &mut self.next_backup
-    }
-    fn last_schedule_time(&mut self) -> &mut Option<Time> {
-        &mut self.last_schedule_time
-    }
-    fn last_manual_trigger(&mut self) -> &mut Option<String> {
-        &mut self.last_manual_trigger
-    }
-    fn active_run(&mut self) -> &mut Option<ActiveRun> {
-        &mut self.active_run
-    }
-    fn clear_progress(&mut self) {
-        self.progress = None;
-    }
-    fn running_reason(&self) -> &'static str {
-        reasons::BACKUP_RUNNING
-    }
+/// Implements [`ScheduleStatus`] for a kind's status: the field that holds the next run, the
+/// `Progressing` reason of a run in flight, and the live-progress field if the kind has one.
+macro_rules! schedule_status {
+    ($status:ty, $next:ident, $running:expr $(, $progress:ident)?) => {
+        impl ScheduleStatus for $status {
+            fn conditions(&mut self) -> &mut Vec<Condition> {
+                &mut self.conditions
+            }
+            fn observed_generation(&mut self) -> &mut Option<i64> {
+                &mut self.observed_generation
+            }
+            fn next_run(&mut self) -> &mut Option<Time> {
+                &mut self.$next
+            }
+            fn last_schedule_time(&mut self) -> &mut Option<Time> {
+                &mut self.last_schedule_time
+            }
+            fn last_manual_trigger(&mut self) -> &mut Option<String> {
+                &mut self.last_manual_trigger
+            }
+            fn active_run(&mut self) -> &mut Option<ActiveRun> {
+                &mut self.active_run
+            }
+            $(fn clear_progress(&mut self) {
+                self.$progress = None;
+            })?
+            fn running_reason(&self) -> &'static str {
+                $running
+            }
+        }
+    };
 }
 
-impl ScheduleStatus for GlobalRetentionPolicyStatus {
-    fn conditions(&mut self) -> &mut Vec<Condition> {
-        &mut self.conditions
-    }
-    fn observed_generation(&mut self) -> &mut Option<i64> {
-        &mut self.observed_generation
-    }
-    fn next_run(&mut self) -> &mut Option<Time> {
-        &mut self.next_run
-    }
-    fn last_schedule_time(&mut self) -> &mut Option<Time> {
-        &mut self.last_schedule_time
-    }
-    fn last_manual_trigger(&mut self) -> &mut Option<String> {
-        &mut self.last_manual_trigger
-    }
-    fn active_run(&mut self) -> &mut Option<ActiveRun> {
-        &mut self.active_run
-    }
-    fn running_reason(&self) -> &'static str {
-        reasons::RETENTION_RUNNING
-    }
-}
+schedule_status!(ResticBackupStatus, next_backup, reasons::BACKUP_RUNNING, progress);
+schedule_status!(GlobalRetentionPolicyStatus, next_run, reasons::RETENTION_RUNNING);
