@@ -116,7 +116,8 @@ pub struct RetentionPolicyRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotFilter {
-    /// Only snapshots that have all of these tags (an empty tag is refused).
+    /// Only snapshots that have all of these tags (an empty tag, or one with a comma, is
+    /// refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// Only snapshots of this hostname (an empty one is refused: leave it out for any host).

@@ -65,6 +65,25 @@ impl Op {
     }
 }
 
+/// A forget's selection as restic reads it: `--host` (empty: any host) and `--tag`, whose
+/// values restic splits at commas and which an empty value would widen to any snapshot. Each
+/// tag must be one non-empty tag, and no value may hold a control character.
+fn check_selection(host: &str, tags: &[String]) -> Result<(), String> {
+    let printable = |s: &str| !s.chars().any(char::is_control);
+    if !printable(host) || host.contains(',') {
+        return Err(format!("host {host:?} is not one host name"));
+    }
+    match tags
+        .iter()
+        .find(|t| t.trim().is_empty() || t.contains(',') || !printable(t))
+    {
+        Some(t) => Err(format!(
+            "tag {t:?} is not one non-empty tag (restic splits tags at commas)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Validates the common parts and the operation's own.
 pub fn prepare(
     options: Option<&pb::RunOptions>,
@@ -80,7 +99,7 @@ pub fn prepare(
                     return Err(format!("group_by {g:?} is not one of host, paths, tags"));
                 }
             }
-            Ok(())
+            check_selection(&req.host, &req.tags)
         }
         Op::Check { read_data_subset } if !read_data_subset.is_empty() => {
             let ok = read_data_subset
@@ -325,6 +344,31 @@ impl Step<'_> {
             Ok(())
         } else {
             Err(failure_of(&out, "removing stale locks"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forget_selects_one_host_and_whole_tags_only() {
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_selection("", &[]), Ok(()), "any host, any tags");
+        assert_eq!(
+            check_selection("db", &tags(&["app=a", "restic-operator/namespace=n"])),
+            Ok(())
+        );
+        for (host, t) in [
+            ("db,web", tags(&[])),
+            ("db\n", tags(&[])),
+            ("", tags(&[""])),
+            ("", tags(&[" "])),
+            ("", tags(&["a,b"])),
+            ("", tags(&["a\u{7}"])),
+        ] {
+            assert!(check_selection(host, &t).is_err(), "{host:?} {t:?}");
         }
     }
 }

@@ -69,6 +69,12 @@ pub fn invalid(policy: &GlobalRetentionPolicy) -> Option<String> {
         if selector.tags.iter().any(|t| t.trim().is_empty()) {
             return Some(format!("policies[{n}].selector.tags holds an empty tag"));
         }
+        if selector.tags.iter().any(|t| t.contains(',')) {
+            let why = "restic reads a comma as two tags; list them apart";
+            return Some(format!(
+                "policies[{n}].selector.tags holds a tag with a comma: {why}"
+            ));
+        }
         let keep = crate::retention::keep_policy(&rule.retention);
         let keeps = [
             keep.last,
@@ -243,6 +249,8 @@ mod tests {
         );
         let empty_tag = invalid(&spec("{selector: {tags: [a, ' ']}, retention: {keepLast: 1}}")).unwrap();
         assert!(empty_tag.contains("empty tag"), "{empty_tag}");
+        let comma = invalid(&spec("{selector: {tags: ['a,b']}, retention: {keepLast: 1}}")).unwrap();
+        assert!(comma.contains("a tag with a comma"), "{comma}");
         let nothing = invalid(&spec("{retention: {keepLast: 0}}")).unwrap();
         assert!(nothing.contains("keeps nothing"), "{nothing}");
     }
