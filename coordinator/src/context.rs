@@ -112,6 +112,25 @@ impl Context {
         self.cancels.lock().expect("cancels").remove(run_id);
     }
 
+    /// When a scheduled kind's object `key` is looked at again after a decision: backing off
+    /// while its repository cannot take a run, else at its plan's next wake-up. `in_flight`:
+    /// the object as read before the decision's write had a run in flight (or it recorded one).
+    pub fn after_decision(
+        &self,
+        key: &str,
+        blocked: bool,
+        in_flight: bool,
+        decision: &crate::plan::Decision,
+    ) -> Action {
+        if blocked {
+            let wait = crate::error::backoff(self.failed(key)).max(std::time::Duration::from_secs(10));
+            return Action::requeue(wait);
+        }
+        self.succeeded(key);
+        let in_flight = in_flight || decision.start.is_some();
+        Action::requeue(crate::plan::next_wake(&decision.plan, in_flight, self.now()))
+    }
+
     pub fn pki(&self) -> Pki {
         self.pki.read().expect("pki lock").clone()
     }
@@ -158,6 +177,16 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %e, "could not publish an event");
     }
+}
+
+/// The error policy of every controller: a permanent error waits for a change, a temporary one
+/// backs off by the object's consecutive failures.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &crate::error::Error,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.on_error(&crate::status::backoff_key(object.as_ref()), error)
 }
 
 /// Runs one reconciliation and records its result and duration under `controller`.

@@ -17,9 +17,10 @@ use restic_operator_api::retention::GlobalRetentionPolicy;
 use crate::agents::Agents;
 use crate::config::Config;
 use crate::context::Context;
+use crate::context::error_policy;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
-use crate::{backup, pki, policy, repository};
+use crate::{backup, pki, policy, repository, resolve};
 
 async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -228,7 +229,7 @@ fn spawn_namespace_controllers(
     controllers.repositories.push(repo_controller.store());
     let repo_controller = repo_controller
         .shutdown_on_signal()
-        .run(repository::reconcile, repository::error_policy, Arc::clone(ctx))
+        .run(repository::reconcile, error_policy, Arc::clone(ctx))
         .for_each(|_| async {});
     // Backups follow their repository's readiness; repositories in other namespaces are
     // watched cluster-wide only when all namespaces are.
@@ -238,10 +239,10 @@ fn spawn_namespace_controllers(
     let (_, repo_watch) = api(client);
     let backup_controller = backup_controller
         .watches(repo_watch, watcher::Config::default(), move |repo| {
-            backup::referencing(&store.state(), &repo)
+            resolve::referencing(&store.state(), &repo, |b| &b.spec.repository_ref)
         })
         .shutdown_on_signal()
-        .run(backup::reconcile, backup::error_policy, Arc::clone(ctx))
+        .run(backup::reconcile, error_policy, Arc::clone(ctx))
         .for_each(|_| async {});
     controllers.tasks.push(tokio::spawn(repo_controller));
     controllers.tasks.push(tokio::spawn(backup_controller));
@@ -268,10 +269,10 @@ fn policy_controller(
     let store = controller.store();
     controller
         .watches(repos, watcher::Config::default(), move |repo| {
-            policy::referencing(&store.state(), &repo)
+            resolve::referencing(&store.state(), &repo, |p| &p.spec.repository_ref)
         })
         .shutdown_on_signal()
-        .run(policy::reconcile, policy::error_policy, Arc::clone(ctx))
+        .run(policy::reconcile, error_policy, Arc::clone(ctx))
         .for_each(|_| async {})
 }
 

@@ -110,6 +110,35 @@ impl StatusWriter {
     }
 }
 
+/// Marks a scheduled kind's spec invalid (`Ready=False`, `InvalidSpec`, no next run) until it
+/// changes.
+pub async fn write_invalid<K>(
+    writer: &StatusWriter,
+    api: &Api<K>,
+    object: &K,
+    message: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), kube::Error>
+where
+    K: WithStatus,
+    K::Status: crate::plan::ScheduleStatus,
+{
+    let generation = object.meta().generation;
+    let name = object.meta().name.clone().unwrap_or_default();
+    writer
+        .update(api, &name, |_, s| {
+            crate::plan::invalid(s, message, generation, now)
+        })
+        .await?;
+    Ok(())
+}
+
+/// `kind/namespace/name` of an object: the key of its consecutive failures (backoff), the same
+/// in its reconcile and its error policy.
+pub fn backoff_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{}/{}", K::kind(&()), key_of(object))
+}
+
 /// `Namespace/name` of an object, for keys and logs.
 pub fn key_of<K: Resource>(object: &K) -> String {
     format!(

@@ -24,10 +24,9 @@ use chrono::{DateTime, Utc};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
-use restic_operator_api::repository::ResticRepository;
 
 use crate::context::Context;
-use crate::error::{Error, Result, backoff};
+use crate::error::Result;
 use crate::plan::Scheduled;
 pub use crate::plan::{Blocked, Decision, NewRun, Plan, events, gate, next_wake, not_ready};
 use crate::repository::from_time;
@@ -117,7 +116,11 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     }
     let schedule = match Schedule::parse(&backup.spec.schedule, backup.spec.timezone.as_deref()) {
         Ok(s) => s,
-        Err(e) => return invalid(ctx, &api, backup, e.to_string()).await,
+        Err(e) => {
+            let now = ctx.now();
+            crate::status::write_invalid(&ctx.status, &api, backup, &e.to_string(), now).await?;
+            return Ok(Action::await_change());
+        }
     };
     let blocked = repository_blocked(ctx, backup).await?;
 
@@ -138,33 +141,9 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
     };
     apply(ctx, backup, &updated, &decision, blocked.as_ref()).await;
 
-    let key = format!("backup/{ns}/{name}");
-    if blocked.is_some() {
-        return Ok(Action::requeue(
-            backoff(ctx.failed(&key)).max(Duration::from_secs(10)),
-        ));
-    }
-    ctx.succeeded(&key);
-    // `updated` is the object as read before this write: a run it just recorded is in flight.
-    let in_flight =
-        updated.status.as_ref().is_some_and(|s| s.active_run.is_some()) || decision.start.is_some();
-    Ok(Action::requeue(next_wake(&decision.plan, in_flight, ctx.now())))
-}
-
-/// A spec that cannot be scheduled: `Ready=False` with `InvalidSpec`, until it changes.
-async fn invalid(
-    ctx: &Context,
-    api: &Api<ResticBackup>,
-    backup: &ResticBackup,
-    message: String,
-) -> Result<Action> {
-    let (generation, now) = (backup.meta().generation, ctx.now());
-    ctx.status
-        .update(api, &backup.name_any(), |_, s| {
-            crate::plan::invalid(s, &message, generation, now)
-        })
-        .await?;
-    Ok(Action::await_change())
+    let key = crate::status::backoff_key(backup);
+    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some());
+    Ok(ctx.after_decision(&key, blocked.is_some(), in_flight, &decision))
 }
 
 /// Dereferences the repository and checks it may take a run from here. This only decides
@@ -197,27 +176,14 @@ async fn apply(
     }
 }
 
-pub fn error_policy(backup: Arc<ResticBackup>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.on_error(
-        &format!("backup/{}", crate::status::key_of(backup.as_ref())),
-        error,
-    )
-}
-
-/// The ResticBackups that reference `repo` (for the repository watch).
-pub fn referencing(
-    backups: &[Arc<ResticBackup>],
-    repo: &ResticRepository,
-) -> Vec<kube::runtime::reflector::ObjectRef<ResticBackup>> {
-    resolve::referencing(backups, repo, |b| &b.spec.repository_ref)
-}
-
 #[cfg(test)]
 mod tests {
     use kube::runtime::events::EventType;
     use restic_operator_api::common::{
         RunTrigger, condition_types as ct, event_reasons as er, find_condition, reasons,
     };
+
+    use restic_operator_api::repository::ResticRepository;
 
     use super::*;
     use crate::repository::to_time;

@@ -14,12 +14,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use restic_operator_api::common::{ConcurrencyPolicy, reasons};
-use restic_operator_api::repository::ResticRepository;
 use restic_operator_api::retention::GlobalRetentionPolicy;
 
 use crate::context::Context;
-use crate::error::{Error, Result, backoff};
-use crate::plan::{Blocked, Plan, Scheduled, events, gate, next_wake};
+use crate::error::Result;
+use crate::plan::{Blocked, Plan, Scheduled, events, gate};
 use crate::repository::from_time;
 use crate::resolve;
 use crate::schedule::Schedule;
@@ -105,22 +104,6 @@ pub fn confined(policy: &GlobalRetentionPolicy) -> Option<Blocked> {
     })
 }
 
-/// A spec that cannot run: `Ready=False` with `InvalidSpec`, until it changes.
-async fn write_invalid(
-    ctx: &Context,
-    api: &Api<GlobalRetentionPolicy>,
-    policy: &GlobalRetentionPolicy,
-    message: String,
-) -> Result<Action> {
-    let (generation, now) = (policy.meta().generation, ctx.now());
-    ctx.status
-        .update(api, &policy.name_any(), |_, s| {
-            crate::plan::invalid(s, &message, generation, now)
-        })
-        .await?;
-    Ok(Action::await_change())
-}
-
 pub async fn reconcile(policy: Arc<GlobalRetentionPolicy>, ctx: Arc<Context>) -> Result<Action> {
     crate::context::observed(&ctx.metrics, CONTROLLER, reconcile_inner(&policy, &ctx)).await
 }
@@ -135,10 +118,12 @@ async fn reconcile_inner(policy: &GlobalRetentionPolicy, ctx: &Arc<Context>) -> 
     }
     let generation = policy.meta().generation;
     let parsed = Schedule::parse(&policy.spec.schedule, policy.spec.timezone.as_deref());
-    let schedule = match (parsed, invalid(policy)) {
+    let schedule = match (parsed.map_err(|e| e.to_string()), invalid(policy)) {
         (Ok(s), None) => s,
-        (Err(e), _) => return write_invalid(ctx, &api, policy, e.to_string()).await,
-        (_, Some(message)) => return write_invalid(ctx, &api, policy, message).await,
+        (Err(message), _) | (_, Some(message)) => {
+            crate::status::write_invalid(&ctx.status, &api, policy, &message, now).await?;
+            return Ok(Action::await_change());
+        }
     };
     let blocked = match confined(policy) {
         Some(b) => Some(b),
@@ -164,16 +149,9 @@ async fn reconcile_inner(policy: &GlobalRetentionPolicy, ctx: &Arc<Context>) -> 
     if let Some(run) = &decision.start {
         run::ensure_running(ctx, &ns, &name, &run.run_id);
     }
-    let key = format!("policy/{ns}/{name}");
-    if blocked.is_some() {
-        return Ok(Action::requeue(
-            backoff(ctx.failed(&key)).max(Duration::from_secs(10)),
-        ));
-    }
-    ctx.succeeded(&key);
-    let in_flight =
-        updated.status.as_ref().is_some_and(|s| s.active_run.is_some()) || decision.start.is_some();
-    Ok(Action::requeue(next_wake(&decision.plan, in_flight, ctx.now())))
+    let key = crate::status::backoff_key(policy);
+    let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some());
+    Ok(ctx.after_decision(&key, blocked.is_some(), in_flight, &decision))
 }
 
 pub async fn publish(
@@ -184,21 +162,6 @@ pub async fn publish(
     note: String,
 ) {
     crate::context::publish(&ctx.policy_events, policy, type_, reason, note).await;
-}
-
-pub fn error_policy(policy: Arc<GlobalRetentionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.on_error(
-        &format!("policy/{}", crate::status::key_of(policy.as_ref())),
-        error,
-    )
-}
-
-/// The policies that reference `repo` (for the repository watch).
-pub fn referencing(
-    policies: &[Arc<GlobalRetentionPolicy>],
-    repo: &ResticRepository,
-) -> Vec<kube::runtime::reflector::ObjectRef<GlobalRetentionPolicy>> {
-    resolve::referencing(policies, repo, |p| &p.spec.repository_ref)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use restic_operator_api::repository::ResticRepository;
 use restic_operator_proto::v1 as pb;
 
 use crate::context::Context;
-use crate::error::{Error, Result, backoff};
+use crate::error::{Result, backoff};
 use crate::resolve::{self};
 use crate::schedule::Schedule;
 
@@ -51,7 +51,7 @@ pub async fn reconcile(repo: Arc<ResticRepository>, ctx: Arc<Context>) -> Result
 
 /// Validate → dereference the credentials → probe when due → integrity checks.
 async fn reconcile_inner(repo: &ResticRepository, ctx: &Arc<Context>) -> Result<Action> {
-    let key = format!("repository/{}", crate::status::key_of(repo));
+    let key = crate::status::backoff_key(repo);
     if let Some(nr) = invalid(repo) {
         write_not_ready(ctx, repo, nr).await?;
         return Ok(Action::await_change());
@@ -221,13 +221,6 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
 
 pub async fn publish(ctx: &Context, repo: &ResticRepository, type_: EventType, reason: &str, note: String) {
     crate::context::publish(&ctx.repository_events, repo, type_, reason, note).await;
-}
-
-pub fn error_policy(repo: Arc<ResticRepository>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.on_error(
-        &format!("repository/{}", crate::status::key_of(repo.as_ref())),
-        error,
-    )
 }
 
 #[cfg(test)]
