@@ -4,6 +4,7 @@
 
 use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time};
 use kube::{CustomResource, KubeSchema};
+use restic_operator_args as args;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +21,9 @@ fn default_access_modes() -> Vec<AccessMode> {
     vec![AccessMode::ReadWriteOnce]
 }
 
-/// A one-shot restore of a restic snapshot into a PVC. Not acted on yet: this version of the
-/// coordinator accepts and validates it, and a later release runs it.
+/// A one-shot restore of a restic snapshot into a PVC: the snapshot is resolved and recorded in
+/// status, the hooks run around the data movement, and the node agent of a pod that mounts the
+/// claim (or of a short-lived holder pod) restores it. It runs once; a finished restore is final.
 // Each `printcolumn(...)` repeats the keys `type_`, `priority`, ...; clippy reads that as
 // duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -34,7 +36,7 @@ fn default_access_modes() -> Vec<AccessMode> {
     status = "ResticRestoreStatus",
     shortname = "rrestore",
     category = "restic",
-    doc = "A one-shot restore of a restic snapshot into an existing or a new PVC. Not acted on yet by this version of the coordinator.",
+    doc = "A one-shot restore of a restic snapshot into an existing or a new PVC. It runs once; the spec cannot change once it has started.",
     printcolumn(
         name = "Phase",
         type_ = "string",
@@ -51,8 +53,7 @@ fn default_access_modes() -> Vec<AccessMode> {
         name = "Progress",
         type_ = "number",
         json_path = ".status.progress.percentDone",
-        description = "Percent done",
-        priority = 1
+        description = "Percent done"
     ),
     printcolumn(
         name = "Backup",
@@ -61,7 +62,9 @@ fn default_access_modes() -> Vec<AccessMode> {
         description = "ResticBackup restored from",
         priority = 1
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase == 'Pending' || self.spec == oldSelf.spec")
+        .message("a restore's spec cannot change once it has started; create a new ResticRestore")
 )]
 #[x_kube(
     validation = Rule::new("!(has(self.snapshotID) && has(self.snapshotSelector))")
@@ -91,11 +94,14 @@ pub struct ResticRestoreSpec {
     /// Where to restore to. Exactly one of `pvc` or `newPVC`.
     pub target: RestoreTarget,
     /// Paths to restore, relative to the backed-up volume (as in the backup's `source.pvc.paths`),
-    /// e.g. `/config`. Default: everything.
+    /// e.g. `/config`. Default: everything. Not together with `excludePaths`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub include_paths: Vec<String>,
-    /// Patterns of paths not to restore (restic `--exclude`), e.g. `*.log`.
+    /// Patterns of paths not to restore (restic `--exclude`), e.g. `*.log`. restic restores
+    /// with include or exclude patterns, not both: a restore that sets both fails with InvalidSpec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub exclude_paths: Vec<String>,
     /// How to treat existing files in the target, and verification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +187,11 @@ pub struct NewPvc {
     pub access_modes: Vec<AccessMode>,
     /// Requested size, e.g. `50Gi`.
     pub size: Quantity,
+    /// Whether the new claim belongs to the restore: deleting the ResticRestore then deletes
+    /// the claim and its data. Set false to keep the claim (and what was restored into it)
+    /// whatever happens to the restore. Default: true.
+    #[serde(default = "default_true")]
+    pub owned_by_restore: bool,
 }
 
 /// What a restore does with files already in the target.
@@ -220,6 +231,14 @@ pub struct RestoreOptions {
     /// referenced backup's `restic.snapshotPath`, or `/data` with `repositoryRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_path: Option<String>,
+    /// Extra `restic restore` options, one per item as `--flag` or `--flag=value`, from an
+    /// allow-list such as `--limit-download=<KiB/s>`, `--option=s3.connections=<n>` or
+    /// `--verbose`. Anything else is refused by the API server and again by the node agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
+    #[x_kube(validation = Rule::new(args::cel_rule(&[args::Op::Restore]))
+        .message(Message::Expression(args::cel_message(&[args::Op::Restore]))))]
+    pub extra_args: Vec<String>,
 }
 
 impl RestoreOptions {
@@ -288,9 +307,13 @@ pub struct ResticRestoreStatus {
     /// When the restore finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
-    /// Id of the snapshot being or that was restored (set once the snapshot is resolved).
+    /// Id of the snapshot being or that was restored (set once the snapshot is resolved,
+    /// before any data moves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_snapshot: Option<String>,
+    /// When the restored snapshot was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_time: Option<Time>,
     /// Number of files restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_files: Option<i64>,
@@ -309,8 +332,8 @@ pub struct ResticRestoreStatus {
     /// What happened, for a person (the error on failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// The object doing the restore. The specification's operator made a Job; this one
-    /// dispatches the restore to a node agent, and this refers to that pod.
+    /// The pod doing the restore. The specification's operator made a Job; this one sends the
+    /// restore to the node agent of the claim's node, and this names that agent's pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_ref: Option<ObjectReference>,
     /// The restore run in flight, if any.

@@ -121,7 +121,10 @@ fn printer_columns_tell_the_story() {
             "Age"
         ]
     );
-    assert_eq!(columns("resticrestores"), ["Phase", "Snapshot", "Age"]);
+    assert_eq!(
+        columns("resticrestores"),
+        ["Phase", "Snapshot", "Progress", "Age"]
+    );
     assert_eq!(
         columns("resticrepositories"),
         ["Ready", "Snapshots", "Size", "Age"]

@@ -27,6 +27,7 @@ pub struct Context {
     pub backup_events: Recorder,
     pub repository_events: Recorder,
     pub policy_events: Recorder,
+    pub restore_events: Recorder,
     /// Consecutive failures per object, for backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Runs whose after-hooks ran but whose final status is not written yet: when such a
@@ -47,6 +48,7 @@ impl Context {
             backup_events: Recorder::new(client.clone(), reporter("backup")),
             repository_events: Recorder::new(client.clone(), reporter("repository")),
             policy_events: Recorder::new(client.clone(), reporter("retention")),
+            restore_events: Recorder::new(client.clone(), reporter("restore")),
             client,
             config,
             agents,

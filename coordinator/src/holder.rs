@@ -18,10 +18,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
-use kube::{Api, Client, Resource, ResourceExt};
-use restic_operator_api::backup::ResticBackup;
+use kube::{Api, Client, ResourceExt};
 
-use crate::BACKUP_LABEL;
+use crate::owner::Owner;
 
 /// `app.kubernetes.io/component` of holder pods.
 pub const COMPONENT: &str = "holder";
@@ -111,23 +110,23 @@ pub fn is_holder(pod: &Pod) -> bool {
     pod.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(COMPONENT)
 }
 
-/// The holder pod of `backup` for `claim` (pure): the pause image, the claim as its only
+/// The holder pod of `owner` for `claim` (pure): the pause image, the claim as its only
 /// volume, no token, no Secret, no ports, non-root with every capability dropped, placed by
-/// the backup's `jobConfig` and controlled by the backup. `read_only` mounts the claim
-/// read-only (backups); restores mount it read-write.
-pub fn holder_pod(backup: &ResticBackup, name: &str, claim: &str, image: &str, read_only: bool) -> Pod {
-    let job = backup.spec.job_config.clone().unwrap_or_default();
-    let labels = BTreeMap::from([
-        (BACKUP_LABEL.to_owned(), backup.name_any()),
+/// the owner's placement (a backup's `jobConfig`) and controlled by the owner. `read_only`
+/// mounts the claim read-only (backups); restores mount it read-write.
+pub fn holder_pod(owner: &Owner, name: &str, claim: &str, image: &str, read_only: bool) -> Pod {
+    let job = owner.placement.clone();
+    let mut labels = owner.labels();
+    labels.extend([
         (NAME_LABEL.to_owned(), NAME.to_owned()),
         (COMPONENT_LABEL.to_owned(), COMPONENT.to_owned()),
     ]);
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            namespace: backup.namespace(),
+            namespace: Some(owner.namespace.clone()),
             labels: Some(labels),
-            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
+            owner_references: owner.owner_ref.clone().map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -369,19 +368,13 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// The holder of run `run_id` of `backup` for `claim` (pure).
-    pub fn for_backup(
-        backup: &ResticBackup,
-        run_id: &str,
-        claim: &str,
-        image: &str,
-        read_only: bool,
-    ) -> Self {
-        let name = holder_name(&backup.name_any(), run_id);
+    /// The holder of run `run_id` of `owner` for `claim` (pure).
+    pub fn new(owner: &Owner, run_id: &str, claim: &str, image: &str, read_only: bool) -> Self {
+        let name = holder_name(&owner.name, run_id);
         Self {
-            expected: holder_pod(backup, &name, claim, image, read_only),
-            namespace: backup.namespace().unwrap_or_default(),
-            owner_uid: backup.uid().unwrap_or_default(),
+            expected: holder_pod(owner, &name, claim, image, read_only),
+            namespace: owner.namespace.clone(),
+            owner_uid: owner.uid.clone(),
             claim: claim.into(),
             name,
         }
@@ -548,6 +541,8 @@ impl Holder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BACKUP_LABEL;
+    use restic_operator_api::backup::ResticBackup;
 
     fn backup(extra: &str) -> ResticBackup {
         serde_yaml::from_str(&format!(
@@ -559,7 +554,7 @@ mod tests {
 
     fn holder() -> Pod {
         holder_pod(
-            &backup(""),
+            &Owner::backup(&backup("")),
             &holder_name("b", "run-1"),
             "data",
             "pause:test",
@@ -613,7 +608,7 @@ mod tests {
         let mount = &spec.containers[0].volume_mounts.as_ref().unwrap()[0];
         assert_eq!((mount.name.as_str(), mount.read_only), (VOLUME, Some(true)));
 
-        let rw = holder_pod(&backup(""), "h", "data", "pause:test", false)
+        let rw = holder_pod(&Owner::backup(&backup("")), "h", "data", "pause:test", false)
             .spec
             .unwrap();
         assert_eq!(
@@ -651,7 +646,7 @@ mod tests {
             ", jobConfig: {nodeSelector: {zone: a}, tolerations: [{key: k, operator: Exists}], \
              securityContext: {runAsUser: 0}, serviceAccountName: powerful}",
         );
-        let pod = holder_pod(&b, "h", "data", "pause:test", true);
+        let pod = holder_pod(&Owner::backup(&b), "h", "data", "pause:test", true);
         let labels = pod.labels();
         assert_eq!(labels[BACKUP_LABEL], "b");
         assert_eq!(labels[COMPONENT_LABEL], "holder");
@@ -692,13 +687,14 @@ mod tests {
         let mut p = as_stored(holder());
         p.metadata.owner_references = None;
         assert_eq!(check_ours(&p, &holder(), "1234"), Err(NotOurs::NotControlled));
+        let other: ResticBackup = serde_yaml::from_str(
+            "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
+             metadata: {name: b, namespace: n, uid: '9999'}\n\
+             spec: {repositoryRef: {name: r}, schedule: '@daily', source: {pvc: {claimName: data}}}",
+        )
+        .unwrap();
         let other_backup = as_stored(holder_pod(
-            &serde_yaml::from_str(
-                "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
-                 metadata: {name: b, namespace: n, uid: '9999'}\n\
-                 spec: {repositoryRef: {name: r}, schedule: '@daily', source: {pvc: {claimName: data}}}",
-            )
-            .unwrap(),
+            &Owner::backup(&other),
             &holder_name("b", "run-1"),
             "data",
             "pause:test",
@@ -771,13 +767,13 @@ mod tests {
     fn a_holder_changed_by_admission_webhooks_is_still_removed_but_a_lookalike_is_not() {
         let backup = backup("");
         let uid = backup.uid().unwrap();
-        let mut pod = holder_pod(&backup, "b-holder-1", "data", "pause:1", true);
+        let mut pod = holder_pod(&Owner::backup(&backup), "b-holder-1", "data", "pause:1", true);
         // A service mesh injected a sidecar: no longer exactly a holder, still ours to delete.
         pod.spec.as_mut().unwrap().containers.push(Default::default());
         assert!(
             check_ours(
                 &pod,
-                &holder_pod(&backup, "b-holder-1", "data", "pause:1", true),
+                &holder_pod(&Owner::backup(&backup), "b-holder-1", "data", "pause:1", true),
                 &uid
             )
             .is_err()
@@ -787,7 +783,7 @@ mod tests {
         pod.metadata.owner_references = None;
         assert!(!controlled_holder(&pod, &uid));
         assert!(!controlled_holder(
-            &holder_pod(&backup, "x", "data", "pause:1", true),
+            &holder_pod(&Owner::backup(&backup), "x", "data", "pause:1", true),
             ""
         ));
     }

@@ -10,13 +10,12 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
 use kube::api::{AttachParams, AttachedProcess, ListParams, LogParams, ObjectMeta, PostParams};
-use kube::{Api, Client, Resource, ResourceExt};
-use restic_operator_api::backup::ResticBackup;
+use kube::{Api, Client, ResourceExt};
 use restic_operator_api::common::{Hook, label_selector_matches, parse_duration};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::BACKUP_LABEL;
 use crate::holder::fnv;
+use crate::owner::Owner;
 use crate::run::truncate;
 
 /// Which hook.
@@ -25,6 +24,8 @@ pub enum Phase {
     PreBackup,
     PostBackup,
     OnFailure,
+    PreRestore,
+    PostRestore,
 }
 
 impl Phase {
@@ -33,6 +34,8 @@ impl Phase {
             Phase::PreBackup => "preBackup",
             Phase::PostBackup => "postBackup",
             Phase::OnFailure => "onFailure",
+            Phase::PreRestore => "preRestore",
+            Phase::PostRestore => "postRestore",
         }
     }
 
@@ -41,6 +44,8 @@ impl Phase {
             Phase::PreBackup => "pre",
             Phase::PostBackup => "post",
             Phase::OnFailure => "onfailure",
+            Phase::PreRestore => "prerestore",
+            Phase::PostRestore => "postrestore",
         }
     }
 }
@@ -154,14 +159,14 @@ const STREAM_TAIL: usize = 64 << 10;
 /// Runs `hook`; `Ok(output)` or `Err(reason with output)`.
 pub async fn run(
     client: &Client,
-    backup: &ResticBackup,
+    owner: &Owner,
     phase: Phase,
     hook: &Hook,
     run_id: &str,
 ) -> Result<String, HookError> {
     if let Some(exec) = &hook.exec {
         let timeout = parse_duration(&exec.timeout).unwrap_or(DEFAULT_TIMEOUT);
-        match tokio::time::timeout(timeout, run_exec(client, backup, phase, exec)).await {
+        match tokio::time::timeout(timeout, run_exec(client, &owner.namespace, phase, exec)).await {
             Ok(r) => r,
             Err(_) => Err(HookError::ExecTimeout {
                 phase,
@@ -170,7 +175,7 @@ pub async fn run(
         }
     } else if let Some(job) = &hook.job {
         let timeout = parse_duration(&job.timeout).unwrap_or(DEFAULT_TIMEOUT);
-        run_job(client, backup, phase, &job.pod_template, timeout, run_id).await
+        run_job(client, owner, phase, &job.pod_template, timeout, run_id).await
     } else {
         Ok(String::new())
     }
@@ -179,13 +184,12 @@ pub async fn run(
 /// Runs an exec hook's command in the chosen pod and container; its output on `Success`.
 async fn run_exec(
     client: &Client,
-    backup: &ResticBackup,
+    ns: &str,
     phase: Phase,
     exec: &restic_operator_api::common::ExecHook,
 ) -> Result<String, HookError> {
-    let ns = backup.namespace().unwrap_or_default();
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let (pod_name, container) = exec_target(&api, &ns, phase, exec).await?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let (pod_name, container) = exec_target(&api, ns, phase, exec).await?;
     let params = AttachParams::default()
         .container(container.clone())
         .stdin(false)
@@ -348,8 +352,8 @@ fn ending(s: &str, max: usize) -> String {
 }
 
 /// Name of the Job of a hook run: stable per run, so a restarted coordinator finds it.
-pub fn job_name(backup: &str, phase: Phase, run_id: &str) -> String {
-    let prefix: String = backup.chars().take(40).collect();
+pub fn job_name(owner: &str, phase: Phase, run_id: &str) -> String {
+    let prefix: String = owner.chars().take(40).collect();
     format!(
         "{}-{}-{:08x}",
         prefix.trim_end_matches('-'),
@@ -360,7 +364,7 @@ pub fn job_name(backup: &str, phase: Phase, run_id: &str) -> String {
 
 /// The Job of a hook (pure).
 pub fn job(
-    backup: &ResticBackup,
+    owner: &Owner,
     phase: Phase,
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
     timeout: Duration,
@@ -372,27 +376,25 @@ pub fn job(
     {
         spec.restart_policy = Some("Never".into());
     }
-    let labels = BTreeMap::from([
-        (BACKUP_LABEL.to_owned(), backup.name_any()),
-        (
-            "backup.resticbackup.io/hook".to_owned(),
-            phase.as_str().to_owned(),
-        ),
-    ]);
+    let mut labels = owner.labels();
+    labels.insert(
+        "backup.resticbackup.io/hook".to_owned(),
+        phase.as_str().to_owned(),
+    );
     let meta = template.metadata.get_or_insert_with(Default::default);
     meta.labels
         .get_or_insert_with(Default::default)
         .extend(labels.clone());
     Job {
         metadata: ObjectMeta {
-            name: Some(job_name(&backup.name_any(), phase, run_id)),
-            namespace: backup.namespace(),
+            name: Some(job_name(&owner.name, phase, run_id)),
+            namespace: Some(owner.namespace.clone()),
             labels: Some(labels),
             annotations: Some(BTreeMap::from([(
                 "backup.resticbackup.io/run-id".to_owned(),
                 run_id.to_owned(),
             )])),
-            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
+            owner_references: owner.owner_ref.clone().map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(JobSpec {
@@ -409,15 +411,15 @@ pub fn job(
 /// Runs a Job hook: creates the Job (or finds this run's) and waits for its verdict.
 async fn run_job(
     client: &Client,
-    backup: &ResticBackup,
+    owner: &Owner,
     phase: Phase,
     template: &k8s_openapi::api::core::v1::PodTemplateSpec,
     timeout: Duration,
     run_id: &str,
 ) -> Result<String, HookError> {
-    let ns = backup.namespace().unwrap_or_default();
+    let ns = owner.namespace.clone();
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let desired = job(backup, phase, template, timeout, run_id);
+    let desired = job(owner, phase, template, timeout, run_id);
     let name = desired.metadata.name.clone().unwrap_or_default();
     create_job(&jobs, &desired, &name, phase).await?;
     wait_for_job(client, &jobs, &ns, name, phase, timeout).await
@@ -646,14 +648,14 @@ mod tests {
 
     #[test]
     fn hook_job_never_retries_and_is_owned_by_the_backup() {
-        let backup: ResticBackup = serde_yaml::from_str(
+        let backup: restic_operator_api::backup::ResticBackup = serde_yaml::from_str(
             "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {name: db, namespace: n, uid: '1'}\n\
              spec: {repositoryRef: {name: r}, schedule: '@daily', source: {pvc: {claimName: data}}}",
         )
         .unwrap();
         let template = serde_yaml::from_str("spec: {containers: [{name: dump, image: busybox}]}").unwrap();
         let job = job(
-            &backup,
+            &Owner::backup(&backup),
             Phase::PreBackup,
             &template,
             Duration::from_secs(60),

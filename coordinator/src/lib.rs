@@ -1,5 +1,5 @@
-//! The restic-operator coordinator: reconciles ResticRepository, ResticBackup and
-//! GlobalRetentionPolicy objects, decides where each run goes, and drives the node agents over
+//! The restic-operator coordinator: reconciles ResticRepository, ResticBackup, ResticRestore
+//! and GlobalRetentionPolicy objects, decides where each run goes, and drives the node agents over
 //! mutual-TLS gRPC. It never runs restic and never reads volume data; the agents do.
 
 #![forbid(unsafe_code)]
@@ -15,11 +15,14 @@ pub mod hooks;
 pub mod leader;
 pub mod locks;
 pub mod metrics;
+pub mod owner;
 pub mod pki;
 pub mod plan;
 pub mod policy;
+pub mod progress;
 pub mod repository;
 pub mod resolve;
+pub mod restore;
 pub mod retention;
 pub mod run;
 pub mod schedule;
@@ -32,3 +35,7 @@ pub const FIELD_MANAGER: &str = "restic-operator";
 
 /// Label put on objects the coordinator creates for a ResticBackup (hook Jobs, holder pods).
 pub const BACKUP_LABEL: &str = "backup.resticbackup.io/backup";
+
+/// Label put on objects the coordinator creates for a ResticRestore (hook Jobs, holder pods,
+/// new claims).
+pub const RESTORE_LABEL: &str = "backup.resticbackup.io/restore";

@@ -12,6 +12,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::repository::ResticRepository;
+use restic_operator_api::restore::ResticRestore;
 use restic_operator_api::retention::GlobalRetentionPolicy;
 
 use crate::agents::Agents;
@@ -20,7 +21,7 @@ use crate::context::Context;
 use crate::context::error_policy;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
-use crate::{backup, pki, policy, repository, resolve};
+use crate::{backup, pki, policy, repository, resolve, restore};
 
 async fn serve_metrics(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use axum::routing::get;
@@ -249,6 +250,25 @@ fn spawn_namespace_controllers(
     controllers
         .tasks
         .push(tokio::spawn(policy_controller(client, ns.as_deref(), ctx)));
+    controllers
+        .tasks
+        .push(tokio::spawn(restore_controller(client, ns.as_deref(), ctx)));
+}
+
+/// The ResticRestore controller of one watched namespace (or of all).
+fn restore_controller(
+    client: &Client,
+    ns: Option<&str>,
+    ctx: &Arc<Context>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let restores: Api<ResticRestore> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    Controller::new(restores, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(restore::reconcile, error_policy, Arc::clone(ctx))
+        .for_each(|_| async {})
 }
 
 /// The GlobalRetentionPolicy controller of one watched namespace (or of all), which follows

@@ -141,7 +141,37 @@ fn claim_of(pod: &Pod, volume: &str) -> Option<Option<String>> {
     Some(v.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone()))
 }
 
-async fn pv_of(client: &Client, ns: &str, claim: &str) -> Result<String, SourceError> {
+/// The running pod (not a holder) that mounts claim `claim`, and its volume's name (pure).
+pub fn mounting<'a>(pods: &'a [Pod], claim: &str) -> Option<(&'a Pod, String)> {
+    choose(pods, |p| {
+        p.spec
+            .as_ref()?
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+            .map(|v| v.name.clone())
+    })
+}
+
+/// Lists the pods of namespace `ns`.
+pub async fn pods_of(client: &Client, ns: &str) -> Result<Vec<Pod>, SourceError> {
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| SourceError::ListPods {
+            namespace: ns.to_owned(),
+            source,
+        })?
+        .items)
+}
+
+/// The PersistentVolume claim `ns/claim` is bound to, checked to be one the agent can reach.
+pub async fn pv_of(client: &Client, ns: &str, claim: &str) -> Result<String, SourceError> {
     let pvc = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
         .get_opt(claim)
         .await
@@ -191,7 +221,7 @@ fn mountable(pv: &PersistentVolume, claim: &str) -> Result<(), SourceError> {
     Ok(())
 }
 
-fn pod_volume(pod: &Pod, volume: String, pv_name: String) -> PodVolume {
+pub fn pod_volume(pod: &Pod, volume: String, pv_name: String) -> PodVolume {
     PodVolume {
         pod: pod.name_any(),
         pod_uid: pod.uid().unwrap_or_default(),
@@ -208,14 +238,7 @@ fn pod_volume(pod: &Pod, volume: String, pv_name: String) -> PodVolume {
 /// Finds where the backup's source is now. The error is for a person (condition message).
 pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement, SourceError> {
     let ns = backup.namespace().unwrap_or_default();
-    let pods: Vec<Pod> = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| SourceError::ListPods {
-            namespace: ns.clone(),
-            source,
-        })?
-        .items;
+    let pods = pods_of(client, &ns).await?;
     let source = &backup.spec.source;
     if let Some(pv) = &source.pod_volume_backup {
         let volume = pv.volume_name.clone();
@@ -238,20 +261,7 @@ pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement
     if let Some(pvc) = &source.pvc {
         let claim = pvc.claim_name.clone();
         let pv_name = pv_of(client, &ns, &claim).await?;
-        let found = choose(&pods, |p| {
-            p.spec
-                .as_ref()?
-                .volumes
-                .iter()
-                .flatten()
-                .find(|v| {
-                    v.persistent_volume_claim
-                        .as_ref()
-                        .is_some_and(|c| c.claim_name == claim)
-                })
-                .map(|v| v.name.clone())
-        });
-        return Ok(match found {
+        return Ok(match mounting(&pods, &claim) {
             Some((pod, volume)) => Placement::Pod(pod_volume(pod, volume, pv_name)),
             None => Placement::Holder { claim, pv_name },
         });

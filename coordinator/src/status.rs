@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
+use restic_operator_api::common::{ActiveRun, Progress};
 use restic_operator_api::repository::{ResticRepository, ResticRepositoryStatus};
+use restic_operator_api::restore::{ResticRestore, ResticRestoreStatus};
 use restic_operator_api::retention::{GlobalRetentionPolicy, GlobalRetentionPolicyStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,6 +34,37 @@ impl WithStatus for GlobalRetentionPolicy {
     type Status = GlobalRetentionPolicyStatus;
     fn status(&self) -> Option<&GlobalRetentionPolicyStatus> {
         self.status.as_ref()
+    }
+}
+
+impl WithStatus for ResticRestore {
+    type Status = ResticRestoreStatus;
+    fn status(&self) -> Option<&ResticRestoreStatus> {
+        self.status.as_ref()
+    }
+}
+
+/// A status with a run in flight (`activeRun`) and its live progress.
+pub trait RunStatus {
+    fn active_run(&self) -> Option<&ActiveRun>;
+    fn set_progress(&mut self, progress: Option<Progress>);
+}
+
+impl RunStatus for ResticBackupStatus {
+    fn active_run(&self) -> Option<&ActiveRun> {
+        self.active_run.as_ref()
+    }
+    fn set_progress(&mut self, progress: Option<Progress>) {
+        self.progress = progress;
+    }
+}
+
+impl RunStatus for ResticRestoreStatus {
+    fn active_run(&self) -> Option<&ActiveRun> {
+        self.active_run.as_ref()
+    }
+    fn set_progress(&mut self, progress: Option<Progress>) {
+        self.progress = progress;
     }
 }
 

@@ -3,6 +3,9 @@
 
 mod support;
 
+#[path = "coordinator/restore.rs"]
+mod restore;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};

@@ -68,11 +68,13 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         require_empty: mode == RestoreMode::IfEmpty,
     };
     let target_in = PathBuf::from(TARGET_IN_SANDBOX);
+    // Runs of zeros are written as holes, so a sparse file comes back sparse.
     let mut args = vec![
         "restore".to_string(),
         format!("{}:{}", req.snapshot_id, p.snapshot_path.display()),
         "--target".into(),
         target_in.display().to_string(),
+        "--sparse".into(),
     ];
     if req.snapshot_id == "latest" {
         if !req.host.is_empty() {

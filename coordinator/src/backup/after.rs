@@ -11,6 +11,7 @@ use super::runner::publish;
 use super::transition::Outcome;
 use crate::context::Context;
 use crate::hooks::{self, Phase};
+use crate::owner::Owner;
 use crate::resolve::{self, ResolveError, Resolved};
 use crate::run::CallError;
 
@@ -53,7 +54,7 @@ pub(super) async fn after_hooks(
     let Some(hook) = hook else {
         return Vec::new();
     };
-    match hooks::run(&ctx.client, backup, phase, &hook, &active.run_id).await {
+    match hooks::run(&ctx.client, &Owner::backup(backup), phase, &hook, &active.run_id).await {
         Ok(_) if phase == Phase::OnFailure => vec!["onFailure hook ran".into()],
         Ok(_) => Vec::new(),
         Err(e) => {

@@ -13,13 +13,14 @@ use restic_operator_api::common::{ActiveRun, ObjectReference, event_reasons as e
 use restic_operator_proto::v1 as pb;
 
 use super::cancel::cancel_abandoned;
-use super::progress::ProgressWriter;
 use super::request;
 use super::runner::publish;
 use super::transition::{Outcome, retry_delay};
 use crate::agents::AgentEndpoint;
 use crate::context::Context;
 use crate::holder::Holder;
+use crate::owner::Owner;
+use crate::progress::ProgressWriter;
 use crate::resolve::Resolved;
 use crate::run::Ended;
 use crate::sources::{self, Placement, PodVolume};
@@ -223,7 +224,13 @@ async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Resu
     match placement {
         Placement::Pod(pv) => Ok(pv),
         Placement::Holder { claim, pv_name } => {
-            let holder = Holder::for_backup(backup, &active.run_id, &claim, &ctx.config.holder_image, true);
+            let holder = Holder::new(
+                &Owner::backup(backup),
+                &active.run_id,
+                &claim,
+                &ctx.config.holder_image,
+                true,
+            );
             match holder.start(&ctx.client, ctx.config.holder_start_timeout).await {
                 Ok(held) => Ok(PodVolume {
                     pod: held.pod,

@@ -9,7 +9,6 @@ mod attempt;
 mod cancel;
 mod finish;
 pub mod lookup;
-pub mod progress;
 mod reattach;
 pub mod request;
 pub mod runner;

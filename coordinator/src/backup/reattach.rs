@@ -12,10 +12,10 @@ use restic_operator_proto::v1 as pb;
 
 use super::cancel::{cancel_abandoned, recorded_address};
 use super::lookup;
-use super::progress::ProgressWriter;
 use super::request::agent_run_id;
 use super::transition::Outcome;
 use crate::context::Context;
+use crate::progress::ProgressWriter;
 use crate::run::{self, Ended};
 
 /// Re-attach: the run was placed before a coordinator restart. Once placed, a run is never

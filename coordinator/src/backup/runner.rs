@@ -24,6 +24,7 @@ use super::transition::{Outcome, attempts_note, retry};
 use crate::context::Context;
 use crate::holder::Holder;
 use crate::hooks::{self, Phase};
+use crate::owner::Owner;
 use crate::repository::to_time;
 use crate::resolve::{self, ResolveError, Resolved};
 
@@ -118,9 +119,15 @@ async fn remove_holder(ctx: &Context, api: &Api<ResticBackup>, backup: &ResticBa
         .and_then(|b| b.status.and_then(|s| s.active_run))
         .is_some_and(|a| a.run_id == run_id);
     if !in_flight && let Some(pvc) = &backup.spec.source.pvc {
-        Holder::for_backup(backup, run_id, &pvc.claim_name, &ctx.config.holder_image, true)
-            .remove(&ctx.client)
-            .await;
+        Holder::new(
+            &Owner::backup(backup),
+            run_id,
+            &pvc.claim_name,
+            &ctx.config.holder_image,
+            true,
+        )
+        .remove(&ctx.client)
+        .await;
     }
 }
 
@@ -204,7 +211,14 @@ async fn prepare(
     let first = active.attempt.unwrap_or(1) <= 1;
     if let Some(h) = backup.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref())
         && first
-        && let Err(e) = hooks::run(&ctx.client, backup, Phase::PreBackup, h, &active.run_id).await
+        && let Err(e) = hooks::run(
+            &ctx.client,
+            &Owner::backup(backup),
+            Phase::PreBackup,
+            h,
+            &active.run_id,
+        )
+        .await
     {
         let e = e.to_string();
         publish(ctx, backup, EventType::Warning, er::HOOK_FAILED, e.clone()).await;

@@ -268,6 +268,9 @@ impl Node {
             "GlobalRetentionPolicy" => {
                 self.policies().patch(&name, &pp, &Patch::Apply(&value)).await?;
             }
+            "ResticRestore" => {
+                self.restores().patch(&name, &pp, &Patch::Apply(&value)).await?;
+            }
             other => bail!("apply_yaml: unsupported kind {other}"),
         }
         Ok(())
@@ -283,6 +286,25 @@ impl Node {
 
     pub fn policies(&self) -> Api<restic_operator_api::retention::GlobalRetentionPolicy> {
         Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn restores(&self) -> Api<restic_operator_api::restore::ResticRestore> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Waits until restore `name` has ended (Completed or Failed); returns its status.
+    pub async fn wait_restored(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<restic_operator_api::restore::ResticRestoreStatus> {
+        let api = self.restores();
+        eventually(&format!("restore {name} ended"), timeout, || async {
+            let r = api.get(name).await?;
+            Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
+        })
+        .await
+        .with_context(|| self.coordinator_log())
     }
 
     /// Sets `spec.manualTrigger` (merge patch, as `kubectl patch` would).

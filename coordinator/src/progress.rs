@@ -4,17 +4,17 @@
 use std::sync::Arc;
 
 use kube::{Api, ResourceExt};
-use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{ActiveRun, Progress};
 use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
 
 use crate::context::Context;
 use crate::repository::to_time;
+use crate::status::{RunStatus, WithStatus};
 
 /// Writes live progress to status, at most every `progress_interval`.
-pub struct ProgressWriter<'a> {
+pub struct ProgressWriter<'a, K: WithStatus> {
     ctx: &'a Context,
-    api: &'a Api<ResticBackup>,
+    api: &'a Api<K>,
     name: String,
     run_id: String,
     start: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
@@ -24,17 +24,17 @@ pub struct ProgressWriter<'a> {
     pending: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl<'a> ProgressWriter<'a> {
-    pub fn new(
-        ctx: &'a Context,
-        api: &'a Api<ResticBackup>,
-        backup: &ResticBackup,
-        active: &ActiveRun,
-    ) -> Self {
+impl<'a, K> ProgressWriter<'a, K>
+where
+    K: WithStatus + Send + Sync + 'static,
+    K::Status: RunStatus + Send,
+{
+    /// The progress writer of run `active` of `object`.
+    pub fn new(ctx: &'a Context, api: &'a Api<K>, object: &K, active: &ActiveRun) -> Self {
         Self {
             ctx,
             api,
-            name: backup.name_any(),
+            name: object.name_any(),
             run_id: active.run_id.clone(),
             start: active.start_time.clone(),
             latest: None,
@@ -91,8 +91,8 @@ impl<'a> ProgressWriter<'a> {
         tokio::spawn(async move {
             let _ = writer
                 .update(&api, &name, |_, s| {
-                    if s.active_run.as_ref().is_some_and(|a| a.run_id == run_id) {
-                        s.progress = Some(progress.clone());
+                    if s.active_run().is_some_and(|a| a.run_id == run_id) {
+                        s.set_progress(Some(progress.clone()));
                     }
                 })
                 .await;
