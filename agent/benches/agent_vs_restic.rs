@@ -1,6 +1,7 @@
 //! Benchmark (reports, never fails on time): a backup through the agent against restic run
-//! directly, on the same data and the same S3 server, first and unchanged-incremental, plus
-//! the agent process's peak memory.
+//! directly, on the same data and the same S3 server, first and unchanged-incremental; a
+//! restore of that snapshot through the agent (what a ResticRestore runs) against a plain
+//! `restic restore` of the same snapshot; plus the agent process's peak memory.
 //!
 //!     cargo bench -p restic-operator-agent --bench agent_vs_restic [-- <MiB>]
 
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use restic_operator_e2e::fixtures::pseudo_random;
 use restic_operator_e2e::{s3_repository, unique_name};
-use restic_operator_proto::v1::Outcome;
-use support::{Agent, backup, collect, init, pod_uid};
+use restic_operator_proto::v1::{self as pb, Outcome};
+use support::{Agent, backup, collect, init, options, pod_uid, repository};
 
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -59,6 +60,7 @@ async fn main() -> Result<()> {
     ensure!(direct.restic()?.arg("init").output()?.status.success());
 
     let mut rows = Vec::new();
+    let mut snapshot = String::new();
     for (round, label) in ["first", "unchanged"].iter().enumerate() {
         let t = Instant::now();
         let (_, r) = collect(
@@ -70,6 +72,7 @@ async fn main() -> Result<()> {
         .await?;
         let agent_time = t.elapsed();
         ensure!(r.outcome == Outcome::Succeeded as i32, "{r:?}");
+        snapshot = r.snapshot_id.clone();
 
         let t = Instant::now();
         let out = direct
@@ -79,11 +82,29 @@ async fn main() -> Result<()> {
             .output()?;
         let direct_time = t.elapsed();
         ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        rows.push((label, agent_time, direct_time));
+        rows.push((*label, agent_time, direct_time));
     }
+    rows.push((
+        "restore",
+        restore_via_agent(&agent, &mut client, &via_agent, &snapshot).await?,
+        {
+            // What a user runs instead: a plain restore of the same snapshot, into an empty
+            // directory on the same disk.
+            let target =
+                tempfile::tempdir_in(agent.volume(&pod_uid(9), "kubernetes.io~empty-dir", "scratch")?)?;
+            let t = Instant::now();
+            let out = via_agent
+                .restic()?
+                .args(["restore", &format!("{snapshot}:/data"), "--target"])
+                .arg(target.path())
+                .output()?;
+            ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            t.elapsed()
+        },
+    ));
     println!(
         "{:<12} {:>12} {:>14} {:>10}",
-        "backup", "agent", "restic direct", "overhead"
+        "run", "agent", "restic direct", "overhead"
     );
     for (label, a, d) in &rows {
         let pct = (a.as_secs_f64() / d.as_secs_f64() - 1.0) * 100.0;
@@ -100,6 +121,33 @@ async fn main() -> Result<()> {
         vm_hwm_kib(agent.pid()) as f64 / 1024.0
     );
     Ok(())
+}
+
+/// Restores `snapshot` through the agent into an empty volume of another pod; its duration.
+async fn restore_via_agent(
+    agent: &Agent,
+    client: &mut restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    repo: &restic_operator_e2e::ResticRepo,
+    snapshot: &str,
+) -> Result<Duration> {
+    let uid = pod_uid(2);
+    agent.volume(&uid, "kubernetes.io~empty-dir", "restore")?;
+    let request = pb::RestoreRequest {
+        options: Some(options("bench-restore")),
+        repository: Some(repository(repo)),
+        volume: Some(pb::VolumeRef {
+            pod_uid: uid,
+            volume_name: "restore".into(),
+            pv_name: String::new(),
+        }),
+        snapshot_id: snapshot.to_owned(),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let (_, r) = collect(client.restore(request).await?.into_inner()).await?;
+    let took = t.elapsed();
+    ensure!(r.outcome == Outcome::Succeeded as i32, "{r:?}");
+    Ok(took)
 }
 
 fn secs(d: Duration) -> f64 {

@@ -139,6 +139,19 @@ pub fn invalid(restore: &ResticRestore) -> Option<String> {
     if spec.backup_ref.is_none() && spec.repository_ref.is_none() {
         return Some("set backupRef or repositoryRef".into());
     }
+    // Without a backup there are no default hostname and tags: the newest snapshot of the
+    // repository could be any application's.
+    let named = spec.snapshot_id.as_deref().is_some_and(|id| id != "latest")
+        || spec
+            .snapshot_selector
+            .as_ref()
+            .is_some_and(|s| s.hostname.is_some() || !s.tags.is_empty());
+    if spec.backup_ref.is_none() && !named {
+        return Some(
+            "with repositoryRef, say which snapshots: snapshotID, or snapshotSelector.hostname or tags              (the newest snapshot of the repository could be any application's)"
+                .into(),
+        );
+    }
     if !spec.include_paths.is_empty() && !spec.exclude_paths.is_empty() {
         return Some(
             "set includePaths or excludePaths, not both: restic restore takes one or the other".into(),
@@ -311,6 +324,14 @@ mod tests {
             (
                 "backupRef: {name: b}, target: {pvc: {claimName: d}}, options: {snapshotPath: data}",
                 "absolute path",
+            ),
+            (
+                "repositoryRef: {name: r}, target: {pvc: {claimName: d}}",
+                "say which snapshots",
+            ),
+            (
+                "repositoryRef: {name: r}, snapshotID: latest, target: {pvc: {claimName: d}}",
+                "say which snapshots",
             ),
         ] {
             let e = invalid(&restore("a", spec)).unwrap_or_default();

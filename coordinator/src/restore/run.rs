@@ -79,6 +79,19 @@ async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {
     end(&ctx, &api, &restore, Some(&source), outcome).await;
 }
 
+/// Says in status why the run waits (it is tried again at the next reconcile).
+async fn note(ctx: &Context, api: &Api<ResticRestore>, restore: &ResticRestore, why: &str) {
+    let message = format!("Waiting: {why}; tried again within a minute");
+    let _ = ctx
+        .status
+        .update(api, &restore.name_any(), |_, s| {
+            if !s.phase.is_some_and(|p| p.is_finished()) {
+                s.message = Some(message.clone());
+            }
+        })
+        .await;
+}
+
 /// Records the end (final), publishes it, and removes the holder.
 async fn end(
     ctx: &Context,
@@ -172,17 +185,31 @@ async fn execute(
         },
         None => match snapshot(ctx, restore, source).await {
             Ok(s) => s,
-            Err(outcome) => return Ok(outcome),
+            Err(Ok(outcome)) => return Ok(outcome),
+            Err(Err(retry)) => {
+                note(ctx, api, restore, &retry.0).await;
+                return Err(retry);
+            }
         },
     };
     let (now, generation) = (ctx.now(), restore.meta().generation);
     let claim = claim_of(restore);
+    let mut changed = false;
     ctx.status
-        .update(api, &restore.name_any(), |_, s| {
-            transition::started(s, &snapshot, &claim, generation, now)
+        .update(api, &restore.name_any(), |fresh, s| {
+            // A spec changed while Pending runs as it is now, never as it was read.
+            changed = fresh.meta().generation != generation;
+            if !changed {
+                transition::started(s, &snapshot, &claim, generation, now)
+            }
         })
         .await
         .map_err(|e| Retry(e.to_string()))?;
+    if changed {
+        return Err(Retry(
+            "the spec changed before the restore started; it starts again with the new one".into(),
+        ));
+    }
     if status.restored_snapshot.is_none() {
         let note = format!("Restoring snapshot {} into claim {claim}", snapshot.short_id);
         publish(ctx, restore, EventType::Normal, er::RESTORE_STARTED, note).await;
@@ -194,10 +221,14 @@ async fn execute(
     Ok(after(ctx, restore, source, restored).await)
 }
 
-/// Lists the repository's snapshots and picks the restore's.
-async fn snapshot(ctx: &Context, restore: &ResticRestore, source: &Source) -> Result<pb::Snapshot, Outcome> {
-    let failed = |e: String| Outcome::failed(reasons::RESTORE_FAILED, e);
-    let agent = ctx.agents.any().map_err(|e| failed(e.to_string()))?;
+/// Lists the repository's snapshots and picks the restore's. No agent, or a repository that
+/// cannot be read now, is tried again later; only a definite answer ends the restore.
+async fn snapshot(
+    ctx: &Context,
+    restore: &ResticRestore,
+    source: &Source,
+) -> Result<pb::Snapshot, Result<Outcome, Retry>> {
+    let agent = ctx.agents.any().map_err(|e| Err(Retry(e.to_string())))?;
     // Listing is read-only: each try is a run of its own.
     let id = format!("{}-snapshots-{}", super::run_id(restore), ctx.now().timestamp());
     let request = pb::SnapshotsRequest {
@@ -214,9 +245,22 @@ async fn snapshot(ctx: &Context, restore: &ResticRestore, source: &Source) -> Re
             &mut |_| {},
         )
         .await;
-    let listed = ended
-        .succeeded()
-        .map_err(|e| failed(format!("listing the repository's snapshots: {e}")))?;
+    let listed = ended.succeeded().map_err(|e| {
+        let why = format!("listing the repository's snapshots: {e}");
+        let definite = matches!(
+            e.failure(),
+            Some(
+                pb::FailureKind::WrongPassword
+                    | pb::FailureKind::RepositoryNotFound
+                    | pb::FailureKind::InvalidRequest
+            )
+        );
+        if definite {
+            Ok(Outcome::failed(reasons::RESTORE_FAILED, why))
+        } else {
+            Err(Retry(why))
+        }
+    })?;
     let repo_ns = source
         .resolved
         .access()
@@ -226,7 +270,7 @@ async fn snapshot(ctx: &Context, restore: &ResticRestore, source: &Source) -> Re
     let criteria = super::criteria(restore, source.backup.as_ref(), &repo_ns);
     select::select(&listed.snapshots, &criteria)
         .cloned()
-        .map_err(|e| Outcome::failed(reasons::SNAPSHOT_NOT_FOUND, e.0))
+        .map_err(|e| Ok(Outcome::failed(reasons::SNAPSHOT_NOT_FOUND, e.0)))
 }
 
 /// Before any write: the new claim made, backups into the claim waited for, the
@@ -237,7 +281,7 @@ async fn prepare(ctx: &Context, restore: &ResticRestore, source: &Source) -> Res
             .await
             .map_err(|e| Outcome::failed(e.reason(), e.to_string()))?;
     }
-    wait_for_backups(ctx, restore).await;
+    wait_for_backups(ctx, restore).await?;
     let Some(hook) = restore.spec.hooks.as_ref().and_then(|h| h.pre_restore.as_ref()) else {
         return Ok(());
     };
@@ -267,11 +311,20 @@ async fn prepare(ctx: &Context, restore: &ResticRestore, source: &Source) -> Res
 }
 
 /// Waits while a backup of the restore's claim is in flight (its snapshot would mix old and
-/// restored files), with one event saying so.
-async fn wait_for_backups(ctx: &Context, restore: &ResticRestore) {
+/// restored files), with one event saying so, for at most `--run-timeout`.
+async fn wait_for_backups(ctx: &Context, restore: &ResticRestore) -> Result<(), Outcome> {
     let (ns, claim) = (restore.namespace().unwrap_or_default(), claim_of(restore));
     let mut told = false;
+    let deadline = tokio::time::Instant::now() + ctx.config.run_timeout;
     loop {
+        if tokio::time::Instant::now() > deadline {
+            let why = format!(
+                "a backup of claim {claim} was still in flight (or backups could not be listed) after {}s; \
+                 nothing was restored",
+                ctx.config.run_timeout.as_secs()
+            );
+            return Err(Outcome::failed(reasons::RESTORE_FAILED, why));
+        }
         match super::target::backup_reading(&ctx.client, &ns, &claim).await {
             Ok(Some(backup)) => {
                 if !told {
@@ -281,7 +334,7 @@ async fn wait_for_backups(ctx: &Context, restore: &ResticRestore) {
                 }
                 tokio::time::sleep(WAIT_POLL).await;
             }
-            Ok(None) => return,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "listing backups of the restore's claim");
                 tokio::time::sleep(WAIT_POLL).await;
@@ -332,6 +385,11 @@ async fn restore_on_agent(
         }),
         ..Default::default()
     };
+    // The repository's lock first: the run is recorded right before it is sent, so a
+    // restarted coordinator that finds it recorded finds it on the agent.
+    let key = source.resolved.access().key();
+    let _shared = ctx.locks.shared(&key).await;
+    let request = request(ctx, restore, source, &volume, snapshot_id);
     let recorded = ctx
         .status
         .update(api, &restore.name_any(), |_, s| {
@@ -344,9 +402,6 @@ async fn restore_on_agent(
             format!("could not record the run before sending it: {e}"),
         );
     }
-    let request = request(ctx, restore, source, &volume, snapshot_id);
-    let key = source.resolved.access().key();
-    let _shared = ctx.locks.shared(&key).await;
     let mut progress = ProgressWriter::new(ctx, api, restore, &active);
     let ended = ctx
         .dispatch(

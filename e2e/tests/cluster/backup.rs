@@ -1,6 +1,6 @@
 //! Backups on the real node: a live pod's claim read from the kubelet's directory, exec hooks
 //! in the running container, schedules and manual triggers, a recreated pod, a claim no pod
-//! mounts, and an agent killed mid-backup.
+//! mounts (and its restore into a new claim), and an agent killed mid-backup.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
 use restic_operator_api::common::{RunResult, RunTrigger};
+use restic_operator_api::restore::{ResticRestore, RestorePhase};
 use restic_operator_e2e::fixtures::assert_trees_equal;
 
 use crate::support::{Ctx, OPERATOR_NAMESPACE, no_pods, restore, snapshot_ids};
@@ -178,6 +179,36 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
     assert_trees_equal(tree.path(), &restored.path().join("data/tree"))?;
     // The holder pod is gone once the run ended.
     no_pods(&ctx.client, &ctx.namespace, "", "the holder pod removed").await?;
+
+    // A ResticRestore into a new claim: the default StorageClass binds it on first consumer,
+    // which is the restore's holder pod; the agent then fills it on that node.
+    ctx.apply(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: back}\n\
+         spec: {backupRef: {name: idle}, target: {newPVC: {name: back-data, size: 1Gi}}}\n",
+    )?;
+    let restores: Api<ResticRestore> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let status = restic_operator_e2e::eventually("the restore ended", Duration::from_secs(180), || async {
+        let r = restores.get("back").await?;
+        Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
+    })
+    .await
+    .with_context(|| ctx.diagnostics())?;
+    ensure!(
+        status.phase == Some(RestorePhase::Completed),
+        "{status:?}\n{}",
+        ctx.diagnostics()
+    );
+    ensure!(status.restored_snapshot == run.snapshot_id, "{status:?}");
+    no_pods(
+        &ctx.client,
+        &ctx.namespace,
+        "",
+        "the restore's holder pod removed",
+    )
+    .await?;
+    // An app started on the restored claim sees the backed-up tree.
+    let back = ctx.deploy_app("back").await?;
+    assert_trees_equal(tree.path(), back.copy_out("tree")?.path())?;
     Ok(())
 }
 
