@@ -2411,3 +2411,112 @@ async fn a_global_retention_policy_removes_what_restic_forget_predicts_and_nothi
     );
     Ok(())
 }
+
+/// restic's locks in `repo` now: (exclusive, hostname/pid) of each.
+fn restic_locks(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<(bool, String)>> {
+    let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+    let mut locks = Vec::new();
+    for id in String::from_utf8_lossy(&out.stdout).lines() {
+        let lock = repo.restic()?.args(["cat", "lock", id, "--no-lock"]).output()?;
+        // A lock removed between the listing and the read is gone, not held.
+        if let Ok(lock) = serde_json::from_slice::<serde_json::Value>(&lock.stdout) {
+            let who = format!(
+                "{}/{}",
+                lock["hostname"].as_str().unwrap_or_default(),
+                lock["pid"]
+            );
+            locks.push((lock["exclusive"].as_bool().unwrap_or(false), who));
+        }
+    }
+    Ok(locks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_and_the_backups_of_its_repository_never_overlap() -> Result<()> {
+    let node = Node::start("overlap").await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    std::fs::write(data.join("dump.sql"), pseudo_random(6 << 20, 5))?;
+    node.apply_yaml(&slow_backup("db")).await?;
+    node.trigger("db", "one").await?;
+    wait_dispatched(&node, "db").await?;
+
+    // restic's own locks, sampled while everything runs: an exclusive lock is never seen
+    // beside another one. Each sample opens the repository (about a second), so a short prune
+    // may fall between samples; the agent's process times below are the complete record.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (repo, done) = (repo.clone(), done.clone());
+        std::thread::spawn(move || -> Result<(usize, usize)> {
+            let (mut exclusive, mut shared) = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let locks = restic_locks(&repo)?;
+                let held: Vec<bool> = locks.iter().map(|(e, _)| *e).collect();
+                ensure!(
+                    !(held.contains(&true) && held.len() > 1),
+                    "an exclusive lock beside another: {locks:?}"
+                );
+                exclusive += held.iter().filter(|e| **e).count();
+                shared += held.iter().filter(|e| !**e).count();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok((exclusive, shared))
+        })
+    };
+    // Retention with a prune, asked while the backup runs: it waits for the backup.
+    node.apply_yaml(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: GlobalRetentionPolicy\nmetadata: {name: prune}\n\
+         spec:\n  repositoryRef: {name: main}\n  schedule: '@yearly'\n  prune: true\n  manualTrigger: go\n  \
+         policies:\n  - {retention: {keepLast: 10}}\n",
+    )
+    .await?;
+    let busy = wait_event(&node, "RepositoryBusy").await?;
+    node.wait_finished("db", 0, Duration::from_secs(90)).await?;
+    // A backup asked while retention holds the repository waits for it.
+    node.trigger("db", "two").await?;
+    node.wait_finished("db", 1, Duration::from_secs(120)).await?;
+    let policies = node.policies();
+    let status = eventually("the retention run's result", Duration::from_secs(90), || async {
+        let p = policies.get("prune").await?;
+        Ok(p.status
+            .filter(|s| s.last_run_result.is_some() && s.active_run.is_none()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    assert_eq!(
+        status.last_run_result.map(|r| r.to_string()).as_deref(),
+        Some("Succeeded")
+    );
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (exclusive, shared) = sampler.join().expect("the lock sampler")?;
+    eprintln!(
+        "restic lock samples: {exclusive} exclusive, {shared} shared; first wait: {:?}",
+        busy.note
+    );
+
+    // The agent's own record of when each restic process ran: the prune between the backups.
+    let runs = node.agent_runs().await?;
+    let span = |r: &pb::RunInfo| (r.started_unix_ms, r.finished_unix_ms);
+    let backups: Vec<(i64, i64)> = runs
+        .iter()
+        .filter(|r| r.kind == pb::RunKind::Backup as i32)
+        .map(span)
+        .collect();
+    let prunes: Vec<(i64, i64)> = runs
+        .iter()
+        .filter(|r| r.kind == pb::RunKind::Prune as i32)
+        .map(span)
+        .collect();
+    assert_eq!((backups.len(), prunes.len()), (2, 1), "{runs:?}");
+    for (b, p) in backups.iter().flat_map(|b| prunes.iter().map(move |p| (b, p))) {
+        assert!(b.1 <= p.0 || p.1 <= b.0, "backup {b:?} overlaps prune {p:?}");
+    }
+    let backup_events = events(&node, "RepositoryBusy").await?;
+    assert!(
+        backup_events
+            .iter()
+            .any(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ResticBackup")),
+        "the second backup waited for retention, with an event: {backup_events:?}"
+    );
+    Ok(())
+}
