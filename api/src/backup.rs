@@ -1,5 +1,5 @@
-//! `ResticBackup`: a scheduled backup of one source (a PVC or a volume of running pods; a custom
-//! pod such as a database dump is accepted but not supported yet) into a ResticRepository, with
+//! `ResticBackup`: a scheduled backup of one source (a PVC, a volume of running pods, or what a
+//! pod writes, such as a database dump) into a ResticRepository, with
 //! restic options, hooks, retention applied after each backup, notifications (not sent yet),
 //! and settings for the restic process and holder pods. Status carries the last run,
 //! statistics, retention results and live progress.
@@ -43,7 +43,7 @@ fn default_paths() -> Vec<String> {
     status = "ResticBackupStatus",
     shortname = "rbackup",
     category = "restic",
-    doc = "A scheduled restic backup of a PVC or a volume of running pods, with hooks and retention. (Custom-pod sources and notifications are accepted but not acted on yet.)",
+    doc = "A scheduled restic backup of a PVC, a volume of running pods or what a pod writes (a database dump), with hooks and retention. (Notifications are accepted but not acted on yet.)",
     printcolumn(
         name = "Schedule",
         type_ = "string",
@@ -161,9 +161,11 @@ pub struct BackupSource {
     /// Back up a volume of running pods chosen by label (any volume type, including emptyDir).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_volume_backup: Option<PodVolumeSource>,
-    /// Not supported yet: a backup with it fails with "customSource backups are not supported
-    /// by this version of the coordinator". Meant to run a pod that writes the data to back up
-    /// (e.g. a database dump) and back up what it wrote.
+    /// Run a pod that writes the data to back up (e.g. a database dump) and back up what it
+    /// wrote: the operator runs the template's containers, one after another, each with an
+    /// empty volume at `backupPath`; when all have exited 0 the node agent backs that volume up
+    /// (at `restic.snapshotPath`, like any source) and the pod is deleted. A container that
+    /// fails fails the backup, with the end of its log in the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom_source: Option<CustomSource>,
 }
@@ -207,14 +209,16 @@ pub struct PodVolumeSource {
     pub excludes: Vec<String>,
 }
 
-/// A pod that produces the data to back up. Not supported yet: a backup with it fails with
-/// "customSource backups are not supported by this version of the coordinator".
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// A pod that produces the data to back up. It gets no repository credential and no
+/// service-account token; host namespaces, hostPath volumes, privileged containers and added
+/// capabilities are refused (InvalidSpec), as the operator, not the user, creates the pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CustomSource {
     /// Template of the pod that writes the data (a Kubernetes PodTemplateSpec: `metadata` and
-    /// `spec`). The operator mounts an empty volume at `backupPath` into every container;
-    /// the backup runs when all containers have exited 0.
+    /// `spec`). The operator mounts an empty volume at `backupPath` into every container and
+    /// runs the containers one after another (as init containers of its pod); the backup
+    /// runs when all have exited 0.
     #[schemars(schema_with = "pod_template_schema")]
     pub pod_template: PodTemplateSpec,
     /// Absolute path in the pod where the data is written, e.g. `/backup`.

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod config;
 pub mod context;
 pub mod debugcerts;
+pub mod dump;
 pub mod error;
 pub mod holder;
 pub mod hooks;

@@ -47,8 +47,6 @@ pub enum SourceError {
          volumeType: local on the claim, or defaultVolumeType: local on its StorageClass)"
     )]
     HostPath { pv_name: String, claim: String },
-    #[error("customSource backups are not supported by this version of the coordinator")]
-    CustomSourceUnsupported,
     #[error("spec.source names no source (pvc or podVolumeBackup)")]
     NoSource,
 }
@@ -57,7 +55,7 @@ impl SourceError {
     /// The condition reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            SourceError::CustomSourceUnsupported | SourceError::NoSource => reasons::INVALID_SPEC,
+            SourceError::NoSource => reasons::INVALID_SPEC,
             _ => reasons::SOURCE_NOT_FOUND,
         }
     }
@@ -65,10 +63,7 @@ impl SourceError {
     /// Whether another attempt of the run can find the source: a pod may start, a claim may
     /// be bound; a hostPath volume or an unsupported spec stays what it is.
     pub fn retryable(&self) -> bool {
-        !matches!(
-            self,
-            SourceError::HostPath { .. } | SourceError::CustomSourceUnsupported | SourceError::NoSource
-        )
+        !matches!(self, SourceError::HostPath { .. } | SourceError::NoSource)
     }
 
     /// Whether trying again without a change can help (the API server may recover).
@@ -97,6 +92,8 @@ pub struct PodVolume {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
     Pod(PodVolume),
+    /// A customSource: its dump pod writes the data, then the run reads the dump's volume.
+    Dump,
     /// No running pod mounts the claim: start a holder pod for it.
     Holder {
         claim: String,
@@ -105,10 +102,12 @@ pub enum Placement {
     },
 }
 
-/// A pod that can be a backup's source: running on a node, and not a holder (another run's
-/// holder goes away when that run ends, and is never one a user's backup should depend on).
+/// A pod that can be a backup's source: running on a node, and not a holder or a dump pod
+/// (another run's pod goes away when that run ends, and is never one a user's backup should
+/// depend on).
 fn is_running(pod: &Pod) -> bool {
     !crate::holder::is_holder(pod)
+        && !crate::dump::is_dump(pod)
         && pod.metadata.deletion_timestamp.is_none()
         && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some()
@@ -267,7 +266,7 @@ pub async fn resolve(client: &Client, backup: &ResticBackup) -> Result<Placement
         });
     }
     if source.custom_source.is_some() {
-        return Err(SourceError::CustomSourceUnsupported);
+        return Ok(Placement::Dump);
     }
     Err(SourceError::NoSource)
 }

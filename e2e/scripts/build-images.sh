@@ -11,6 +11,7 @@
 #   registry.k8s.io/pause:3.10.1  the pause image (holder pods, pod sandboxes), from the pause.c
 #                                 of the Kubernetes source the tools were built from
 #   e2e.local/busybox:1.35        a tiny app image: Debian's busybox-static
+#   e2e.local/sqlite:3            busybox and Debian's sqlite3: a real database for dump tests
 # The binaries are copied with the shared libraries `ldd` names (glibc only, for ours), stripped
 # of debug information. <tag> is $IMAGE_TAG, default 0.1.0 (the chart's appVersion).
 set -euo pipefail
@@ -25,7 +26,7 @@ source "$here/versions.env"
 cache=${RESTIC_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/restic-operator}
 bin="$cache/bin"
 
-for t in umoci gcc strip busybox; do
+for t in umoci gcc strip busybox sqlite3; do
   command -v "$t" >/dev/null || { echo "[build-images] $t is missing (e2e/scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 [ -x /bin/busybox ] && file_busybox=/bin/busybox || file_busybox=$(command -v busybox)
@@ -109,6 +110,11 @@ fill_busybox() {
   printf 'root:x:0:\n' >"$1/etc/group"
 }
 
+fill_sqlite() {
+  fill_busybox "$1"
+  copy_binary "$(command -v sqlite3)" "$1" /usr/bin/sqlite3
+}
+
 image coordinator "ghcr.io/restic-operator/restic-operator-coordinator:$tag" fill_coordinator \
   --config.entrypoint /usr/local/bin/restic-coordinator --config.user 65532:65532
 image agent "ghcr.io/restic-operator/restic-operator-agent:$tag" fill_agent \
@@ -116,5 +122,7 @@ image agent "ghcr.io/restic-operator/restic-operator-agent:$tag" fill_agent \
 image pause "registry.k8s.io/pause:3.10.1" fill_pause \
   --config.entrypoint /pause --config.user 65535:65535
 image busybox "e2e.local/busybox:1.35" fill_busybox \
+  --config.entrypoint /bin/sh
+image sqlite "e2e.local/sqlite:3" fill_sqlite \
   --config.entrypoint /bin/sh
 mv "$work/images.txt" "$out/images.txt"

@@ -17,6 +17,7 @@ command -v strip >/dev/null || need+=(binutils)       # image binaries without d
 command -v gcc >/dev/null || need+=(gcc)              # the pause image, from pause.c
 command -v umoci >/dev/null || need+=(umoci)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
+command -v sqlite3 >/dev/null || need+=(sqlite3)   # the database of the dump tests' image
 command -v vagrant >/dev/null || need+=(vagrant)   # `vagrant validate` of the Vagrantfile
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-deps] installing ${need[*]} from Debian" >&2

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
-use restic_operator_api::common::{ActiveRun, ObjectReference, event_reasons as er};
+use restic_operator_api::common::{ActiveRun, ObjectReference, event_reasons as er, reasons};
 use restic_operator_proto::v1 as pb;
 
 use super::cancel::cancel_abandoned;
@@ -215,6 +215,30 @@ async fn send(
     }
 }
 
+/// The dump pod's volume, once its dump is written (a customSource).
+async fn dump(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Result<PodVolume, Outcome> {
+    let source = backup.spec.source.custom_source.clone().unwrap_or_default();
+    if let Some(why) = crate::dump::refused(&source) {
+        let e = crate::dump::DumpError::Refused(why);
+        return Err(Outcome {
+            permanent: true,
+            ..Outcome::failed_because(reasons::INVALID_SPEC, e.to_string())
+        });
+    }
+    let owner = Owner::backup(backup);
+    let pod = crate::dump::dump_pod(&owner, &active.run_id, &source, &ctx.config.holder_image);
+    match crate::dump::run(&ctx.client, &pod, &owner.uid, ctx.config.run_timeout).await {
+        Ok(d) => Ok(PodVolume {
+            pod: d.pod,
+            pod_uid: d.uid,
+            node: d.node,
+            volume: crate::dump::VOLUME.into(),
+            pv_name: String::new(),
+        }),
+        Err(e) => Err(Outcome::failed(e.to_string())),
+    }
+}
+
 /// The pod volume the run reads: a running pod's, or a holder's started for the claim.
 async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Result<PodVolume, Outcome> {
     let placement = sources::resolve(&ctx.client, backup).await.map_err(|e| Outcome {
@@ -223,6 +247,7 @@ async fn place(ctx: &Context, backup: &ResticBackup, active: &ActiveRun) -> Resu
     })?;
     match placement {
         Placement::Pod(pv) => Ok(pv),
+        Placement::Dump => dump(ctx, backup, active).await,
         Placement::Holder { claim, pv_name } => {
             let holder = Holder::new(
                 &Owner::backup(backup),

@@ -108,8 +108,8 @@ async fn load(api: &Api<ResticBackup>, name: &str, run_id: &str) -> Option<(Rest
     Some((backup, active))
 }
 
-/// The holder goes only after the result is in status: until then a restarted coordinator
-/// re-attaches to the run it serves. Only a pod that is ours is deleted.
+/// The holder (or dump pod) goes only after the result is in status: until then a restarted
+/// coordinator re-attaches to the run it serves. Only a pod that is ours is deleted.
 async fn remove_holder(ctx: &Context, api: &Api<ResticBackup>, backup: &ResticBackup, run_id: &str) {
     let in_flight = api
         .get_opt(&backup.name_any())
@@ -128,6 +128,14 @@ async fn remove_holder(ctx: &Context, api: &Api<ResticBackup>, backup: &ResticBa
         )
         .remove(&ctx.client)
         .await;
+    }
+    if !in_flight && backup.spec.source.custom_source.is_some() {
+        let (ns, uid) = (
+            backup.namespace().unwrap_or_default(),
+            backup.uid().unwrap_or_default(),
+        );
+        let name = crate::dump::dump_name(&backup.name_any(), run_id);
+        crate::dump::remove(&ctx.client, &ns, &name, &uid).await;
     }
 }
 

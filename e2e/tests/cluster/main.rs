@@ -5,4 +5,5 @@
 
 mod backup;
 mod debug;
+mod dump;
 mod support;
