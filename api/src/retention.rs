@@ -1,7 +1,7 @@
 //! `GlobalRetentionPolicy`: repository-wide retention that runs on its own schedule, independent
 //! of any ResticBackup: one `restic forget` per policy (snapshots selected by tags and hostname),
 //! then optionally one `restic prune`. Status carries the last run, sizes before and after, and
-//! the number of snapshots removed.
+//! the number of snapshots removed, in all and by policy.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
@@ -112,6 +112,25 @@ pub struct RetentionPolicyRule {
     pub retention: KeepPolicy,
 }
 
+/// What a retention run did with one policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRunResult {
+    /// Position of the policy in `spec.policies`, from 1.
+    pub policy: i32,
+    /// The snapshots it selects, for people, e.g. `tags app=a, host db`.
+    pub selector: String,
+    /// Snapshots it removed (absent when its forget failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots_removed: Option<i64>,
+    /// Selected snapshots it kept (absent when its forget failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots_kept: Option<i64>,
+    /// Why its forget failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Selects snapshots by tags and hostname (restic `--tag` and `--host`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -165,6 +184,9 @@ pub struct GlobalRetentionPolicyStatus {
     /// Snapshots the last run removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots_removed: Option<i64>,
+    /// What the last run did with each policy, in the order of `spec.policies`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyRunResult>,
     /// Snapshots left in the repository after the last run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots_after_retention: Option<i64>,

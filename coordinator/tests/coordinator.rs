@@ -2361,6 +2361,17 @@ async fn a_global_retention_policy_removes_what_restic_forget_predicts_and_nothi
         "exactly what restic forget --dry-run predicted was removed"
     );
     assert_eq!(status.snapshots_removed, Some(5));
+    let by_policy: Vec<(i32, Option<i64>, Option<i64>)> = status
+        .policies
+        .iter()
+        .map(|p| (p.policy, p.snapshots_removed, p.snapshots_kept))
+        .collect();
+    assert_eq!(
+        by_policy,
+        [(1, Some(3), Some(2)), (2, Some(2), Some(3))],
+        "{:?}",
+        status.policies
+    );
     assert_eq!(status.snapshots_after_retention, Some(15));
     assert!(status.repository_size_before_bytes.is_some() && status.repository_size_after_bytes.is_some());
     assert_eq!(status.last_manual_trigger.as_deref(), Some("go"));

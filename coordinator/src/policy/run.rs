@@ -15,7 +15,7 @@ use restic_operator_api::common::{
     format_duration, reasons, set_condition,
 };
 use restic_operator_api::retention::{
-    GlobalRetentionPolicy, GlobalRetentionPolicyStatus, RetentionPolicyRule,
+    GlobalRetentionPolicy, GlobalRetentionPolicyStatus, PolicyRunResult, RetentionPolicyRule,
 };
 use restic_operator_proto::v1 as pb;
 
@@ -36,6 +36,8 @@ pub struct Outcome {
     pub message: String,
     /// Snapshots the policies removed.
     pub removed: u64,
+    /// What each policy did, in the spec's order.
+    pub policies: Vec<PolicyRunResult>,
     /// The repository's size before and after (none when it could not be read).
     pub size_before: Option<u64>,
     pub size_after: Option<u64>,
@@ -139,10 +141,23 @@ async fn execute(ctx: &Context, policy: &GlobalRetentionPolicy, active: &ActiveR
     let mut failures = Vec::new();
     for (i, rule) in policy.spec.policies.iter().enumerate() {
         let request = forget(policy, rule, step(&format!("p{i}"), maintenance), &resolved);
+        let mut done = PolicyRunResult {
+            policy: i32::try_from(i + 1).unwrap_or(i32::MAX),
+            selector: describe(rule),
+            ..Default::default()
+        };
         match dispatch_forget(ctx, &agent, request).await {
-            Ok(summary) => outcome.removed += summary.removed.len() as u64,
-            Err(e) => failures.push(format!("policy {} ({}): {e}", i + 1, describe(rule))),
+            Ok(summary) => {
+                outcome.removed += summary.removed.len() as u64;
+                done.snapshots_removed = i64::try_from(summary.removed.len()).ok();
+                done.snapshots_kept = i64::try_from(summary.kept.len()).ok();
+            }
+            Err(e) => {
+                failures.push(format!("policy {} ({}): {e}", i + 1, describe(rule)));
+                done.error = Some(e.to_string());
+            }
         }
+        outcome.policies.push(done);
     }
     let forgot = failures.len() < policy.spec.policies.len();
     if policy.spec.prune && forgot {
@@ -263,6 +278,7 @@ pub fn finish(
     status.repository_size_after = outcome.size_after.map(format_bytes);
     status.repository_size_after_bytes = bytes(outcome.size_after);
     status.snapshots_removed = i64::try_from(outcome.removed).ok();
+    status.policies = outcome.policies.clone();
     status.snapshots_after_retention = bytes(outcome.snapshots_after);
     let (ok, reason, message) = match result {
         RunResult::Succeeded => (true, reasons::LAST_RUN_SUCCEEDED, summary(outcome)),
@@ -378,6 +394,13 @@ mod tests {
             size_before: Some(2048),
             size_after: Some(1024),
             snapshots_after: Some(15),
+            policies: vec![PolicyRunResult {
+                policy: 1,
+                selector: "every snapshot".into(),
+                snapshots_removed: Some(5),
+                snapshots_kept: Some(15),
+                error: None,
+            }],
             ..Default::default()
         };
         let started = t("2026-11-29T01:20:00Z");
@@ -396,6 +419,7 @@ mod tests {
             (Some(5), Some(15))
         );
         assert_eq!(s.repository_size_after.as_deref(), Some("1.0 KiB"));
+        assert_eq!(s.policies, outcome.policies, "by policy");
         let ready = restic_operator_api::common::find_condition(&s.conditions, ct::READY).unwrap();
         assert!(ready.is_true());
         assert_eq!(
