@@ -1,12 +1,14 @@
 //! customSource on the real node: a SQLite database (Debian's sqlite3) dumped by a pod the
-//! operator makes from the user's template, backed up from the dump pod's volume, and loaded
-//! back into a database that then holds what the original held; a failing dump fails the
-//! backup with the end of its log.
+//! operator makes from the user's template, backed up from the dump pod's volume, restored
+//! with a ResticRestore onto the app's claim and loaded back into the app's database, which then
+//! holds what it held; a failing dump fails the backup with the end of its log.
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use kube::Api;
 use restic_operator_api::common::RunResult;
+use restic_operator_api::restore::{ResticRestore, RestorePhase};
 
 use crate::support::{Ctx, no_pods, restore};
 
@@ -132,6 +134,58 @@ async fn a_sqlite_dump_from_a_custom_source_loads_back_into_an_identical_databas
         String::from_utf8_lossy(&loaded.stdout) == original,
         "the loaded database differs:\n{}\nvs\n{original}",
         String::from_utf8_lossy(&loaded.stdout)
+    );
+
+    // The app loses its database; a ResticRestore puts the dump next to it on its claim
+    // (restored live, through the running app pod's node), and the app loads it back.
+    ctx.kubectl(&[
+        "exec",
+        "deployment/shop",
+        "-c",
+        "app",
+        "--",
+        "rm",
+        "/data/shop.db",
+    ])?;
+    ctx.apply(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: shop-back}\n\
+         spec: {backupRef: {name: shop-dump}, target: {pvc: {claimName: shop-data, path: /restored}}}\n",
+    )?;
+    let restores: Api<ResticRestore> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
+    let status = restic_operator_e2e::eventually("the restore ended", Duration::from_secs(120), || async {
+        let r = restores.get("shop-back").await?;
+        Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
+    })
+    .await
+    .with_context(|| ctx.diagnostics())?;
+    ensure!(
+        status.phase == Some(RestorePhase::Completed),
+        "{status:?}\n{}",
+        ctx.diagnostics()
+    );
+    ctx.kubectl(&[
+        "exec",
+        "deployment/shop",
+        "-c",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "sqlite3 /data/shop.db < /data/restored/shop.sql",
+    ])?;
+    let reloaded = ctx.kubectl(&[
+        "exec",
+        "deployment/shop",
+        "-c",
+        "app",
+        "--",
+        "sqlite3",
+        "/data/shop.db",
+        ".dump",
+    ])?;
+    ensure!(
+        reloaded == original,
+        "the app's reloaded database differs:\n{reloaded}\nvs\n{original}"
     );
 
     // A dump that fails fails the backup, with what it printed last.
