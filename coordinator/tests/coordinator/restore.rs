@@ -407,3 +407,66 @@ async fn a_coordinator_killed_mid_restore_attaches_after_restart_and_restores_ex
     assert_eq!(events(&node, er::RESTORE_COMPLETED).await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_a_backup_of_its_claim_to_finish() -> Result<()> {
+    let (node, _, _) = backed_up("restore-wait", make_tree).await?;
+    let target = live_claim(&node).await?;
+    std::fs::write(target.join("dump.sql"), pseudo_random(6 << 20, 3))?;
+    // A slow backup of the claim itself (about 12 s at 512 KiB/s).
+    node.apply_yaml(&backup_yaml(
+        "claim",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  source: {pvc: {claimName: data}}\n  \
+         restic: {extraArgs: ['--limit-upload=512']}\n  manualTrigger: go\n",
+    ))
+    .await?;
+    eventually(
+        "the claim's backup in flight",
+        Duration::from_secs(30),
+        || async {
+            let b = node.backups().get("claim").await?;
+            Ok(b.status.and_then(|s| s.progress).map(|_| ()))
+        },
+    )
+    .await
+    .with_context(|| node.coordinator_log())?;
+    node.apply_yaml(&restore_yaml(
+        "meanwhile",
+        "  backupRef: {name: db}\n  target: {pvc: {claimName: data, path: /restored}}\n",
+    ))
+    .await?;
+    let waiting = eventually("the restore waiting", Duration::from_secs(30), || async {
+        Ok(events(&node, er::RESTORE_WAITING).await?.into_iter().next())
+    })
+    .await?;
+    assert!(
+        waiting.note.unwrap_or_default().contains("backup claim"),
+        "names the backup"
+    );
+    let s = node.wait_restored("meanwhile", Duration::from_secs(90)).await?;
+    assert_eq!(s.phase, Some(RestorePhase::Completed), "{:?}", s.message);
+    // The agent's record: the restore's restic started after the backup's ended.
+    let agent = node.agent_client().await?;
+    let all = runs(&agent).await?;
+    let span = |kind: pb::RunKind, id: &str| {
+        all.iter()
+            .find(|r| r.kind == kind as i32 && r.run_id.starts_with(id))
+            .map(|r| (r.started_unix_ms, r.finished_unix_ms))
+    };
+    let backup_run = node
+        .backups()
+        .get("claim")
+        .await?
+        .status
+        .unwrap_or_default()
+        .last_backup
+        .unwrap_or_default();
+    let backup =
+        span(pb::RunKind::Backup, backup_run.run_id.as_deref().unwrap_or("?")).context("the backup run")?;
+    let restore = span(pb::RunKind::Restore, "restore-").context("the restore run")?;
+    assert!(
+        backup.1 <= restore.0,
+        "backup {backup:?} and restore {restore:?} overlap"
+    );
+    Ok(())
+}
