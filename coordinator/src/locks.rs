@@ -2,6 +2,10 @@
 //! check) wait for them and run alone. restic's own locks would make the loser fail; this
 //! makes it wait instead, so the coordinator never fights its own runs. tokio's RwLock is
 //! fair, so a waiting exclusive operation is not starved by a stream of backups.
+//!
+//! The same locks keyed by a claim ([`claim_key`]) keep restores and backups of one claim
+//! apart: backups of it share it, a restore into it holds it alone. A claim's lock is always
+//! taken before a repository's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +46,11 @@ impl RepositoryLocks {
     pub async fn exclusive(&self, key: &str) -> OwnedRwLockWriteGuard<()> {
         self.lock(key).write_owned().await
     }
+}
+
+/// The lock key of claim `claim` of namespace `ns`.
+pub fn claim_key(ns: &str, claim: &str) -> String {
+    format!("claim:{ns}/{claim}")
 }
 
 /// Background tasks by key, so a reconcile never starts a second runner for the same run.

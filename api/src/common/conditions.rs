@@ -224,8 +224,11 @@ pub mod event_reasons {
     pub const RESTORE_COMPLETED: &str = "RestoreCompleted";
     /// A restore failed.
     pub const RESTORE_FAILED: &str = "RestoreFailed";
-    /// A restore waits for a backup of its target claim to finish.
+    /// A restore waits for a backup of its target claim (or another restore into it) to
+    /// finish.
     pub const RESTORE_WAITING: &str = "RestoreWaiting";
+    /// A backup of a claim waits for a restore into that claim to finish.
+    pub const CLAIM_BUSY: &str = "ClaimBusy";
     /// A manual trigger was accepted.
     pub const MANUAL_TRIGGER: &str = "ManualTrigger";
     /// A scheduled run was skipped (a run was still in flight, or it was missed by more than

@@ -49,6 +49,7 @@ pub(super) async fn attempt(
     if let Some(cancelled) = cancelled(ctx, active) {
         return cancelled;
     }
+    let _claim = claim_shared(ctx, backup, active).await;
     record_placement(ctx, api, backup, active, &source.node, &agent).await;
     let request = request::backup(ctx.config.run_timeout, backup, active, resolved, &source);
     send(
@@ -61,6 +62,27 @@ pub(super) async fn attempt(
         &resolved.access().key(),
     )
     .await
+}
+
+/// For a backup of a claim: the claim shared with its other backups, after any restore into
+/// it (with a `ClaimBusy` event when it has to wait), so no snapshot mixes old and restored
+/// files.
+async fn claim_shared(
+    ctx: &Context,
+    backup: &ResticBackup,
+    active: &ActiveRun,
+) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+    let claim = &backup.spec.source.pvc.as_ref()?.claim_name;
+    let key = crate::locks::claim_key(&backup.namespace().unwrap_or_default(), claim);
+    if let Some(guard) = ctx.locks.try_shared(&key) {
+        return Some(guard);
+    }
+    let note = format!(
+        "Run {} waits for a restore into claim {claim} to finish",
+        active.run_id
+    );
+    publish(ctx, backup, EventType::Normal, er::CLAIM_BUSY, note).await;
+    Some(ctx.locks.shared(&key).await)
 }
 
 /// After a failed attempt that is to be retried: the next attempt's number goes into

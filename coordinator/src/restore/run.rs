@@ -170,6 +170,8 @@ async fn execute(
 ) -> Result<Outcome, Retry> {
     let status = restore.status.clone().unwrap_or_default();
     if let Some(active) = status.active_run.filter(|a| a.node_name.is_some()) {
+        // Backups of the claim started since the restart wait until it is done.
+        let _claim = claim_alone(ctx, restore).await;
         let restored = reattach(ctx, api, restore, &active).await;
         return Ok(after(ctx, restore, source, restored).await);
     }
@@ -214,11 +216,32 @@ async fn execute(
         let note = format!("Restoring snapshot {} into claim {claim}", snapshot.short_id);
         publish(ctx, restore, EventType::Normal, er::RESTORE_STARTED, note).await;
     }
-    if let Err(outcome) = prepare(ctx, restore, source).await {
+    // Backups of the claim (from this coordinator) wait while the restore writes into it:
+    // taken once the backups in flight have ended, as they would wait for it.
+    let _claim = match prepare(ctx, restore).await {
+        Ok(()) => claim_alone(ctx, restore).await,
+        Err(outcome) => return Ok(after(ctx, restore, source, outcome).await),
+    };
+    if let Err(outcome) = pre_restore(ctx, restore, source).await {
         return Ok(after(ctx, restore, source, outcome).await);
     }
     let restored = restore_on_agent(ctx, api, restore, source, &snapshot.id).await;
     Ok(after(ctx, restore, source, restored).await)
+}
+
+/// The restore's claim, held alone (after the backups and restores of it that hold it now,
+/// with an event when it has to wait).
+async fn claim_alone(ctx: &Context, restore: &ResticRestore) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+    let key = crate::locks::claim_key(&restore.namespace().unwrap_or_default(), &claim_of(restore));
+    if let Some(guard) = ctx.locks.try_exclusive(&key) {
+        return guard;
+    }
+    let note = format!(
+        "Waiting for the backups and restores of claim {} to finish",
+        claim_of(restore)
+    );
+    publish(ctx, restore, EventType::Normal, er::RESTORE_WAITING, note).await;
+    ctx.locks.exclusive(&key).await
 }
 
 /// Lists the repository's snapshots and picks the restore's. No agent, or a repository that
@@ -273,15 +296,19 @@ async fn snapshot(
         .map_err(|e| Ok(Outcome::failed(reasons::SNAPSHOT_NOT_FOUND, e.0)))
 }
 
-/// Before any write: the new claim made, backups into the claim waited for, the
-/// pre-restore hook run (once per run in this process).
-async fn prepare(ctx: &Context, restore: &ResticRestore, source: &Source) -> Result<(), Outcome> {
+/// Before any write: the new claim made, and the backups of the claim in flight waited for.
+async fn prepare(ctx: &Context, restore: &ResticRestore) -> Result<(), Outcome> {
     if let Some(new) = &restore.spec.target.new_pvc {
         super::target::ensure_claim(&ctx.client, restore, new)
             .await
             .map_err(|e| Outcome::failed(e.reason(), e.to_string()))?;
     }
-    wait_for_backups(ctx, restore).await?;
+    wait_for_backups(ctx, restore).await
+}
+
+/// The pre-restore hook, once per run in this process; its failure ends the restore before
+/// any write.
+async fn pre_restore(ctx: &Context, restore: &ResticRestore, source: &Source) -> Result<(), Outcome> {
     let Some(hook) = restore.spec.hooks.as_ref().and_then(|h| h.pre_restore.as_ref()) else {
         return Ok(());
     };

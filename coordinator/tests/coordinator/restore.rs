@@ -470,3 +470,60 @@ async fn a_restore_waits_for_a_backup_of_its_claim_to_finish() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_a_claim_waits_for_a_restore_into_it() -> Result<()> {
+    let (node, _, _) = backed_up("restore-first", |d| {
+        std::fs::write(d.join("dump.sql"), pseudo_random(6 << 20, 13))?;
+        Ok(())
+    })
+    .await?;
+    let target = live_claim(&node).await?;
+    std::fs::write(target.join("live"), b"the app's own file")?;
+    // A slow restore into the claim (about 12 s at 512 KiB/s)...
+    node.apply_yaml(&restore_yaml(
+        "slow",
+        "  backupRef: {name: db}\n  target: {pvc: {claimName: data, path: /restored}}\n  \
+         options: {extraArgs: ['--limit-download=512']}\n",
+    ))
+    .await?;
+    eventually("the restore in flight", Duration::from_secs(30), || async {
+        let s = node.restores().get("slow").await?.status.unwrap_or_default();
+        Ok(s.progress.map(|_| ()))
+    })
+    .await
+    .with_context(|| node.coordinator_log())?;
+    // ...and a backup of that claim asked for meanwhile: it waits, then backs up the result.
+    node.apply_yaml(&backup_yaml(
+        "claim",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  source: {pvc: {claimName: data}}\n  \
+         manualTrigger: go\n",
+    ))
+    .await?;
+    let busy = eventually("the backup waiting", Duration::from_secs(30), || async {
+        Ok(events(&node, er::CLAIM_BUSY).await?.into_iter().next())
+    })
+    .await?;
+    assert!(busy.note.unwrap_or_default().contains("restore into claim data"));
+    let s = node.wait_restored("slow", Duration::from_secs(90)).await?;
+    assert_eq!(s.phase, Some(RestorePhase::Completed), "{:?}", s.message);
+    let last = node.wait_succeeded("claim", 0, Duration::from_secs(90)).await?;
+    let agent = node.agent_client().await?;
+    let all = runs(&agent).await?;
+    let span = |r: &pb::RunInfo| (r.started_unix_ms, r.finished_unix_ms);
+    let restore = all
+        .iter()
+        .find(|r| r.kind == pb::RunKind::Restore as i32)
+        .map(span)
+        .context("the restore run")?;
+    let backup = all
+        .iter()
+        .find(|r| Some(r.run_id.as_str()) == last.run_id.as_deref())
+        .map(span)
+        .context("the backup run")?;
+    assert!(
+        restore.1 <= backup.0,
+        "restore {restore:?} and backup {backup:?} overlap"
+    );
+    Ok(())
+}
