@@ -78,7 +78,12 @@ pub fn is_dump(pod: &Pod) -> bool {
 }
 
 /// What the template may not ask for (pure): the coordinator's own rights must not become the
-/// user's.
+/// user's. About Pod Security's "baseline" profile, by allow-list where the API has many
+/// kinds: no host namespaces, ports, paths or node name; volumes only of the kinds a
+/// namespace's pods use for their own data (emptyDir, configMap, secret, downwardAPI,
+/// persistentVolumeClaim, and projected ones of those); no privileges, added capabilities,
+/// sysctls, unmasked /proc, SELinux options or unconfined seccomp or AppArmor; and no
+/// service account or token.
 pub fn refused(source: &CustomSource) -> Option<String> {
     if !source.backup_path.starts_with('/') || source.backup_path.split('/').any(|c| c == "..") {
         return Some(format!(
@@ -86,45 +91,117 @@ pub fn refused(source: &CustomSource) -> Option<String> {
             source.backup_path
         ));
     }
-    let spec = source.pod_template.spec.as_ref()?;
+    let Some(spec) = source.pod_template.spec.as_ref() else {
+        return Some("it has no spec".into());
+    };
     if spec.containers.is_empty() {
         return Some("it has no container".into());
     }
     if spec.host_network == Some(true) || spec.host_pid == Some(true) || spec.host_ipc == Some(true) {
         return Some("it uses a host namespace".into());
     }
-    if spec
-        .service_account_name
-        .as_deref()
-        .is_some_and(|s| s != "default")
+    if spec.node_name.is_some() {
+        return Some("it sets nodeName; the scheduler places a dump pod".into());
+    }
+    if spec.ephemeral_containers.is_some() {
+        return Some("it has ephemeral containers".into());
+    }
+    let named = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty() && s != "default");
+    if named(&spec.service_account_name)
+        || named(&spec.service_account)
         || spec.automount_service_account_token == Some(true)
     {
         return Some("it asks for a service account or its token; a dump pod runs without one".into());
     }
-    if let Some(v) = spec
-        .volumes
+    if let Some(sc) = &spec.security_context {
+        let unconfined = sc
+            .seccomp_profile
+            .as_ref()
+            .is_some_and(|p| p.type_ == "Unconfined")
+            || sc
+                .app_armor_profile
+                .as_ref()
+                .is_some_and(|p| p.type_ == "Unconfined");
+        if sc.sysctls.as_ref().is_some_and(|s| !s.is_empty()) || sc.se_linux_options.is_some() || unconfined {
+            return Some("its securityContext sets sysctls, SELinux options or an unconfined profile".into());
+        }
+    }
+    spec.volumes
         .iter()
         .flatten()
-        .find(|v| v.host_path.is_some() || v.name == VOLUME)
-    {
-        return Some(format!(
-            "volume {} is a hostPath volume or uses the reserved name {VOLUME}",
-            v.name
-        ));
-    }
-    let containers = spec.init_containers.iter().flatten().chain(&spec.containers);
-    containers
-        .filter_map(|c| {
-            let sc = c.security_context.as_ref()?;
-            let added = sc
-                .capabilities
-                .as_ref()
-                .and_then(|c| c.add.as_ref())
-                .is_some_and(|a| !a.is_empty());
-            (sc.privileged == Some(true) || sc.allow_privilege_escalation == Some(true) || added)
-                .then(|| format!("container {} asks for privileges or capabilities", c.name))
+        .find_map(volume_refused)
+        .or_else(|| {
+            let containers = spec.init_containers.iter().flatten().chain(&spec.containers);
+            containers.filter_map(container_refused).next()
         })
-        .next()
+}
+
+/// Why a volume of the template is refused (pure).
+fn volume_refused(v: &Volume) -> Option<String> {
+    if v.name == VOLUME {
+        return Some(format!("volume name {VOLUME} is the operator's"));
+    }
+    let projected_ok = v.projected.as_ref().is_none_or(|p| {
+        p.sources.iter().flatten().all(|s| {
+            s.service_account_token.is_none()
+                && s.cluster_trust_bundle.is_none()
+                && s.pod_certificate.is_none()
+        })
+    });
+    let kinds = [
+        v.empty_dir.is_some(),
+        v.config_map.is_some(),
+        v.secret.is_some(),
+        v.downward_api.is_some(),
+        v.persistent_volume_claim.is_some(),
+        v.projected.is_some(),
+    ];
+    (!(kinds.contains(&true) && projected_ok)).then(|| {
+        format!(
+            "volume {} is of a kind a dump pod may not use (emptyDir, configMap, secret, downwardAPI, \
+             persistentVolumeClaim, or projected ones of those)",
+            v.name
+        )
+    })
+}
+
+/// Why a container of the template is refused (pure).
+fn container_refused(c: &Container) -> Option<String> {
+    let host_port = c
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.host_port.is_some_and(|h| h != 0));
+    if host_port {
+        return Some(format!("container {} asks for a host port", c.name));
+    }
+    let sc = c.security_context.as_ref()?;
+    let added = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.add.as_ref())
+        .is_some_and(|a| !a.is_empty());
+    let unconfined = sc
+        .seccomp_profile
+        .as_ref()
+        .is_some_and(|p| p.type_ == "Unconfined")
+        || sc
+            .app_armor_profile
+            .as_ref()
+            .is_some_and(|p| p.type_ == "Unconfined");
+    let unmasked = sc.proc_mount.as_deref().is_some_and(|m| m != "Default");
+    (sc.privileged == Some(true)
+        || sc.allow_privilege_escalation == Some(true)
+        || added
+        || unconfined
+        || unmasked
+        || sc.se_linux_options.is_some())
+    .then(|| {
+        format!(
+            "container {} asks for privileges, capabilities or a weaker confinement",
+            c.name
+        )
+    })
 }
 
 /// The dump pod of run `run_id` (pure): the template's containers as init containers with the
@@ -143,6 +220,10 @@ pub fn dump_pod(owner: &Owner, run_id: &str, source: &CustomSource, pause_image:
         c.volume_mounts.get_or_insert_with(Vec::new).push(mount.clone());
         init.push(c);
     }
+    for c in &mut init {
+        let sc = c.security_context.get_or_insert_with(Default::default);
+        sc.allow_privilege_escalation.get_or_insert(false);
+    }
     spec.init_containers = Some(init);
     spec.containers = vec![wait_container(pause_image)];
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
@@ -152,6 +233,8 @@ pub fn dump_pod(owner: &Owner, run_id: &str, source: &CustomSource, pause_image:
     });
     spec.restart_policy = Some("Never".into());
     spec.automount_service_account_token = Some(false);
+    spec.service_account = None;
+    spec.service_account_name = None;
     let mut labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
     labels.extend(owner.labels());
     labels.extend([
@@ -340,6 +423,28 @@ pub fn controlled(pod: &Pod, owner_uid: &str) -> bool {
             .any(|o| o.controller == Some(true) && o.uid == owner_uid)
 }
 
+/// Deletes every dump pod of backup `backup` (controlled by `owner_uid`): for a backup with no
+/// run in flight, whatever is left over (a coordinator that stopped between recording a
+/// result and deleting the pod).
+pub async fn sweep(client: &Client, ns: &str, backup: &str, owner_uid: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!(
+        "{}={backup},app.kubernetes.io/component={COMPONENT}",
+        crate::BACKUP_LABEL
+    );
+    let Ok(list) = pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+    else {
+        return;
+    };
+    for pod in list.items.iter().filter(|p| controlled(p, owner_uid)) {
+        if pod.metadata.deletion_timestamp.is_none() {
+            remove(client, ns, &pod.name_any(), owner_uid).await;
+        }
+    }
+}
+
 /// Deletes the dump pod `name` if the object with `owner_uid` controls it.
 pub async fn remove(client: &Client, ns: &str, name: &str, owner_uid: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -407,11 +512,23 @@ mod tests {
         assert!(volumes[1].empty_dir.is_some());
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
         assert_eq!(spec.automount_service_account_token, Some(false));
+        let escalation = init[0]
+            .security_context
+            .as_ref()
+            .and_then(|c| c.allow_privilege_escalation);
+        assert_eq!(
+            escalation,
+            Some(false),
+            "no privilege escalation unless asked (and that is refused)"
+        );
     }
 
     #[test]
     fn a_template_asking_for_more_than_a_pod_of_the_namespace_should_have_is_refused() {
-        let ok = backup("{spec: {containers: [{name: dump, image: db}]}}");
+        let ok = backup(
+            "{spec: {containers: [{name: dump, image: db, envFrom: [{secretRef: {name: db-creds}}]}], \
+             volumes: [{name: db, persistentVolumeClaim: {claimName: data}}, {name: c, configMap: {name: cfg}}]}}",
+        );
         assert_eq!(refused(&source(&ok)), None);
         for (template, says) in [
             (
@@ -420,7 +537,7 @@ mod tests {
             ),
             (
                 "{spec: {containers: [{name: d, image: db}], volumes: [{name: h, hostPath: {path: /}}]}}",
-                "hostPath",
+                "may not use",
             ),
             (
                 "{spec: {containers: [{name: d, image: db, securityContext: {privileged: true}}]}}",

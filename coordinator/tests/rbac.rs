@@ -222,3 +222,110 @@ async fn namespace_editors_back_up_and_restore_but_only_admins_choose_repositori
     }
     Ok(())
 }
+
+const CUSTOM_SOURCE_POLICY: &str = include_str!("../rbac/custom-source-policy.yaml");
+
+/// Server-side applies the customSource admission policy and its binding (cluster-wide;
+/// tests that create customSource backups do so as the admin, who may create pods).
+async fn apply_custom_source_policy(client: &Client) -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let pp = PatchParams::apply("restic-operator-e2e").force();
+    let mut docs = serde_yaml::Deserializer::from_str(CUSTOM_SOURCE_POLICY);
+    let policy = ValidatingAdmissionPolicy::deserialize(docs.next().context("the policy")?)?;
+    let binding = ValidatingAdmissionPolicyBinding::deserialize(docs.next().context("the binding")?)?;
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .patch(&name, &pp, &Patch::Apply(&policy))
+        .await?;
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .patch(&name, &pp, &Patch::Apply(&binding))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_source_needs_the_right_to_create_pods() -> Result<()> {
+    let ctx = TestContext::new("custom-source-policy").await?;
+    install_crds(&ctx.client, &restic_operator_api::crds()).await?;
+    apply_custom_source_policy(&ctx.client).await?;
+    let ns = ctx.namespace.clone();
+    // A user who may write ResticBackups but not create pods.
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "backups-only"},
+        "rules": [{"apiGroups": ["backup.resticbackup.io"], "resources": ["resticbackups"],
+                   "verbs": ["get", "list", "create", "update", "patch"]}]
+    }))?;
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "backups-only"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "backups-only"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "backups-only"}]
+    }))?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &binding)
+        .await?;
+    let limited = client_as(&ctx, "backups-only").await?;
+    let dump: ResticBackup = sample(
+        include_str!("../../samples/alternatives/02-backup-customsource-source.yaml"),
+        &ns,
+    )?;
+    let plain: ResticBackup = sample(include_str!("../../samples/spec/02-resticbackup.yaml"), &ns)?;
+
+    // A backup of a claim is theirs to make; a dump pod is not.
+    create_eventually(&limited, &plain).await?;
+    let refused = eventually("the policy in force", Duration::from_secs(60), || async {
+        match api::<ResticBackup>(&limited, &ns)
+            .create(&PostParams::default(), &dump)
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("customSource") => {
+                Ok(Some(e.message))
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 => Ok(None),
+            Ok(_) => {
+                let name = dump.metadata.name.clone().unwrap_or_default();
+                api::<ResticBackup>(&ctx.client, &ns)
+                    .delete(&name, &DeleteParams::default())
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+    assert!(
+        refused.contains("only someone who may create pods here"),
+        "{refused}"
+    );
+
+    // The admin (who may create pods) makes it; the limited user may still trigger it, but
+    // not change what its pod runs.
+    api::<ResticBackup>(&ctx.client, &ns)
+        .create(&PostParams::default(), &dump)
+        .await?;
+    let name = dump.metadata.name.clone().unwrap_or_default();
+    let backups = api::<ResticBackup>(&limited, &ns);
+    backups
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"manualTrigger": "now"}})),
+        )
+        .await?;
+    let changed = backups
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"source": {"customSource": {"backupPath": "/elsewhere"}}}})),
+        )
+        .await;
+    ensure!(
+        forbidden(changed)?,
+        "a user who may not create pods changed a dump pod's template"
+    );
+    Ok(())
+}

@@ -139,6 +139,11 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     };
     apply(ctx, backup, &updated, &decision, blocked.as_ref()).await;
+    let idle = decision.start.is_none() && updated.status.as_ref().is_none_or(|s| s.active_run.is_none());
+    if idle && backup.spec.source.custom_source.is_some() {
+        let uid = backup.uid().unwrap_or_default();
+        crate::dump::sweep(&ctx.client, &ns, &name, &uid).await;
+    }
 
     let key = crate::status::backoff_key(backup);
     let in_flight = updated.status.as_ref().is_some_and(|s| s.active_run.is_some());

@@ -242,6 +242,17 @@ fn the_rendered_roles_carry_exactly_the_rules_of_coordinator_rbac() -> Result<()
             aggregation(&expected)
         );
     }
+    // Who may set customSource: the admission policy the integration tests check.
+    let policy = std::fs::read_to_string(repo().join("coordinator/rbac/custom-source-policy.yaml"))?;
+    for expected in documents(&policy)? {
+        let kind = expected["kind"].as_str().unwrap_or_default();
+        let name = expected["metadata"]["name"].as_str().unwrap_or_default();
+        let rendered = find(&docs, kind, name)?;
+        ensure!(
+            rendered["spec"] == expected["spec"],
+            "the chart's {kind} {name} differs from coordinator/rbac/custom-source-policy.yaml"
+        );
+    }
     Ok(())
 }
 
