@@ -9,14 +9,9 @@
 //! pods should not have: host namespaces, host paths, privileges, added capabilities or a
 //! service account's token ([`refused`]).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, Pod, PodSpec, ResourceRequirements, SecurityContext,
-    Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeMount};
 use kube::api::{DeleteParams, LogParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use restic_operator_api::backup::CustomSource;
@@ -114,14 +109,7 @@ pub fn refused(source: &CustomSource) -> Option<String> {
         return Some("it asks for a service account or its token; a dump pod runs without one".into());
     }
     if let Some(sc) = &spec.security_context {
-        let unconfined = sc
-            .seccomp_profile
-            .as_ref()
-            .is_some_and(|p| p.type_ == "Unconfined")
-            || sc
-                .app_armor_profile
-                .as_ref()
-                .is_some_and(|p| p.type_ == "Unconfined");
+        let unconfined = unconfined(sc.seccomp_profile.as_ref(), sc.app_armor_profile.as_ref());
         if sc.sysctls.as_ref().is_some_and(|s| !s.is_empty()) || sc.se_linux_options.is_some() || unconfined {
             return Some("its securityContext sets sysctls, SELinux options or an unconfined profile".into());
         }
@@ -134,6 +122,14 @@ pub fn refused(source: &CustomSource) -> Option<String> {
             let containers = spec.init_containers.iter().flatten().chain(&spec.containers);
             containers.filter_map(container_refused).next()
         })
+}
+
+/// Whether a seccomp or AppArmor profile is `Unconfined` (pure).
+fn unconfined(
+    seccomp: Option<&k8s_openapi::api::core::v1::SeccompProfile>,
+    app_armor: Option<&k8s_openapi::api::core::v1::AppArmorProfile>,
+) -> bool {
+    seccomp.is_some_and(|p| p.type_ == "Unconfined") || app_armor.is_some_and(|p| p.type_ == "Unconfined")
 }
 
 /// Why a volume of the template is refused (pure).
@@ -181,14 +177,7 @@ fn container_refused(c: &Container) -> Option<String> {
         .as_ref()
         .and_then(|c| c.add.as_ref())
         .is_some_and(|a| !a.is_empty());
-    let unconfined = sc
-        .seccomp_profile
-        .as_ref()
-        .is_some_and(|p| p.type_ == "Unconfined")
-        || sc
-            .app_armor_profile
-            .as_ref()
-            .is_some_and(|p| p.type_ == "Unconfined");
+    let unconfined = unconfined(sc.seccomp_profile.as_ref(), sc.app_armor_profile.as_ref());
     let unmasked = sc.proc_mount.as_deref().is_some_and(|m| m != "Default");
     (sc.privileged == Some(true)
         || sc.allow_privilege_escalation == Some(true)
@@ -262,35 +251,15 @@ pub fn dump_pod(owner: &Owner, run_id: &str, source: &CustomSource, pause_image:
     }
 }
 
-/// The container that keeps the pod running once the dump is written: the pause image.
+/// The container that keeps the pod running once the dump is written: the pause image, as
+/// holders run it, as its non-root user (the pod's own user may be root).
 fn wait_container(image: &str) -> Container {
-    let tiny = |cpu: &str, memory: &str| {
-        Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity(cpu.into())),
-            ("memory".to_owned(), Quantity(memory.into())),
-        ]))
-    };
-    Container {
-        name: "wait".into(),
-        image: Some(image.into()),
-        resources: Some(ResourceRequirements {
-            requests: tiny("1m", "8Mi"),
-            limits: tiny("10m", "16Mi"),
-            ..Default::default()
-        }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(65535),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let mut c = crate::holder::pause_container("wait", image);
+    if let Some(sc) = c.security_context.as_mut() {
+        sc.run_as_non_root = Some(true);
+        sc.run_as_user = Some(65535);
     }
+    c
 }
 
 /// A dump container that ended other than with 0 (pure): its name and how it ended.

@@ -161,6 +161,20 @@ fn holder_pod_security_context() -> PodSecurityContext {
 
 /// The holder's only container: `image`, tiny, unprivileged, mounting the claim (pure).
 fn holder_container(image: &str, read_only: bool) -> Container {
+    Container {
+        volume_mounts: Some(vec![VolumeMount {
+            name: VOLUME.into(),
+            mount_path: MOUNT_PATH.into(),
+            read_only: Some(read_only),
+            ..Default::default()
+        }]),
+        ..pause_container(COMPONENT, image)
+    }
+}
+
+/// A container `name` of the pause `image` that only keeps its pod up: tiny, non-root, every
+/// capability dropped, read-only root (pure). Holders and dump pods end with one.
+pub fn pause_container(name: &str, image: &str) -> Container {
     let tiny = |cpu: &str, memory: &str| {
         Some(BTreeMap::from([
             ("cpu".to_owned(), Quantity(cpu.into())),
@@ -168,7 +182,7 @@ fn holder_container(image: &str, read_only: bool) -> Container {
         ]))
     };
     Container {
-        name: COMPONENT.into(),
+        name: name.into(),
         image: Some(image.into()),
         resources: Some(ResourceRequirements {
             requests: tiny("1m", "8Mi"),
@@ -184,12 +198,6 @@ fn holder_container(image: &str, read_only: bool) -> Container {
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: VOLUME.into(),
-            mount_path: MOUNT_PATH.into(),
-            read_only: Some(read_only),
-            ..Default::default()
-        }]),
         ..Default::default()
     }
 }

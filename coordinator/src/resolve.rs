@@ -116,6 +116,12 @@ impl Access {
         &self.repository
     }
 
+    /// Whether runs on the repository use the agent's restic cache (`spec.cache.enabled`,
+    /// default true).
+    pub fn use_cache(&self) -> bool {
+        self.repository.spec.cache.as_ref().is_none_or(|c| c.enabled)
+    }
+
     /// `namespace/name` of the repository: the key of its locks.
     pub fn key(&self) -> String {
         crate::status::key_of(&self.repository)

@@ -111,13 +111,7 @@ fn options(
             .as_ref()
             .map(|r| r.extra_args.clone())
             .unwrap_or_default(),
-        use_cache: resolved
-            .access()
-            .repository()
-            .spec
-            .cache
-            .as_ref()
-            .is_none_or(|c| c.enabled),
+        use_cache: resolved.access().use_cache(),
         ..Default::default()
     });
     options

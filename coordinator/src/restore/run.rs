@@ -504,14 +504,7 @@ fn request(
             .as_ref()
             .map(|o| o.extra_args.clone())
             .unwrap_or_default(),
-        use_cache: source
-            .resolved
-            .access()
-            .repository()
-            .spec
-            .cache
-            .as_ref()
-            .is_none_or(|c| c.enabled),
+        use_cache: source.resolved.access().use_cache(),
         ..Default::default()
     });
     let mode = match restore.effective_mode() {

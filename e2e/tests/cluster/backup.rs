@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams};
 use restic_operator_api::common::{RunResult, RunTrigger};
-use restic_operator_api::restore::{ResticRestore, RestorePhase};
 use restic_operator_e2e::fixtures::assert_trees_equal;
 
 use crate::support::{Ctx, OPERATOR_NAMESPACE, no_pods, restore, snapshot_ids};
@@ -186,18 +185,7 @@ async fn a_claim_no_running_pod_mounts_is_backed_up_through_a_holder_pod() -> Re
         "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: back}\n\
          spec: {backupRef: {name: idle}, target: {newPVC: {name: back-data, size: 1Gi}}}\n",
     )?;
-    let restores: Api<ResticRestore> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let status = restic_operator_e2e::eventually("the restore ended", Duration::from_secs(180), || async {
-        let r = restores.get("back").await?;
-        Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
-    })
-    .await
-    .with_context(|| ctx.diagnostics())?;
-    ensure!(
-        status.phase == Some(RestorePhase::Completed),
-        "{status:?}\n{}",
-        ctx.diagnostics()
-    );
+    let status = ctx.completed_restore("back", Duration::from_secs(180)).await?;
     ensure!(status.restored_snapshot == run.snapshot_id, "{status:?}");
     no_pods(
         &ctx.client,

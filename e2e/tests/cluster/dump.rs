@@ -5,10 +5,8 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use kube::Api;
+use anyhow::{Result, ensure};
 use restic_operator_api::common::RunResult;
-use restic_operator_api::restore::{ResticRestore, RestorePhase};
 
 use crate::support::{Ctx, no_pods, restore};
 
@@ -151,18 +149,8 @@ async fn a_sqlite_dump_from_a_custom_source_loads_back_into_an_identical_databas
         "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: shop-back}\n\
          spec: {backupRef: {name: shop-dump}, target: {pvc: {claimName: shop-data, path: /restored}}}\n",
     )?;
-    let restores: Api<ResticRestore> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let status = restic_operator_e2e::eventually("the restore ended", Duration::from_secs(120), || async {
-        let r = restores.get("shop-back").await?;
-        Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
-    })
-    .await
-    .with_context(|| ctx.diagnostics())?;
-    ensure!(
-        status.phase == Some(RestorePhase::Completed),
-        "{status:?}\n{}",
-        ctx.diagnostics()
-    );
+    ctx.completed_restore("shop-back", Duration::from_secs(120))
+        .await?;
     ctx.kubectl(&[
         "exec",
         "deployment/shop",

@@ -451,6 +451,28 @@ impl Ctx {
         .await
     }
 
+    /// Waits until ResticRestore `name` has ended and checks it Completed; returns its status.
+    pub async fn completed_restore(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<restic_operator_api::restore::ResticRestoreStatus> {
+        let restores: Api<restic_operator_api::restore::ResticRestore> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        let status = eventually(&format!("restore {name} ended"), timeout, || async {
+            let r = restores.get(name).await?;
+            Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
+        })
+        .await
+        .with_context(|| self.diagnostics())?;
+        ensure!(
+            status.phase == Some(restic_operator_api::restore::RestorePhase::Completed),
+            "{status:?}\n{}",
+            self.diagnostics()
+        );
+        Ok(status)
+    }
+
     /// Waits for a finished backup run of `name` other than the run `previous` (None: any), and
     /// returns it.
     pub async fn finished_run(

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use kube::Api;
-use restic_operator_api::restore::{ResticRestore, RestorePhase};
 use restic_operator_api::retention::GlobalRetentionPolicy;
 
 use restic_operator_e2e::EXTERNAL_KUBECONFIG_ENV;
@@ -156,18 +155,7 @@ spec:
         "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: back}\n\
          spec: {backupRef: {name: idle}, target: {newPVC: {name: back-data, size: 1Gi}}}\n",
     )?;
-    let restores: Api<ResticRestore> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let restored = restic_operator_e2e::eventually("the restore", Duration::from_secs(180), || async {
-        let r = restores.get("back").await?;
-        Ok(r.is_finished().then(|| r.status.unwrap_or_default()))
-    })
-    .await
-    .with_context(|| ctx.diagnostics())?;
-    ensure!(
-        restored.phase == Some(RestorePhase::Completed),
-        "{restored:?}\n{}",
-        ctx.diagnostics()
-    );
+    ctx.completed_restore("back", Duration::from_secs(180)).await?;
 
     // Repository-wide retention, from the repository's own namespace (keeping everything).
     ctx.apply_in(
