@@ -45,20 +45,7 @@ pub fn make_full_tree(root: &Path) -> Result<()> {
 /// has less).
 pub fn assert_trees_identical(a: &Path, b: &Path) -> Result<()> {
     assert_trees_equal(a, b)?;
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, std::fs::Metadata>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            out.insert(path.strip_prefix(root)?.display().to_string(), meta.clone());
-            if meta.is_dir() {
-                walk(root, &path, out)?;
-            }
-        }
-        Ok(())
-    }
-    let (mut ta, mut tb) = (BTreeMap::new(), BTreeMap::new());
-    walk(a, a, &mut ta)?;
-    walk(b, b, &mut tb)?;
+    let (ta, tb) = (metadata_of(a)?, metadata_of(b)?);
     let links = |t: &BTreeMap<String, std::fs::Metadata>| -> Vec<Vec<String>> {
         let mut by_inode: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for (k, m) in t.iter().filter(|(_, m)| m.is_file() && m.nlink() > 1) {
@@ -97,6 +84,24 @@ pub fn assert_trees_identical(a: &Path, b: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every path below `root` (relative) with its metadata, symlinks not followed.
+fn metadata_of(root: &Path) -> Result<BTreeMap<String, std::fs::Metadata>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, std::fs::Metadata>) -> Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            out.insert(path.strip_prefix(root)?.display().to_string(), meta.clone());
+            if meta.is_dir() {
+                walk(root, &path, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
+
 /// Incompressible bytes, different for each seed, without a random-number crate.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -111,13 +116,16 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// What [`assert_trees_equal`] compares of one path: mode, mtime, content or link target.
+type Entry = (u32, i64, Vec<u8>);
+
 /// Compares content, mode, mtime and symlink targets of two trees.
 pub fn assert_trees_equal(a: &Path, b: &Path) -> Result<()> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, i64, Vec<u8>)>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let meta = std::fs::symlink_metadata(&path)?;
-            let rel = path.strip_prefix(root)?.display().to_string();
+    // Mode, mtime (not of directories) and content, or a symlink's target.
+    let summary = |root: &Path| -> Result<BTreeMap<String, Entry>> {
+        let mut out = BTreeMap::new();
+        for (rel, meta) in metadata_of(root)? {
+            let path = root.join(&rel);
             let content = if meta.file_type().is_symlink() {
                 std::fs::read_link(&path)?.into_os_string().into_encoded_bytes()
             } else if meta.is_file() {
@@ -127,15 +135,10 @@ pub fn assert_trees_equal(a: &Path, b: &Path) -> Result<()> {
             };
             let mtime = if meta.is_dir() { 0 } else { meta.mtime() };
             out.insert(rel, (meta.mode(), mtime, content));
-            if meta.is_dir() {
-                walk(root, &path, out)?;
-            }
         }
-        Ok(())
-    }
-    let (mut ta, mut tb) = (BTreeMap::new(), BTreeMap::new());
-    walk(a, a, &mut ta)?;
-    walk(b, b, &mut tb)?;
+        Ok(out)
+    };
+    let (ta, tb) = (summary(a)?, summary(b)?);
     ensure!(
         ta.keys().eq(tb.keys()),
         "different files: {:?} vs {:?}",

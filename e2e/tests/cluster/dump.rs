@@ -64,6 +64,13 @@ spec:
     )
 }
 
+/// Runs `command` in the shop's app container; its standard output.
+fn in_shop(ctx: &Ctx, command: &[&str]) -> Result<String> {
+    let mut args = vec!["exec", "deployment/shop", "-c", "app", "--"];
+    args.extend_from_slice(command);
+    ctx.kubectl(&args)
+}
+
 #[tokio::test]
 async fn a_sqlite_dump_from_a_custom_source_loads_back_into_an_identical_database() -> Result<()> {
     let ctx = Ctx::new("dump").await?;
@@ -74,26 +81,8 @@ async fn a_sqlite_dump_from_a_custom_source_loads_back_into_an_identical_databas
     let sql = "create table orders(id integer primary key, item text not null, cents integer); \
                insert into orders(item, cents) values ('tea', 350), ('cake', 420), ('o''clock', 0); \
                create index orders_item on orders(item);";
-    ctx.kubectl(&[
-        "exec",
-        "deployment/shop",
-        "-c",
-        "app",
-        "--",
-        "sqlite3",
-        "/data/shop.db",
-        sql,
-    ])?;
-    let original = ctx.kubectl(&[
-        "exec",
-        "deployment/shop",
-        "-c",
-        "app",
-        "--",
-        "sqlite3",
-        "/data/shop.db",
-        ".dump",
-    ])?;
+    in_shop(&ctx, &["sqlite3", "/data/shop.db", sql])?;
+    let original = in_shop(&ctx, &["sqlite3", "/data/shop.db", ".dump"])?;
 
     ctx.apply(&dump_backup(
         "shop-dump",
@@ -136,41 +125,18 @@ async fn a_sqlite_dump_from_a_custom_source_loads_back_into_an_identical_databas
 
     // The app loses its database; a ResticRestore puts the dump next to it on its claim
     // (restored live, through the running app pod's node), and the app loads it back.
-    ctx.kubectl(&[
-        "exec",
-        "deployment/shop",
-        "-c",
-        "app",
-        "--",
-        "rm",
-        "/data/shop.db",
-    ])?;
+    in_shop(&ctx, &["rm", "/data/shop.db"])?;
     ctx.apply(
         "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {name: shop-back}\n\
          spec: {backupRef: {name: shop-dump}, target: {pvc: {claimName: shop-data, path: /restored}}}\n",
     )?;
     ctx.completed_restore("shop-back", Duration::from_secs(120))
         .await?;
-    ctx.kubectl(&[
-        "exec",
-        "deployment/shop",
-        "-c",
-        "app",
-        "--",
-        "sh",
-        "-c",
-        "sqlite3 /data/shop.db < /data/restored/shop.sql",
-    ])?;
-    let reloaded = ctx.kubectl(&[
-        "exec",
-        "deployment/shop",
-        "-c",
-        "app",
-        "--",
-        "sqlite3",
-        "/data/shop.db",
-        ".dump",
-    ])?;
+    in_shop(
+        &ctx,
+        &["sh", "-c", "sqlite3 /data/shop.db < /data/restored/shop.sql"],
+    )?;
+    let reloaded = in_shop(&ctx, &["sqlite3", "/data/shop.db", ".dump"])?;
     ensure!(
         reloaded == original,
         "the app's reloaded database differs:\n{reloaded}\nvs\n{original}"
