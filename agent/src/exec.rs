@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::cgroup::Cgroups;
+use crate::locks::{self, DeadRun, DeadRuns};
 use crate::restic::{self, Backend, ErrorMessage, Message, RepositoryPolicy, Summary};
 use crate::runs::Run;
 use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, Spec, VolumeBind};
@@ -37,6 +38,10 @@ pub struct Executor {
     pub progress_interval: Duration,
     /// Which repositories besides remote ones this node allows.
     pub repositories: RepositoryPolicy,
+    /// Runs whose restic was killed and may have left locks behind.
+    pub dead_runs: DeadRuns,
+    /// Held while the locks of dead runs are removed, so each is removed once.
+    pub clearing: tokio::sync::Mutex<()>,
 }
 
 /// Why restic did not run.
@@ -82,6 +87,9 @@ pub struct Output {
     pub cancelled: bool,
     /// Stopped because it ran longer than the request's timeout.
     pub timed_out: bool,
+    /// Stopped because it reported an error it would only retry in vain (see
+    /// [`restic::hopeless`]); the line that said so.
+    pub hopeless: Option<String>,
     pub peak_memory: u64,
 }
 
@@ -97,10 +105,87 @@ impl Executor {
     pub async fn run(&self, inv: Invocation<'_>) -> Result<Output, ExecError> {
         let backend =
             restic::check_repository_url(&inv.repo.url, &self.repositories).map_err(ExecError::Refused)?;
-        Ok(self.run_checked(inv, backend).await?)
+        self.clear_dead_locks(&inv, &backend).await;
+        let hostname = locks::host_of(&inv.run.id);
+        let out = self.run_checked(&inv, &backend, &hostname, 0).await?;
+        if out.signal.is_some() {
+            // Killed, so restic could not remove its lock.
+            self.dead_runs.record(&DeadRun {
+                run_id: inv.run.id.clone(),
+                repository_url: inv.repo.url.clone(),
+                hostname,
+            });
+            self.clear_dead_locks(&inv, &backend).await;
+        }
+        Ok(out)
     }
 
-    async fn run_checked(&self, inv: Invocation<'_>, backend: Backend) -> anyhow::Result<Output> {
+    /// Removes the locks that killed runs left in `inv`'s repository (see [`crate::locks`]),
+    /// with `inv`'s credentials: `restic unlock` under each dead run's host name. A failure
+    /// keeps the record for the next call; the operation itself goes ahead either way, and
+    /// restic reports a lock that is still in its way.
+    async fn clear_dead_locks(&self, inv: &Invocation<'_>, backend: &Backend) {
+        if self.dead_runs.of_repository(&inv.repo.url).is_empty() {
+            return;
+        }
+        let _one_at_a_time = self.clearing.lock().await;
+        for dead in self.dead_runs.of_repository(&inv.repo.url) {
+            let mut args = vec!["unlock".to_string()];
+            if let Some(o) = &inv.options.restic {
+                args.extend(
+                    o.extra_args
+                        .iter()
+                        .filter(|a| restic_operator_args::applies_to(restic_operator_args::Op::Unlock, a))
+                        .cloned(),
+                );
+            }
+            // Not the run's own limits: a run killed for its memory limit must not fail here
+            // for the same reason.
+            let options = pb::RunOptions {
+                memory_limit_bytes: 0,
+                timeout_seconds: 300,
+                ..inv.options.clone()
+            };
+            let unlock = Invocation {
+                run: inv.run,
+                repo: inv.repo,
+                options: &options,
+                args,
+                volumes: Vec::new(),
+                access: Access::Repository,
+                stream: false,
+                step: "unlock-dead",
+            };
+            match self.run_checked(&unlock, backend, &dead.hostname, 1).await {
+                Ok(out) if out.success() => {
+                    self.dead_runs.cleared(&dead.hostname);
+                    tracing::info!(run_id = %inv.run.id, dead_run = %dead.run_id, "removed the locks of a killed restic");
+                    inv.run.emit(Event::Log(pb::LogLine {
+                        line: format!(
+                            "removed the repository locks left by run {}, whose restic was killed",
+                            dead.run_id
+                        ),
+                    }));
+                }
+                Ok(out) => {
+                    tracing::warn!(dead_run = %dead.run_id, code = ?out.exit_code, stderr = %out.stderr, "cannot remove the locks of a killed restic yet")
+                }
+                Err(e) => {
+                    tracing::warn!(dead_run = %dead.run_id, error = %format!("{e:#}"), "cannot remove the locks of a killed restic yet")
+                }
+            }
+        }
+    }
+
+    /// Runs `inv` as the restic of the run whose host name is `hostname`, with PID
+    /// `2 + spare_pids` in its namespace.
+    async fn run_checked(
+        &self,
+        inv: &Invocation<'_>,
+        backend: &Backend,
+        hostname: &str,
+        spare_pids: u32,
+    ) -> anyhow::Result<Output> {
         let secrets = restic::secrets_of(inv.repo);
         let scratch = self
             .state_dir
@@ -129,7 +214,9 @@ impl Executor {
         if use_cache {
             std::fs::create_dir_all(&cache)?;
         }
-        let mut spec = Spec::minimal(root, &self.restic, &tmp, inv.access).with_volumes(inv.volumes);
+        let mut spec = Spec::minimal(root, &self.restic, &tmp, inv.access, hostname.to_string())
+            .with_volumes(inv.volumes.clone());
+        spec.spare_pids = spare_pids;
         if use_cache {
             spec = spec.with_cache(&cache);
         }
@@ -140,7 +227,7 @@ impl Executor {
                 // The repository's directory (or, before init, its parent, which is still below
                 // an allowed directory), at the same path inside.
                 let dir = if dir.exists() {
-                    dir
+                    dir.clone()
                 } else {
                     dir.parent().unwrap_or(Path::new("/")).to_path_buf()
                 };
@@ -188,13 +275,15 @@ impl Executor {
             .env("RESTIC_PASSWORD", &inv.repo.password)
             .env("RESTIC_PROGRESS_FPS", "2")
             .envs(&inv.repo.env)
-            .stdin(Stdio::null())
+            // Never written: while it is open the sandbox knows the agent is alive.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let started = Instant::now();
         let mut child = cmd.spawn()?;
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
+        let _lifeline = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
 
@@ -247,6 +336,11 @@ impl Executor {
             }
             out
         };
+        // Set when restic reports an error it would retry until its deadline for nothing. Not
+        // for init, which is what mends a missing bucket.
+        let watch_hopeless = inv.args.first().map(String::as_str) != Some("init");
+        let give_up = tokio_util::sync::CancellationToken::new();
+        let mut hopeless = None;
         let read_stderr = async {
             let mut tail: Vec<String> = Vec::new();
             let mut errors = Vec::new();
@@ -258,6 +352,10 @@ impl Executor {
                     total += 1;
                     keep_error(run, &mut errors, e, &secrets);
                     continue;
+                }
+                if watch_hopeless && hopeless.is_none() && restic::hopeless(&line) {
+                    hopeless = Some(line.clone());
+                    give_up.cancel();
                 }
                 run.emit(Event::Log(pb::LogLine { line: line.clone() }));
                 tail.push(line);
@@ -279,6 +377,7 @@ impl Executor {
                 _ = async {
                     tokio::select! {
                         _ = run.cancel.cancelled() => {}
+                        _ = give_up.cancelled() => {}
                         _ = tokio::time::sleep(timeout) => timed_out = true,
                     }
                 } => {
@@ -305,7 +404,8 @@ impl Executor {
         out.stderr = stderr_tail;
         out.exit_code = status.code();
         out.signal = std::os::unix::process::ExitStatusExt::signal(&status);
-        out.cancelled = cancelled && !timed_out;
+        out.hopeless = hopeless;
+        out.cancelled = cancelled && !timed_out && out.hopeless.is_none();
         out.timed_out = timed_out;
         if let Some(cg) = &cgroup {
             // Nothing restic started may outlive it.

@@ -4,6 +4,7 @@
 mod cgroup;
 mod debug;
 mod exec;
+mod locks;
 mod metrics;
 mod oncall;
 mod ops;
@@ -33,9 +34,12 @@ enum Command {
     /// Internal: run restic in its sandbox (started by the agent).
     #[command(hide = true)]
     Sandbox { spec: String },
-    /// Internal: the sandbox's first process, which builds its root and becomes restic.
+    /// Internal: the process that builds the sandbox's root and becomes restic.
     #[command(hide = true)]
     SandboxInit { spec: String },
+    /// Internal: the sandbox's first process, which holds its PID namespace open.
+    #[command(hide = true)]
+    SandboxHolder,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         // Before any thread exists: unshare acts on this process alone.
         Command::Sandbox { spec } => sandboxed(sandbox::enter(&spec)),
         Command::SandboxInit { spec } => sandboxed(sandbox::init(&spec)),
+        Command::SandboxHolder => sandbox::hold(),
         Command::Serve(args) => runtime()?.block_on(serve::run(*args)),
         Command::Debug(args) => runtime()?.block_on(debug::run(*args)),
     }

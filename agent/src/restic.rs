@@ -454,6 +454,28 @@ pub fn classify_failure(exit_code: Option<i32>, stderr: &str) -> (FailureKind, S
     (kind, reason)
 }
 
+/// Errors restic retries with backoff for up to 15 minutes although no retry can help: the
+/// S3 bucket does not exist (restic's `init` creates it; nothing else does).
+const HOPELESS: &[&str] = &["the specified bucket does not exist", "nosuchbucket"];
+
+/// Whether a line restic printed to stderr reports an error it would retry in vain.
+pub fn hopeless(line: &str) -> bool {
+    let lower = line.to_ascii_lowercase();
+    HOPELESS.iter().any(|h| lower.contains(h))
+}
+
+/// The failure a [`hopeless`] line stands for, and a sentence a user can act on.
+pub fn classify_hopeless(line: &str) -> (FailureKind, String) {
+    let lower = line.to_ascii_lowercase();
+    if HOPELESS.iter().any(|h| lower.contains(h)) {
+        return (
+            FailureKind::RepositoryNotFound,
+            "the repository's bucket does not exist (initializing the repository creates it)".into(),
+        );
+    }
+    (FailureKind::Restic, line.to_owned())
+}
+
 /// The most useful sentence of restic's stderr: its `Fatal:` line, else the last line.
 pub fn failure_reason(stderr: &str) -> String {
     let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();

@@ -4,11 +4,14 @@
 //! control, while the agent is privileged. So restic gets a world of its own, built fresh for
 //! each process and gone when it exits (even after a SIGKILL: nothing propagates to the host):
 //!
-//! - **its own PID namespace and no `/proc`**: restic is PID 1 and could see no other process
-//!   even through a procfs; none is mounted, because restic does not need one and a procfs
-//!   would offer its own environment (the repository's password) to a symlink swapped into a
-//!   volume, and `/proc/sys` and `/proc/sysrq-trigger` to a root process. Its own host name
-//!   keeps restic's same-host stale-lock test from misreading a PID (see [`set_hostname`]);
+//! - **its own PID namespace and no `/proc`**: restic could see no other process even through
+//!   a procfs; none is mounted, because restic does not need one and a procfs would offer its
+//!   own environment (the repository's password) to a symlink swapped into a volume, and
+//!   `/proc/sys` and `/proc/sysrq-trigger` to a root process. The namespace's first process
+//!   only holds it open, so restic is PID 2 (see [`Spec::spare_pids`]);
+//! - **its own host name**, one per run ([`Spec::hostname`]): restic's locks name the host
+//!   and PID of their holder, so the locks of a run whose restic was killed can be told apart
+//!   from every live one and removed (see `crate::locks`);
 //! - **a minimal root**, a private tmpfs entered with `pivot_root` and then made read-only,
 //!   holding only restic, the CA certificates and name-resolution files, a few device nodes,
 //!   scratch space, restic's cache, and the volume at its stable snapshot path. What is writable
@@ -26,9 +29,12 @@
 //!   and a compromised restic would reach for (see [`DENIED_SYSCALLS`]), and restic dies with
 //!   its parent (`PR_SET_PDEATHSIG`).
 //!
-//! Two stages, both this binary: `sandbox` joins the run's cgroup, unshares the PID namespace
-//! and starts `sandbox-init`, the namespace's first process, forwarding SIGTERM and SIGINT to it
-//! and exiting as it does. `sandbox-init` builds the root and execs restic, which then is PID 1.
+//! Three processes, all this binary: `sandbox` joins the run's cgroup, unshares the PID
+//! namespace, starts `sandbox-holder` as the namespace's first process and then
+//! `sandbox-init`, forwarding SIGTERM, SIGINT and SIGHUP to it and exiting as it does.
+//! `sandbox-init` builds the root and execs restic. The holder does nothing but wait for its
+//! stdin to close, which happens when `sandbox` exits however it ends; the namespace, and
+//! everything left in it, goes with the holder.
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -52,6 +58,8 @@ use serde::{Deserialize, Serialize};
 pub const EXIT_REFUSED: i32 = 122;
 /// The sandbox could not be set up (a bug or a node problem, not the request).
 pub const EXIT_SETUP: i32 = 125;
+/// The agent that started the sandbox is gone; restic was stopped with it.
+pub const EXIT_ORPHANED: i32 = 124;
 
 /// Where restic's binary, cache and scratch space appear inside the sandbox.
 pub const RESTIC_IN_SANDBOX: &str = "/.restic/restic";
@@ -133,6 +141,25 @@ pub struct Spec {
     #[serde(default)]
     pub run_as: Option<(u32, u32)>,
     pub access: Access,
+    /// The sandbox's host name, which restic writes into its locks: unique to the run, so
+    /// that the locks of a run whose restic was killed can be judged dead (see
+    /// [`valid_hostname`]).
+    pub hostname: String,
+    /// PIDs used up before restic starts, so restic is PID `2 + spare_pids`. A run's restic is
+    /// always PID 2; removing a dead run's locks is done by a restic under that run's host name
+    /// with `spare_pids: 1`, to which PID 2 is a process that does not exist, which is what
+    /// restic's `unlock` takes as proof that a lock is stale.
+    #[serde(default)]
+    pub spare_pids: u32,
+}
+
+/// A host name the kernel and restic take as is: 1 to 64 characters of letters, digits, `-`
+/// and `.`.
+pub fn valid_hostname(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Files of the node's `/etc` that name resolution and TLS need. Everything else of `/etc`
@@ -157,7 +184,7 @@ const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc"
 impl Spec {
     /// The minimal layout: restic, its scratch `/tmp`, CA certificates, name resolution and a
     /// few device nodes. Add the cache, volumes and system directories with the `with_` methods.
-    pub fn minimal(root: PathBuf, restic: &Path, tmp: &Path, access: Access) -> Self {
+    pub fn minimal(root: PathBuf, restic: &Path, tmp: &Path, access: Access, hostname: String) -> Self {
         let ro = |source: &str| Bind {
             source: source.into(),
             target: source.into(),
@@ -192,6 +219,8 @@ impl Spec {
             cwd: "/".into(),
             run_as: None,
             access,
+            hostname,
+            spare_pids: 0,
         }
     }
 
@@ -241,29 +270,55 @@ pub fn enter(spec_json: &str) -> Result<Infallible> {
         std::fs::write(procs, std::process::id().to_string())
             .with_context(|| format!("join cgroup {}", procs.display()))?;
     }
-    // Signals meant for restic are taken by a thread and passed on: the namespace's init
-    // only receives signals it has handlers for, which restic installs for these. The thread
-    // starts first: once the PID namespace is unshared, no thread can be created.
+    // Signals meant for restic (the agent sends them to this process) are taken by a thread
+    // and passed on. The thread starts first: once the PID namespace is unshared, no thread
+    // can be created.
     let mut forwarded = SigSet::empty();
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         forwarded.add(sig);
     }
     forwarded.thread_block().context("block signals")?;
+    // The agent holds this process's stdin open for as long as it lives. When it dies, even
+    // by SIGKILL, the stdin ends and so does the sandbox: no restic goes on unwatched, holding
+    // a lock that the next agent takes for the lock of a dead run (see `crate::locks`).
+    std::thread::spawn(|| {
+        let mut buf = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0) {}
+        std::process::exit(EXIT_ORPHANED)
+    });
     std::thread::spawn(move || {
         while let Ok(sig) = forwarded.wait() {
             forward(Some(sig));
         }
     });
     unshare(CloneFlags::CLONE_NEWPID).context("unshare the PID namespace (needs CAP_SYS_ADMIN)")?;
-    // std resets the signal mask of the child.
-    let mut child = std::process::Command::new(std::env::current_exe().context("own binary")?)
-        .arg("sandbox-init")
-        .arg(spec_json)
+    let exe = std::env::current_exe().context("own binary")?;
+    // The first child is the namespace's init: it holds the namespace until its stdin, a pipe
+    // only this process writes to, closes.
+    let mut holder = std::process::Command::new(&exe)
+        .arg("sandbox-holder")
+        .stdin(std::process::Stdio::piped())
         .spawn()
         .context("start the sandbox's first process")?;
+    for _ in 0..spec.spare_pids {
+        std::process::Command::new(&exe)
+            .arg("sandbox-holder")
+            .stdin(std::process::Stdio::null())
+            .status()
+            .context("use up a PID")?;
+    }
+    // std resets the signal mask of the child.
+    let mut child = std::process::Command::new(&exe)
+        .arg("sandbox-init")
+        .arg(spec_json)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("start restic's process")?;
     CHILD.store(i32::try_from(child.id()).context("pid")?, Ordering::SeqCst);
     forward(None);
     let status = child.wait().context("wait for the sandbox")?;
+    drop(holder.stdin.take());
+    let _ = holder.wait();
     if let Some(code) = status.code() {
         std::process::exit(code);
     }
@@ -275,6 +330,16 @@ pub fn enter(spec_json: &str) -> Result<Infallible> {
     }
     // A signal this process ignores (SIGPIPE): exit as a shell would report it.
     std::process::exit(128 + sig)
+}
+
+/// Entry point of `restic-agent sandbox-holder`, the PID namespace's first process: waits
+/// until its stdin reaches its end (at once for a PID only used up) and exits, which ends the
+/// namespace. It has no signal handlers, so, as the namespace's init, it ignores any signal
+/// sent from inside.
+pub fn hold() -> ! {
+    let mut buf = [0u8; 64];
+    while matches!(std::io::Read::read(&mut std::io::stdin(), &mut buf), Ok(n) if n > 0) {}
+    std::process::exit(0)
 }
 
 /// The sandbox's first process once it runs, and a signal that arrived before it did.
@@ -297,8 +362,8 @@ fn forward(sig: Option<Signal>) {
     }
 }
 
-/// Entry point of `restic-agent sandbox-init` (stage 2, PID 1 of the new namespace): builds
-/// the root and becomes restic.
+/// Entry point of `restic-agent sandbox-init` (PID 2 of the new namespace, or later with
+/// spare PIDs): builds the root and becomes restic.
 pub fn init(spec_json: &str) -> Result<Infallible> {
     let spec: Spec = serde_json::from_str(spec_json).context("sandbox spec")?;
     // Die with the sandbox's first stage from the start (set again after the credentials
@@ -306,7 +371,10 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("set the parent-death signal")?;
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS)
         .context("unshare the mount and UTS namespaces (needs CAP_SYS_ADMIN)")?;
-    set_hostname()?;
+    if !valid_hostname(&spec.hostname) {
+        bail!("sandbox host name {:?} is not a plain host name", spec.hostname);
+    }
+    nix::unistd::sethostname(&spec.hostname).context("set the sandbox's host name")?;
     // Nothing mounted here may propagate back to the host.
     mount(
         None::<&str>,
@@ -348,18 +416,6 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
         argv.push(CString::new(a.as_str())?);
     }
     nix::unistd::execv(&program, &argv).with_context(|| format!("exec {}", spec.program.display()))
-}
-
-/// The sandbox's own host name, `<node>-sandbox`. restic decides whether a lock's holder is
-/// alive by its PID when the lock comes from the same host name; in a PID namespace that test
-/// would find every outside process dead and `restic unlock` would remove live locks. Under
-/// another name, restic judges locks made outside by their age only; locks made by other
-/// sandboxes (all PID 1 here) look alive, which errs on the safe side.
-fn set_hostname() -> Result<()> {
-    let node = nix::unistd::gethostname()?.to_string_lossy().into_owned();
-    let mut name: String = node.chars().take(55).collect();
-    name.push_str("-sandbox");
-    nix::unistd::sethostname(&name).context("set the sandbox's host name")
 }
 
 /// `/etc/passwd` and `/etc/group` with root and nobody only: restic records a user name in
@@ -732,6 +788,7 @@ mod tests {
             Path::new("/bin/restic"),
             Path::new("/t"),
             Access::Repository,
+            "node-0123456789abcdef".into(),
         );
         for b in &spec.binds {
             assert!(
@@ -786,6 +843,14 @@ mod tests {
         let filters = seccomp_filters().unwrap();
         assert_eq!(filters.len(), 2);
         assert!(filters.iter().all(|f| !f.is_empty()));
+    }
+
+    #[test]
+    fn host_names_are_plain() {
+        assert!(valid_hostname("node-1.example-0123456789abcdef"));
+        for bad in ["", "a b", "a/b", "a\nb", &"x".repeat(65)] {
+            assert!(!valid_hostname(bad), "{bad:?}");
+        }
     }
 
     #[test]

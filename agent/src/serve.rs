@@ -205,6 +205,8 @@ pub async fn run(args: Args) -> Result<()> {
             local_dirs: args.local_repository_dirs.clone(),
             program_backends: args.allow_program_backends,
         },
+        dead_runs: crate::locks::DeadRuns::new(&args.state_dir),
+        clearing: tokio::sync::Mutex::new(()),
     });
     let service = AgentService {
         runs: Arc::clone(&runs),

@@ -754,6 +754,36 @@ async fn a_probe_opens_the_repository_whatever_holds_its_locks() -> Result<()> {
     Ok(())
 }
 
+/// Without a region, restic asks S3 for the bucket's location first and retries "no such
+/// bucket" for up to 15 minutes, though only `restic init` creates the bucket: the probe says
+/// at once that there is no repository, and init makes one.
+#[tokio::test]
+async fn a_probe_of_a_bucket_that_does_not_exist_says_so_at_once_and_init_creates_it() -> Result<()> {
+    let agent = Agent::start("no-bucket")?;
+    let repo = s3_repository(&unique_name("no-bucket"), "repo");
+    let mut client = agent.client().await?;
+    let mut without_region = repository(&repo);
+    without_region.env.remove("AWS_DEFAULT_REGION");
+    let request = |id: &str| pb::RepositoryRequest {
+        options: Some(options(id)),
+        repository: Some(without_region.clone()),
+    };
+    let started = std::time::Instant::now();
+    let (_, probe) = collect(client.probe(request("probe-1")).await?.into_inner()).await?;
+    let took = started.elapsed();
+    ensure!(
+        probe.failure == FailureKind::RepositoryNotFound as i32,
+        "{probe:?}"
+    );
+    ensure!(probe.reason.contains("bucket does not exist"), "{}", probe.reason);
+    ensure!(took < Duration::from_secs(10), "the probe took {took:?}");
+    let (_, init) = collect(client.init(request("init")).await?.into_inner()).await?;
+    ensure!(outcome(&init) == Outcome::Succeeded, "{init:?}");
+    let (_, probe) = collect(client.probe(request("probe-2")).await?.into_inner()).await?;
+    ensure!(outcome(&probe) == Outcome::Succeeded, "{probe:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn grpcurl_lists_the_services_through_reflection_and_health_says_serving() -> Result<()> {
     let agent = Agent::start("grpcurl")?;
@@ -920,6 +950,15 @@ async fn a_restic_over_its_memory_limit_is_killed_and_reported_as_such() -> Resu
     let (_, result) = collect(client.backup(req).await?.into_inner()).await?;
     ensure!(result.failure == FailureKind::OutOfMemory as i32, "{result:?}");
     ensure!(result.reason.contains("memory limit"), "{}", result.reason);
+    // The kill left restic's lock; the agent removed it at once, so the repository's
+    // exclusive operations are not blocked for the 30 minutes restic would wait.
+    let locks = restic_locks(&repo)?;
+    ensure!(locks.is_empty(), "locks left by the killed restic: {locks:?}");
+    ensure!(
+        agent.log().contains("removed the locks of a killed restic"),
+        "{}",
+        agent.log()
+    );
     // The agent itself is fine and the next run, with the default limit, succeeds.
     let (_, next) = collect(
         client
@@ -929,6 +968,141 @@ async fn a_restic_over_its_memory_limit_is_killed_and_reported_as_such() -> Resu
     )
     .await?;
     ensure!(outcome(&next) == Outcome::Succeeded, "{next:?}");
+    Ok(())
+}
+
+/// The ids of the repository's locks, read without taking one.
+fn restic_locks(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<String>> {
+    let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_backup_takes_restic_with_it_and_its_lock_blocks_no_forget() -> Result<()> {
+    let mut agent = Agent::start("killed-agent")?;
+    let repo = s3_repository(&unique_name("killed-agent"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let req = slow_backup(&agent, &uid, "killed-mid-backup", &repo)?;
+    let mut stream = client.backup(req).await?.into_inner();
+    while let Some(ev) = stream.next().await {
+        if matches!(ev?.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    agent.kill_and_restart()?;
+    // restic went with the agent, killed, so its lock stayed behind.
+    let state = agent.dir.join("state").display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&format!("{state}/scratch")).is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the sandbox outlived its agent: {:?}",
+            processes_mentioning(&state)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = restic_locks(&repo)?;
+    ensure!(left.len() == 1, "locks after the kill: {left:?}");
+
+    // An exclusive operation: restic's own rule would refuse it for 30 minutes.
+    let mut client = agent.client().await?;
+    let forget = pb::ForgetRequest {
+        options: Some(options("forget-after-kill")),
+        repository: Some(repository(&repo)),
+        policy: Some(pb::KeepPolicy {
+            last: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (events, result) = collect(client.forget(forget).await?.into_inner()).await?;
+    ensure!(
+        outcome(&result) == Outcome::Succeeded,
+        "{result:?}\n{}",
+        agent.log()
+    );
+    let said = events.iter().any(|e| {
+        matches!(&e.event, Some(Event::Log(l))
+            if l.line.contains("removed the repository locks left by run killed-mid-backup"))
+    });
+    ensure!(said, "{events:?}");
+    ensure!(restic_locks(&repo)?.is_empty(), "{:?}", restic_locks(&repo)?);
+    // The killed run itself reports how it ended.
+    let (_, killed) = collect(
+        client
+            .attach(pb::AttachRequest {
+                run_id: "killed-mid-backup".into(),
+            })
+            .await?
+            .into_inner(),
+    )
+    .await?;
+    ensure!(killed.failure == FailureKind::AgentRestarted as i32, "{killed:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_live_lock_of_another_run_on_the_same_agent_is_never_taken_for_a_dead_one() -> Result<()> {
+    let agent = Agent::start("live-beside-dead")?;
+    let repo = s3_repository(&unique_name("live-beside-dead"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    // A run killed by its memory limit leaves a dead run on record...
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    for i in 0..8 {
+        std::fs::write(data.join(format!("blob-{i}")), pseudo_random(4 << 20, 700 + i))?;
+    }
+    // ...while a slow backup of this agent holds a live lock in the same repository.
+    let slow_uid = pod_uid(2);
+    let slow = slow_backup(&agent, &slow_uid, "live", &repo)?;
+    let mut live = client.backup(slow).await?.into_inner();
+    while let Some(ev) = live.next().await {
+        if matches!(ev?.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    let mut req = backup("oom-beside-live", &repo, &uid, "data");
+    req.options.as_mut().unwrap().memory_limit_bytes = 12 << 20;
+    let (_, killed) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(killed.failure == FailureKind::OutOfMemory as i32, "{killed:?}");
+    ensure!(
+        agent.log().contains("removed the locks of a killed restic"),
+        "{}",
+        agent.log()
+    );
+    // The dead run's lock is gone, the live one stays and its backup completes.
+    ensure!(restic_locks(&repo)?.len() == 1, "{:?}", restic_locks(&repo)?);
+    let mut last = None;
+    while let Some(ev) = live.next().await {
+        last = ev?.event;
+    }
+    ensure!(
+        matches!(&last, Some(Event::Result(r)) if outcome(r) == Outcome::Succeeded),
+        "{last:?}"
+    );
+    ensure!(restic_locks(&repo)?.is_empty());
     Ok(())
 }
 

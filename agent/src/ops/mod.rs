@@ -35,6 +35,13 @@ pub fn failure_of(out: &Output, what: &str) -> pb::Result {
     if out.cancelled {
         return crate::runs::cancelled_result(&format!("{what} was cancelled"));
     }
+    if let Some(line) = &out.hopeless {
+        let (kind, why) = crate::restic::classify_hopeless(line);
+        return failed(
+            kind,
+            format!("{what}: {why} (restic was stopped rather than left retrying)"),
+        );
+    }
     if out.oom_killed {
         return failed(
             FailureKind::OutOfMemory,

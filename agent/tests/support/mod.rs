@@ -26,6 +26,7 @@ pub struct Agent {
     pub metrics_port: u16,
     pub ca: Ca,
     pub client_cert: CertPair,
+    args: Vec<String>,
     process: Process,
 }
 
@@ -69,20 +70,7 @@ impl Agent {
             "--grace-period=3s".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut process = Process::spawn(
-            "restic-agent",
-            Path::new(env!("CARGO_BIN_EXE_restic-agent")),
-            &args,
-            &dir,
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            process.check_running()?;
-            if Instant::now() > deadline {
-                bail!("agent did not listen within 20s:\n{}", process.log_tail(20));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let process = spawn_agent(&args, &dir, port)?;
         Ok(Self {
             name,
             dir,
@@ -91,8 +79,22 @@ impl Agent {
             metrics_port,
             ca,
             client_cert,
+            args,
             process,
         })
+    }
+
+    /// SIGKILL, as an OOM kill or a lost node would end it, then a new agent process on the
+    /// same state directory, ports and certificates. The old log is kept beside the new one.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        self.process.child.kill()?;
+        self.process.child.wait()?;
+        let old = self
+            .dir
+            .join(format!("restic-agent.log.{}", self.process.child.id()));
+        std::fs::rename(&self.process.log, old)?;
+        self.process = spawn_agent(&self.args, &self.dir, self.port)?;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -196,6 +198,24 @@ impl Agent {
 }
 
 /// A fresh pod UID.
+fn spawn_agent(args: &[String], dir: &Path, port: u16) -> Result<Process> {
+    let mut process = Process::spawn(
+        "restic-agent",
+        Path::new(env!("CARGO_BIN_EXE_restic-agent")),
+        args,
+        dir,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        process.check_running()?;
+        if Instant::now() > deadline {
+            bail!("agent did not listen within 20s:\n{}", process.log_tail(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(process)
+}
+
 pub fn pod_uid(n: u32) -> String {
     let salt = std::process::id();
     format!(
