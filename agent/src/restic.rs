@@ -296,6 +296,16 @@ pub struct Summary {
     pub bytes_restored: u64,
 }
 
+impl Summary {
+    /// The snapshot a backup's summary names, if it is a well-formed restic id (64 lowercase
+    /// hex digits). A summary without one is no proof of a snapshot, however it parsed.
+    pub fn snapshot(&self) -> Option<&str> {
+        self.snapshot_id
+            .as_deref()
+            .filter(|id| id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct ErrorMessage {
@@ -521,6 +531,9 @@ pub fn secrets_of(repo: &pb::Repository) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -143,7 +143,8 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         // a parent of its own by host and paths alone.
         None => args.push("--force".into()),
     }
-    if req.dry_run {
+    let dry_run = req.dry_run;
+    if dry_run {
         args.push("--dry-run".into());
     }
     if let Some(o) = &options.restic {
@@ -180,8 +181,13 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         set_failed_paths(&mut r, &out);
         return r;
     }
-    let Some(summary) = out.summary.take() else {
-        return failed(FailureKind::Restic, "restic exited without a summary");
+    // A summary that does not name a well-formed snapshot (garbled, cut short) proves nothing;
+    // a dry run makes none.
+    let Some(summary) = out.summary.take().filter(|s| dry_run || s.snapshot().is_some()) else {
+        return failed(
+            FailureKind::Restic,
+            "restic exited without a summary naming its snapshot",
+        );
     };
     let backup = pb::BackupSummary {
         files_new: summary.files_new,
@@ -198,7 +204,7 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     };
     let mut result = pb::Result {
         outcome: Outcome::Succeeded as i32,
-        snapshot_id: summary.snapshot_id.unwrap_or_default(),
+        snapshot_id: summary.snapshot().unwrap_or_default().to_owned(),
         backup: Some(backup),
         exit_code: out.exit_code.unwrap_or_default(),
         ..Default::default()
