@@ -19,7 +19,7 @@ use restic_operator_e2e::fixtures::{make_tree, pseudo_random};
 use restic_operator_e2e::{eventually, unique_name};
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
-use support::{Node, restic_snapshots};
+use support::{Node, ready_repository, restic_snapshots, wait_dispatched};
 
 fn backup_yaml(name: &str, spec: &str) -> String {
     format!(
@@ -53,15 +53,6 @@ async fn db_node(test: &str) -> Result<(Node, restic_operator_e2e::ResticRepo)> 
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
     make_tree(&data)?;
     Ok((node, repo))
-}
-
-/// A ResticRepository on S3, initialized by the coordinator; returns its restic handle.
-async fn ready_repository(node: &Node, name: &str) -> Result<restic_operator_e2e::ResticRepo> {
-    let repo = node.ctx.repository(name);
-    node.repository(name, &repo).await?;
-    node.wait_repository_reason(name, "RepositoryInitialized", Duration::from_secs(60))
-        .await?;
-    Ok(repo)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,24 +232,6 @@ fn slow_backup(name: &str) -> String {
          source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  \
          restic: {extraArgs: ['--limit-upload=512']}\n",
     )
-}
-
-async fn wait_dispatched(node: &Node, name: &str) -> Result<String> {
-    let api = node.backups();
-    eventually(
-        "the run in flight on the agent",
-        Duration::from_secs(30),
-        || async {
-            let b = api.get(name).await?;
-            let s = b.status.unwrap_or_default();
-            Ok(match (s.active_run, s.progress) {
-                (Some(a), Some(_)) if a.node_name.is_some() => Some(a.run_id),
-                _ => None,
-            })
-        },
-    )
-    .await
-    .with_context(|| node.coordinator_log())
 }
 
 /// A node whose coordinator was killed while it followed a slow backup of `db-0`'s volume

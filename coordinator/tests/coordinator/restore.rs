@@ -17,8 +17,9 @@ use restic_operator_e2e::fixtures::{
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
 
+use super::support::ready_repository;
 use super::support::{Node, restic_snapshots, runs};
-use super::{backup_yaml, bound_claim, csi_mount, events, finish_job_pod, ready_repository, wait_job};
+use super::{backup_yaml, bound_claim, csi_mount, events, finish_job_pod, wait_job};
 
 fn restore_yaml(name: &str, spec: &str) -> String {
     format!(

@@ -471,6 +471,34 @@ impl Node {
     }
 }
 
+/// A ResticRepository on S3, initialized by the coordinator; returns its restic handle.
+pub async fn ready_repository(node: &Node, name: &str) -> Result<restic_operator_e2e::ResticRepo> {
+    let repo = node.ctx.repository(name);
+    node.repository(name, &repo).await?;
+    node.wait_repository_reason(name, "RepositoryInitialized", Duration::from_secs(60))
+        .await?;
+    Ok(repo)
+}
+
+/// The id of `name`'s run once it is in flight on the agent (its progress in status).
+pub async fn wait_dispatched(node: &Node, name: &str) -> Result<String> {
+    let api = node.backups();
+    eventually(
+        "the run in flight on the agent",
+        Duration::from_secs(30),
+        || async {
+            let b = api.get(name).await?;
+            let s = b.status.unwrap_or_default();
+            Ok(match (s.active_run, s.progress) {
+                (Some(a), Some(_)) if a.node_name.is_some() => Some(a.run_id),
+                _ => None,
+            })
+        },
+    )
+    .await
+    .with_context(|| node.coordinator_log())
+}
+
 /// Snapshots in `repo` as restic lists them.
 pub fn restic_snapshots(repo: &ResticRepo) -> Result<Vec<serde_json::Value>> {
     let out = repo.restic()?.args(["snapshots", "--json"]).output()?;
