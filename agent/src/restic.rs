@@ -184,7 +184,9 @@ pub fn forget_args(req: &pb::ForgetRequest) -> Vec<String> {
 /// A keep policy that keeps nothing would make `forget` delete every snapshot of the group.
 pub fn check_keep_policy(policy: Option<&pb::KeepPolicy>) -> Result<(), String> {
     let keeps = policy.is_some_and(|p| {
-        p.last + p.hourly + p.daily + p.weekly + p.monthly + p.yearly > 0
+        [p.last, p.hourly, p.daily, p.weekly, p.monthly, p.yearly]
+            .iter()
+            .any(|n| *n > 0)
             || !p.within.is_empty()
             || !p.tags.is_empty()
     });

@@ -150,7 +150,8 @@ fn note_debug<T>(request: &Request<T>, what: &str) -> Result<(), Status> {
 }
 
 fn run_id(options: Option<&pb::RunOptions>) -> Result<String, Status> {
-    let id = options.map(|o| o.run_id.clone()).unwrap_or_default();
+    let options = options.ok_or_else(|| Status::invalid_argument("options (with run_id) are required"))?;
+    let id = options.run_id.clone();
     validate_run_id(&id).map_err(Status::invalid_argument)?;
     Ok(id)
 }
@@ -179,6 +180,14 @@ impl AgentService {
         })
         .await
         .map_err(volume_status)
+    }
+
+    /// Refuses a repository this node does not allow (a local directory it was not told
+    /// about, a program backend), before a run starts.
+    fn allowed(&self, url: &str) -> Result<(), Status> {
+        crate::restic::check_repository_url(url, &self.exec.repositories)
+            .map(drop)
+            .map_err(Status::invalid_argument)
     }
 
     /// Attaches if the run exists; otherwise `start` validates and starts it.
@@ -212,9 +221,10 @@ impl AgentService {
             return Ok(respond(run, true));
         }
         let volume = volume.ok_or_else(|| Status::invalid_argument("volume is required"))?;
-        let prepared = prepare(self.resolve(&volume).await?).map_err(Status::invalid_argument)?;
-        let exec = Arc::clone(&self.exec);
         let url = repo.map(|r| r.url).unwrap_or_default();
+        let prepared = prepare(self.resolve(&volume).await?).map_err(Status::invalid_argument)?;
+        self.allowed(&url)?;
+        let exec = Arc::clone(&self.exec);
         let (run, attached) = self
             .runs
             .start_or_attach(&id, kind, &url, Some(volume), move |r| run(exec, r, prepared));
@@ -231,6 +241,7 @@ impl AgentService {
         self.attach_or(&id, || {
             repository::prepare(options.as_ref(), repo.as_ref(), &op).map_err(Status::invalid_argument)?;
             let (options, repo) = (options.unwrap_or_default(), repo.unwrap_or_default());
+            self.allowed(&repo.url)?;
             let exec = Arc::clone(&self.exec);
             let url = repo.url.clone();
             Ok(self.runs.start_or_attach(&id, op.kind(), &url, None, move |run| {

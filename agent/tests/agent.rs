@@ -1212,3 +1212,293 @@ async fn a_path_inside_the_volume_keeps_the_owner_and_mode_of_the_directories_ab
     );
     Ok(())
 }
+
+/// One hostile request, by the call it goes to.
+enum Hostile {
+    Backup(pb::BackupRequest),
+    Restore(pb::RestoreRequest),
+    Init(pb::RepositoryRequest),
+    Forget(pb::ForgetRequest),
+    Check(pb::CheckRequest),
+}
+
+/// Sends `req`; the refusal, or `None` when the agent took it.
+async fn refusal(
+    client: &mut restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    req: Hostile,
+) -> Option<tonic::Status> {
+    match req {
+        Hostile::Backup(r) => client.backup(r).await.err(),
+        Hostile::Restore(r) => client.restore(r).await.err(),
+        Hostile::Init(r) => client.init(r).await.err(),
+        Hostile::Forget(r) => client.forget(r).await.err(),
+        Hostile::Check(r) => client.check(r).await.err(),
+    }
+}
+
+/// Malformed and hostile requests, each refused with InvalidArgument and a message saying
+/// what is wrong, before any run starts: empty and oversized fields, control characters and
+/// NULs, unknown enum values, path tricks, forbidden options and repositories.
+#[tokio::test]
+async fn malformed_and_hostile_requests_are_refused_as_invalid_arguments_with_a_message() -> Result<()> {
+    let agent = Agent::start("hostile")?;
+    let repo = s3_repository(&unique_name("hostile"), "repo");
+    let mut client = agent.client().await?;
+    let uid = pod_uid(1);
+    agent.volume(&uid, EMPTY_DIR, "data")?;
+    let good = backup("hostile-backup", &repo, &uid, "data");
+    let with = |f: &dyn Fn(&mut pb::BackupRequest)| {
+        let mut r = good.clone();
+        f(&mut r);
+        Hostile::Backup(r)
+    };
+    let repo_with = |f: &dyn Fn(&mut pb::Repository)| {
+        let mut r = good.clone();
+        f(r.repository.as_mut().unwrap());
+        Hostile::Backup(r)
+    };
+    let restore = |f: &dyn Fn(&mut pb::RestoreRequest)| {
+        let mut r = pb::RestoreRequest {
+            options: Some(options("hostile-restore")),
+            repository: Some(repository(&repo)),
+            volume: good.volume.clone(),
+            snapshot_id: "latest".into(),
+            host: "db".into(),
+            snapshot_path: "/data".into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        Hostile::Restore(r)
+    };
+    let forget = |f: &dyn Fn(&mut pb::ForgetRequest)| {
+        let mut r = pb::ForgetRequest {
+            options: Some(options("hostile-forget")),
+            repository: Some(repository(&repo)),
+            policy: Some(pb::KeepPolicy {
+                last: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        f(&mut r);
+        Hostile::Forget(r)
+    };
+    let huge = "x".repeat(1 << 20);
+    let cases: Vec<(&str, &str, Hostile)> = vec![
+        ("no options", "options", with(&|r| r.options = None)),
+        (
+            "empty run id",
+            "run id",
+            with(&|r| r.options.as_mut().unwrap().run_id.clear()),
+        ),
+        (
+            "oversized run id",
+            "run id",
+            with(&|r| r.options.as_mut().unwrap().run_id = "r".repeat(129)),
+        ),
+        (
+            "run id path",
+            "run id",
+            with(&|r| r.options.as_mut().unwrap().run_id = "../../etc".into()),
+        ),
+        (
+            "no repository",
+            "repository is required",
+            with(&|r| r.repository = None),
+        ),
+        ("empty URL", "repository.url", repo_with(&|r| r.url.clear())),
+        (
+            "URL with a newline",
+            "control character",
+            repo_with(&|r| r.url.push_str("\nx")),
+        ),
+        (
+            "oversized URL",
+            "at most 4096",
+            repo_with(&|r| r.url.push_str(&"/x".repeat(3000))),
+        ),
+        (
+            "a node directory",
+            "--allow-local-repository-dir",
+            repo_with(&|r| r.url = "local:/etc".into()),
+        ),
+        ("empty password", "password", repo_with(&|r| r.password.clear())),
+        (
+            "NUL in the password",
+            "NUL",
+            repo_with(&|r| r.password = "a\0b".into()),
+        ),
+        (
+            "LD_PRELOAD",
+            "LD_PRELOAD",
+            repo_with(&|r| {
+                r.env.insert("LD_PRELOAD".into(), "/tmp/x.so".into());
+            }),
+        ),
+        (
+            "NUL in an env value",
+            "NUL",
+            repo_with(&|r| {
+                r.env.insert("AWS_PROFILE".into(), "a\0b".into());
+            }),
+        ),
+        (
+            "too many env entries",
+            "at most 64",
+            repo_with(&|r| {
+                for i in 0..100 {
+                    r.env.insert(format!("AWS_X{i}"), "v".into());
+                }
+            }),
+        ),
+        ("empty host", "host is required", with(&|r| r.host.clear())),
+        ("huge host", "at most 253", with(&|r| r.host = huge.clone())),
+        (
+            "host with a newline",
+            "control character",
+            with(&|r| r.host = "db\nFatal: forged".into()),
+        ),
+        (
+            "tag with a comma",
+            "comma",
+            with(&|r| r.tags = vec!["a,b".into()]),
+        ),
+        (
+            "a thousand tags",
+            "at most 64",
+            with(&|r| r.tags = (0..1000).map(|i| format!("t{i}")).collect()),
+        ),
+        (
+            "path leaving the volume",
+            "..",
+            with(&|r| r.paths = vec!["../../etc".into()]),
+        ),
+        (
+            "overlapping paths",
+            "overlap",
+            with(&|r| r.paths = vec!["a".into(), "a/b".into()]),
+        ),
+        (
+            "relative snapshot path",
+            "snapshot",
+            with(&|r| r.snapshot_path = "data".into()),
+        ),
+        (
+            "invalid exclude glob",
+            "not a valid glob",
+            with(&|r| r.excludes = vec!["[".into()]),
+        ),
+        (
+            "an option running a command",
+            "not allowed",
+            with(&|r| {
+                r.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+                    extra_args: vec!["--password-command=sh -c id".into()],
+                    ..Default::default()
+                });
+            }),
+        ),
+        (
+            "unknown compression",
+            "compression",
+            with(&|r| {
+                r.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+                    compression: "zstd".into(),
+                    ..Default::default()
+                });
+            }),
+        ),
+        (
+            "volume name path",
+            "..",
+            with(&|r| r.volume.as_mut().unwrap().volume_name = "../../x".into()),
+        ),
+        (
+            "pod uid path",
+            "..",
+            with(&|r| r.volume.as_mut().unwrap().pod_uid = "../../etc".into()),
+        ),
+        (
+            "unknown restore mode",
+            "unknown restore mode",
+            restore(&|r| r.mode = 99),
+        ),
+        (
+            "snapshot id with a command",
+            "neither a snapshot id",
+            restore(&|r| r.snapshot_id = "abc; rm -rf /".into()),
+        ),
+        (
+            "oversized snapshot id",
+            "longer than",
+            restore(&|r| r.snapshot_id = "a".repeat(65)),
+        ),
+        (
+            "restore target leaving the volume",
+            "..",
+            restore(&|r| r.target_subpath = "../..".into()),
+        ),
+        (
+            "keep policy keeping nothing",
+            "keeps nothing",
+            forget(&|r| r.policy = Some(Default::default())),
+        ),
+        (
+            "unknown group",
+            "group_by",
+            forget(&|r| r.group_by = vec!["hostname".into()]),
+        ),
+        (
+            "forget tag with a comma",
+            "comma",
+            forget(&|r| r.tags = vec!["a,b".into()]),
+        ),
+        (
+            "garbled check subset",
+            "must look like",
+            Hostile::Check(pb::CheckRequest {
+                options: Some(options("hostile-check")),
+                repository: Some(repository(&repo)),
+                read_data_subset: "1/0x".into(),
+            }),
+        ),
+        (
+            "init without a repository",
+            "repository is required",
+            Hostile::Init(pb::RepositoryRequest {
+                options: Some(options("hostile-init")),
+                repository: None,
+            }),
+        ),
+    ];
+    ensure!(cases.len() >= 20);
+    let total = cases.len();
+    let mut wrong = Vec::new();
+    for (name, says, req) in cases {
+        match refusal(&mut client, req).await {
+            Some(s) if s.code() == tonic::Code::InvalidArgument && s.message().contains(says) => {}
+            Some(s) => wrong.push(format!(
+                "{name}: {:?} {:?} (expected {says:?})",
+                s.code(),
+                s.message()
+            )),
+            None => wrong.push(format!("{name}: accepted")),
+        }
+    }
+    ensure!(
+        wrong.is_empty(),
+        "{} of {total} cases:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    // Nothing ran, and the agent is still well.
+    ensure!(
+        client
+            .list_runs(pb::ListRunsRequest {})
+            .await?
+            .into_inner()
+            .runs
+            .is_empty()
+    );
+    Ok(())
+}

@@ -157,15 +157,20 @@ async fn local_repositories_are_refused_unless_the_node_allows_their_directory()
                 env: Default::default(),
             }),
         };
-        let (_, result) = collect(client.init(req).await?.into_inner()).await?;
+        // Refused before a run starts.
+        let refused = client
+            .init(req)
+            .await
+            .err()
+            .context("a local repository was accepted")?;
         ensure!(
-            result.failure == FailureKind::InvalidRequest as i32,
-            "{url}: {result:?}"
+            refused.code() == tonic::Code::InvalidArgument,
+            "{url}: {refused:?}"
         );
         ensure!(
-            result.reason.contains("--allow-local-repository-dir"),
+            refused.message().contains("--allow-local-repository-dir"),
             "{}",
-            result.reason
+            refused.message()
         );
     }
     ensure!(

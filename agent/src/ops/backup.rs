@@ -7,7 +7,9 @@ use std::sync::Arc;
 use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_event::Event};
 
-use super::{check_common, execute, failed, failure_of, set_failed_paths};
+use super::{
+    check_common, check_tags, check_text, check_texts, execute, failed, failure_of, set_failed_paths,
+};
 use crate::exec::{Executor, Invocation};
 use crate::restic;
 use crate::runs::Run;
@@ -33,6 +35,10 @@ pub fn prepare(req: pb::BackupRequest, host_path: PathBuf) -> Result<Prepared, S
             "host is required (the operator uses the ResticBackup's name and namespace by default)".into(),
         );
     }
+    check_text("host", &req.host, 253)?;
+    check_tags(&req.tags)?;
+    check_texts("paths", &req.paths, 64, 4096)?;
+    check_texts("excludes", &req.excludes, 256, 4096)?;
     restic::check_excludes(&req.excludes)?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
     let mut subpaths: Vec<PathBuf> = Vec::new();

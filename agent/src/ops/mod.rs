@@ -134,13 +134,58 @@ pub fn check_common(
     if repo.url.trim().is_empty() {
         return Err("repository.url is required".into());
     }
+    check_text("repository.url", &repo.url, 4096)?;
     if repo.password.is_empty() {
         return Err("repository.password is required".into());
     }
-    for name in repo.env.keys() {
+    // Any character may be in a password, but none can pass NUL through the environment.
+    if repo.password.len() > 4096 || repo.password.contains('\0') {
+        return Err("repository.password is longer than 4096 bytes or holds a NUL".into());
+    }
+    if repo.env.len() > 64 {
+        return Err(format!(
+            "repository.env has {} entries; at most 64",
+            repo.env.len()
+        ));
+    }
+    for (name, value) in &repo.env {
         restic::check_env_name(name)?;
+        if value.len() > 16 << 10 || value.contains('\0') {
+            return Err(format!(
+                "repository.env {name} is longer than 16 KiB or holds a NUL"
+            ));
+        }
     }
     Ok(())
+}
+
+/// A request's string that becomes one of restic's arguments: at most `max` bytes, with no
+/// control character (a NUL could not even be passed; a newline would forge log lines).
+pub fn check_text(what: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("{what} is {} bytes long; at most {max}", value.len()));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!("{what} holds the control character {c:?}"));
+    }
+    Ok(())
+}
+
+/// A list of request strings: at most `count` items of at most `max` bytes each.
+pub fn check_texts(what: &str, values: &[String], count: usize, max: usize) -> Result<(), String> {
+    if values.len() > count {
+        return Err(format!("{what} has {} items; at most {count}", values.len()));
+    }
+    values.iter().try_for_each(|v| check_text(what, v, max))
+}
+
+/// Snapshot tags: bounded plain text without the comma restic splits `--tag` values on.
+pub fn check_tags(tags: &[String]) -> Result<(), String> {
+    check_texts("tags", tags, 64, 253)?;
+    match tags.iter().find(|t| t.is_empty() || t.contains(',')) {
+        Some(t) => Err(format!("tag {t:?} is empty or holds a comma")),
+        None => Ok(()),
+    }
 }
 
 /// Each extra argument must be one allowed option of one of `commands` (see the args crate).

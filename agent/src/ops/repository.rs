@@ -9,7 +9,7 @@ use std::sync::Arc;
 use restic_operator_proto::v1::{self as pb, FailureKind, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, execute, failed, failure_of, succeeded};
+use super::{check_common, check_tags, check_text, execute, failed, failure_of, succeeded};
 use crate::exec::{Executor, Invocation, Output};
 use crate::restic;
 use crate::runs::Run;
@@ -94,6 +94,12 @@ pub fn prepare(
     match op {
         Op::Forget(req) => {
             restic::check_keep_policy(req.policy.as_ref())?;
+            check_text("host", &req.host, 253)?;
+            check_tags(&req.tags)?;
+            if let Some(policy) = &req.policy {
+                check_text("policy.within", &policy.within, 64)?;
+                check_tags(&policy.tags)?;
+            }
             for g in &req.group_by {
                 if !matches!(g.as_str(), "host" | "paths" | "tags") {
                     return Err(format!("group_by {g:?} is not one of host, paths, tags"));

@@ -8,7 +8,7 @@ use restic_operator_args as args;
 use restic_operator_proto::v1::{self as pb, Outcome, RestoreMode, RunKind, run_event::Event};
 
 use super::backup::display_command;
-use super::{check_common, execute, failure_of, set_failed_paths};
+use super::{check_common, check_tags, check_text, check_texts, execute, failure_of, set_failed_paths};
 use crate::exec::{Executor, Invocation};
 use crate::runs::Run;
 use crate::sandbox::{Access, VolumeBind};
@@ -33,6 +33,13 @@ pub fn prepare(req: pb::RestoreRequest, host_path: PathBuf) -> Result<Prepared, 
     )?;
     let subpath = volumes::relative(&req.target_subpath).map_err(|e| e.to_string())?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
+    check_text("host", &req.host, 253)?;
+    check_tags(&req.tags)?;
+    check_texts("include_paths", &req.include_paths, 256, 4096)?;
+    check_texts("exclude_paths", &req.exclude_paths, 256, 4096)?;
+    if req.snapshot_id.len() > 64 {
+        return Err("snapshot_id is longer than a snapshot id (64 hex digits)".into());
+    }
     if req.snapshot_id.is_empty() {
         return Err("snapshot_id is required (an id, or \"latest\" with host/tags)".into());
     }
