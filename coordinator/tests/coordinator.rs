@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use chrono::{Timelike, Utc};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -19,13 +19,9 @@ use restic_operator_e2e::fixtures::{make_tree, pseudo_random};
 use restic_operator_e2e::{eventually, unique_name};
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
-use support::{Node, ready_repository, restic_snapshots, wait_dispatched};
-
-fn backup_yaml(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-    )
-}
+use support::{
+    Node, backup_yaml, bound_claim, csi_mount, ready_repository, restic_snapshots, wait_dispatched,
+};
 
 async fn events(node: &Node, reason: &str) -> Result<Vec<Event>> {
     let all = Api::<Event>::namespaced(node.client.clone(), &node.ns)
@@ -1111,38 +1107,6 @@ async fn allow_namespace(node: &Node, repo: &str, ns: &str) -> Result<()> {
         )
         .await?;
     Ok(())
-}
-
-/// A PersistentVolume `pv` and a claim `data` in `ns` bound to it, mounted by no pod.
-async fn bound_claim(node: &Node, ns: &str, pv: &str) -> Result<()> {
-    let volume: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "csi": {"driver": "e2e.resticbackup.io", "volumeHandle": pv},
-                 "claimRef": {"namespace": ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
-    }))?;
-    Api::<PersistentVolume>::all(node.client.clone())
-        .create(&PostParams::default(), &volume)
-        .await?;
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": {"name": "data"},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv}
-    }))?;
-    Api::<PersistentVolumeClaim>::namespaced(node.client.clone(), ns)
-        .create(&PostParams::default(), &claim)
-        .await?;
-    Ok(())
-}
-
-/// The kubelet's directory of claim volume `pv` of pod `uid` on the test node.
-fn csi_mount(node: &Node, uid: &str, pv: &str) -> std::path::PathBuf {
-    node.agent()
-        .kubelet
-        .join("pods")
-        .join(uid)
-        .join("volumes/kubernetes.io~csi")
-        .join(pv)
-        .join("mount")
 }
 
 /// A ResticBackup `name` in namespace `ns` (server-side apply).

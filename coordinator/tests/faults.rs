@@ -13,10 +13,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use restic_operator_api::restore::RestorePhase;
 use restic_operator_e2e::eventually;
+use restic_operator_e2e::fixtures::assert_trees_equal;
 use restic_operator_e2e::fixtures::pseudo_random;
+use restic_operator_proto::v1 as pb;
 use serde_json::json;
-use support::{Node, ready_repository, restic_snapshots, wait_dispatched};
+use support::{
+    Node, backup_yaml, live_claim, ready_repository, restic_snapshots, restore_yaml, wait_dispatched,
+};
 use table::{Row, spread};
 
 /// The repeat count of a row: `default`, or `FAULT_REPEATS` when set lower.
@@ -276,6 +281,191 @@ async fn a_new_repository_whose_bucket_does_not_exist() -> Result<()> {
             ready.as_secs_f64()
         );
         Ok(opens && ready <= Duration::from_secs(30))
+    }
+    .await;
+    record(row, outcome)
+}
+
+/// A node with repository `main`, one successful backup `db` of pod `db-0`'s volume (1.5 MiB,
+/// three seconds to download at 512 KiB/s) and a running pod mounting claim `data`; returns
+/// the node, the repository, the backed-up volume and the claim's directory.
+async fn restorable(
+    test: &str,
+) -> Result<(
+    Node,
+    restic_operator_e2e::ResticRepo,
+    std::path::PathBuf,
+    std::path::PathBuf,
+)> {
+    let node = Node::start(test).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    fresh_data(&data, 0)?;
+    node.apply_yaml(&backup_yaml(
+        "db",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n",
+    ))
+    .await?;
+    node.trigger("db", "once").await?;
+    node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
+    let target = live_claim(&node).await?;
+    Ok((node, repo, data, target))
+}
+
+/// Applies restore `name` of backup `db` into `/<name>` of claim `data` (512 KiB/s when
+/// `slow`).
+async fn restore_into(node: &Node, name: &str, slow: bool) -> Result<()> {
+    let limit = if slow {
+        "\n  options: {extraArgs: ['--limit-download=512']}"
+    } else {
+        ""
+    };
+    node.apply_yaml(&restore_yaml(
+        name,
+        &format!("  backupRef: {{name: db}}\n  target: {{pvc: {{claimName: data, path: /{name}}}}}{limit}\n"),
+    ))
+    .await
+}
+
+/// The run id of restore `name` once it is in flight on the agent.
+async fn restore_in_flight(node: &Node, name: &str) -> Result<String> {
+    eventually("the restore in flight", Duration::from_secs(30), || async {
+        let s = node.restores().get(name).await?.status.unwrap_or_default();
+        Ok(match (s.active_run, s.progress) {
+            (Some(a), Some(_)) if a.node_name.is_some() => Some(a.run_id),
+            _ => None,
+        })
+    })
+    .await
+    .with_context(|| node.coordinator_log())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sigkilled_mid_restore() -> Result<()> {
+    let n = repeats(20);
+    let mut row = Row {
+        slug: "1b-coordinator-mid-restore",
+        fault: "coordinator SIGKILL mid-restore",
+        repeats: n,
+        must_hold: "each restore runs once and completes identical to the volume; status right ≤ 10 s after restart",
+        measured: String::new(),
+        held: true,
+    };
+    let outcome = async {
+        let (mut node, _, data, target) = restorable("fault-coord-restore").await?;
+        let (mut late, mut wrong, mut differ, mut resent) = (Vec::new(), Vec::new(), 0, 0);
+        for i in 0..n {
+            let name = format!("r-{i}");
+            restore_into(&node, &name, true).await?;
+            let run_id = restore_in_flight(&node, &name).await?;
+            node.coordinators[0].kill();
+            node.coordinators.clear();
+            let restarted = now_ms();
+            node.start_coordinator("coordinator-a").await?;
+            let s = node.wait_restored(&name, Duration::from_secs(90)).await?;
+            let seen = now_ms();
+            if s.phase != Some(RestorePhase::Completed) {
+                wrong.push(format!("{name}: {:?} {:?}", s.phase, s.message));
+            }
+            if assert_trees_equal(&data, &target.join(&name)).is_err() {
+                differ += 1;
+            }
+            let runs = node.agent_runs().await?;
+            let ended = runs
+                .iter()
+                .find(|r| r.run_id == run_id)
+                .map_or(seen, |r| r.finished_unix_ms);
+            late.push(Duration::from_millis((seen - restarted.max(ended)).max(0) as u64));
+            let restores = runs
+                .iter()
+                .filter(|r| r.kind == pb::RunKind::Restore as i32)
+                .count();
+            if restores != i + 1
+                || node.coordinators[0]
+                    .metric("restic_operator_dispatch_total{kind=\"restore\"}")
+                    .is_some()
+            {
+                resent += 1;
+            }
+        }
+        row.measured = format!(
+            "{} of {n} completed; trees differing {differ}; restores sent more than once {resent}; \
+             status right {} after restart or the run's end",
+            n - wrong.len(),
+            spread(late.clone())
+        );
+        let max = late.iter().max().copied().unwrap_or_default();
+        Ok(wrong.is_empty() && differ == 0 && resent == 0 && max <= Duration::from_secs(10))
+    }
+    .await;
+    record(row, outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkilled_mid_restore() -> Result<()> {
+    let n = repeats(20);
+    let mut row = Row {
+        slug: "2b-agent-mid-restore",
+        fault: "agent SIGKILL mid-restore",
+        repeats: n,
+        must_hold: "the restore ends Failed with a reason ≤ 30 s; the next restore completes; no dead restic's lock blocks prune",
+        measured: String::new(),
+        held: true,
+    };
+    let outcome = async {
+        let (mut node, repo, data, target) = restorable("fault-agent-restore").await?;
+        let (mut to_fail, mut wrong, mut next_failed, mut locks_left) = (Vec::new(), Vec::new(), 0, 0);
+        for i in 0..n {
+            let name = format!("k-{i}");
+            restore_into(&node, &name, true).await?;
+            restore_in_flight(&node, &name).await?;
+            let killed = Instant::now();
+            node.agent.as_mut().context("no agent")?.restart(false).await?;
+            let s = node.wait_restored(&name, Duration::from_secs(60)).await?;
+            to_fail.push(killed.elapsed());
+            if s.phase != Some(RestorePhase::Failed) || s.message.as_deref().is_none_or(str::is_empty) {
+                wrong.push(format!("{name}: {:?} {:?}", s.phase, s.message));
+            }
+            let next = format!("n-{i}");
+            restore_into(&node, &next, false).await?;
+            let s = node.wait_restored(&next, Duration::from_secs(60)).await?;
+            if s.phase != Some(RestorePhase::Completed)
+                || assert_trees_equal(&data, &target.join(&next)).is_err()
+            {
+                next_failed += 1;
+            }
+            let gone = eventually("no lock", Duration::from_secs(15), || async {
+                Ok(locks(&repo)?.is_empty().then_some(()))
+            })
+            .await;
+            if gone.is_err() {
+                locks_left += 1;
+            }
+        }
+        let pruned = repo
+            .restic()?
+            .args(["prune", "--retry-lock=1m"])
+            .output()?
+            .status
+            .success();
+        row.measured = format!(
+            "Failed with a reason {}; other endings {}; next restore failed or differed \
+             {next_failed}; repeats with a lock still there 15 s after the next restore \
+             {locks_left}; restic prune after all: {}",
+            spread(to_fail.clone()),
+            wrong.len(),
+            if pruned { "ran" } else { "refused" }
+        );
+        if let Some(w) = wrong.first() {
+            row.measured.push_str(&format!(" (first: {w})"));
+        }
+        let max = to_fail.iter().max().copied().unwrap_or_default();
+        Ok(wrong.is_empty()
+            && next_failed == 0
+            && locks_left == 0
+            && pruned
+            && max <= Duration::from_secs(30))
     }
     .await;
     record(row, outcome)

@@ -17,15 +17,11 @@ use restic_operator_e2e::fixtures::{
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
 
-use super::support::ready_repository;
-use super::support::{Node, restic_snapshots, runs};
-use super::{backup_yaml, bound_claim, csi_mount, events, finish_job_pod, wait_job};
-
-fn restore_yaml(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-    )
-}
+use super::support::{
+    Node, backup_yaml, bound_claim, csi_mount, live_claim, ready_repository, restic_snapshots, restore_yaml,
+    runs,
+};
+use super::{events, finish_job_pod, wait_job};
 
 /// The `Complete` condition's reason.
 fn complete_reason(s: &ResticRestoreStatus) -> Option<String> {
@@ -55,22 +51,6 @@ async fn backed_up(
     node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
     let snapshot = restic_snapshots(&repo)?.remove(0);
     Ok((node, data, snapshot))
-}
-
-/// A running pod `app-0` on the node that mounts claim `data` (bound to a PV of the test);
-/// returns the claim's directory under the pod.
-async fn live_claim(node: &Node) -> Result<std::path::PathBuf> {
-    let pv = format!("{}-pv", node.ns);
-    bound_claim(node, &node.ns, &pv).await?;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "app-0", "labels": {"app": "app"}},
-        "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "busybox"}],
-                 "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": "data"}}]}
-    }))?;
-    let uid = node.create_running_pod(pod, "10.1.0.20").await?;
-    let dir = csi_mount(node, &uid, &pv);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use restic_operator_api::backup::ResticBackup;
@@ -469,6 +469,68 @@ impl Node {
             .await?
             .items)
     }
+}
+
+/// A ResticBackup manifest.
+pub fn backup_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+    )
+}
+
+/// A ResticRestore manifest.
+pub fn restore_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRestore\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+    )
+}
+
+/// A PersistentVolume `pv` and a claim `data` in `ns` bound to it, mounted by no pod.
+pub async fn bound_claim(node: &Node, ns: &str, pv: &str) -> Result<()> {
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": "e2e.resticbackup.io", "volumeHandle": pv},
+                 "claimRef": {"namespace": ns, "name": "data"}, "persistentVolumeReclaimPolicy": "Retain"}
+    }))?;
+    Api::<PersistentVolume>::all(node.client.clone())
+        .create(&PostParams::default(), &volume)
+        .await?;
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}, "volumeName": pv}
+    }))?;
+    Api::<PersistentVolumeClaim>::namespaced(node.client.clone(), ns)
+        .create(&PostParams::default(), &claim)
+        .await?;
+    Ok(())
+}
+
+/// The kubelet's directory of claim volume `pv` of pod `uid` on the test node.
+pub fn csi_mount(node: &Node, uid: &str, pv: &str) -> PathBuf {
+    node.agent()
+        .kubelet
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~csi")
+        .join(pv)
+        .join("mount")
+}
+
+/// A running pod `app-0` on the node that mounts claim `data` (bound to a PV of the test);
+/// returns the claim's directory under the pod.
+pub async fn live_claim(node: &Node) -> Result<PathBuf> {
+    let pv = format!("{}-pv", node.ns);
+    bound_claim(node, &node.ns, &pv).await?;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "app-0", "labels": {"app": "app"}},
+        "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "busybox"}],
+                 "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": "data"}}]}
+    }))?;
+    let uid = node.create_running_pod(pod, "10.1.0.20").await?;
+    let dir = csi_mount(node, &uid, &pv);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// A ResticRepository on S3, initialized by the coordinator; returns its restic handle.
