@@ -204,7 +204,10 @@ impl Agents {
             .tls_config(tls)
             .map_err(AgentsError::Tls)?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
+            // A frozen or cut-off agent answers no ping: its runs' streams break after about
+            // 20 s, and their runs are reported as out of contact and attached to again.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .connect_lazy();
         let serving: Vec<String> = self.serving().into_iter().map(|a| a.address).collect();

@@ -71,7 +71,7 @@ impl Context {
         address: &str,
         run_id: &str,
         start: F,
-        on_event: &mut (dyn FnMut(&restic_operator_proto::v1::RunEvent) + Send),
+        on_event: &mut dyn crate::run::Follower,
     ) -> crate::run::Ended
     where
         F: FnOnce(restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,

@@ -9,6 +9,7 @@ use restic_operator_proto::v1::{self as pb, run_event::Event as RunEventKind};
 
 use crate::context::Context;
 use crate::repository::to_time;
+use crate::run::Follower;
 use crate::status::{RunStatus, WithStatus};
 
 /// Writes live progress to status, at most every `progress_interval`.
@@ -22,6 +23,8 @@ pub struct ProgressWriter<'a, K: WithStatus> {
     stage: Option<String>,
     last_write: Option<std::time::Instant>,
     pending: Option<tokio::task::JoinHandle<()>>,
+    /// Contact with the agent was lost and `Progressing` says so.
+    lost: bool,
 }
 
 impl<'a, K> ProgressWriter<'a, K>
@@ -41,10 +44,16 @@ where
             stage: None,
             last_write: None,
             pending: None,
+            lost: false,
         }
     }
 
     pub fn on_event(&mut self, event: &pb::RunEvent) {
+        if self.lost {
+            // The agent answers again.
+            self.lost = false;
+            self.spawn_contact(None);
+        }
         match &event.event {
             Some(RunEventKind::Progress(p)) => {
                 if !p.stage.is_empty() {
@@ -99,9 +108,45 @@ where
         })
     }
 
+    /// Writes whether the agent is out of contact into `Progressing`, beside the stream.
+    fn spawn_contact(&self, lost: Option<String>) {
+        let api = self.api.clone();
+        let name = self.name.clone();
+        let run_id = self.run_id.clone();
+        let writer = Arc::clone(&self.ctx.status);
+        let now = to_time(self.ctx.now());
+        tokio::spawn(async move {
+            let _ = writer
+                .update(&api, &name, |_, s| {
+                    if s.active_run().is_some_and(|a| a.run_id == run_id) {
+                        s.set_contact(lost.as_deref(), now.clone());
+                    }
+                })
+                .await;
+        });
+    }
+
     pub async fn flush(&mut self) {
         if let Some(h) = self.pending.take() {
             let _ = h.await;
+        }
+    }
+}
+
+impl<K> Follower for ProgressWriter<'_, K>
+where
+    K: WithStatus + Send + Sync + 'static,
+    K::Status: RunStatus + Send,
+{
+    fn on_event(&mut self, event: &pb::RunEvent) {
+        ProgressWriter::on_event(self, event)
+    }
+
+    fn on_lost(&mut self, why: &str) {
+        if !self.lost {
+            self.lost = true;
+            tracing::warn!(run_id = %self.run_id, %why, "no answer from the run's agent");
+            self.spawn_contact(Some(why.to_owned()));
         }
     }
 }

@@ -58,11 +58,36 @@ impl Ended {
     }
 }
 
+/// What follows a run: its events, and contact with its agent lost and found again.
+pub trait Follower: Send {
+    fn on_event(&mut self, event: &pb::RunEvent);
+    /// The stream of the run broke (`why`) and the agent is being asked again; the next
+    /// event means it answers.
+    fn on_lost(&mut self, _why: &str) {}
+}
+
+impl<F: FnMut(&pb::RunEvent) + Send> Follower for F {
+    fn on_event(&mut self, event: &pb::RunEvent) {
+        self(event)
+    }
+}
+
+/// Follows a run for its result only (repository operations show no progress).
+pub struct Quiet;
+
+impl Follower for Quiet {
+    fn on_event(&mut self, _: &pb::RunEvent) {}
+}
+
+/// How long asking an agent to attach may take before it counts as not answering (a frozen
+/// agent still accepts connections; nothing else would end the wait).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Reads `stream` to its end, calling `on_event` for progress and warnings. `None` when the
 /// stream broke before a result.
 pub async fn follow(
     mut stream: tonic::Streaming<pb::RunEvent>,
-    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+    on_event: &mut dyn Follower,
 ) -> Result<pb::Result, CallError> {
     loop {
         match stream.next().await {
@@ -70,7 +95,7 @@ pub async fn follow(
                 if let Some(Event::Result(result)) = &event.event {
                     return Ok(result.clone());
                 }
-                on_event(&event);
+                on_event.on_event(&event);
             }
             Some(Err(status)) => return Err(unavailable(&status)),
             None => {
@@ -89,7 +114,7 @@ pub async fn drive<F, Fut>(
     run_id: &str,
     lost_after: Duration,
     start: F,
-    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+    on_event: &mut dyn Follower,
 ) -> Ended
 where
     F: FnOnce(restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
@@ -124,6 +149,7 @@ where
         Ok(result) => return Ended::Result(Box::new(result)),
         Err(e) => e.to_string(),
     };
+    on_event.on_lost(&last_error);
     let deadline = tokio::time::Instant::now() + lost_after;
     let mut wait = Duration::from_millis(500);
     while tokio::time::Instant::now() < deadline {
@@ -146,14 +172,18 @@ where
 pub async fn attach(
     client: &mut restic_operator_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
     run_id: &str,
-    on_event: &mut (dyn FnMut(&pb::RunEvent) + Send),
+    on_event: &mut dyn Follower,
 ) -> Ended {
-    match client
-        .attach(pb::AttachRequest {
-            run_id: run_id.to_owned(),
-        })
-        .await
-    {
+    let request = pb::AttachRequest {
+        run_id: run_id.to_owned(),
+    };
+    let Ok(answer) = tokio::time::timeout(ATTACH_TIMEOUT, client.attach(request)).await else {
+        return Ended::Unavailable(format!(
+            "the agent did not answer within {}s",
+            ATTACH_TIMEOUT.as_secs()
+        ));
+    };
+    match answer {
         Ok(r) => match follow(r.into_inner(), on_event).await {
             Ok(result) => Ended::Result(Box::new(result)),
             Err(e) => Ended::Unavailable(e.to_string()),

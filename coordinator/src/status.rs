@@ -5,10 +5,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use restic_operator_api::backup::{ResticBackup, ResticBackupStatus};
-use restic_operator_api::common::{ActiveRun, Progress};
+use restic_operator_api::common::{
+    ActiveRun, Condition, ConditionStatus, Progress, condition_types as ct, find_condition, reasons,
+    set_condition,
+};
 use restic_operator_api::repository::{ResticRepository, ResticRepositoryStatus};
 use restic_operator_api::restore::{ResticRestore, ResticRestoreStatus};
 use restic_operator_api::retention::{GlobalRetentionPolicy, GlobalRetentionPolicyStatus};
@@ -48,6 +52,38 @@ impl WithStatus for ResticRestore {
 pub trait RunStatus {
     fn active_run(&self) -> Option<&ActiveRun>;
     fn set_progress(&mut self, progress: Option<Progress>);
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    /// The `Progressing` reason of a run in flight.
+    fn running(&self) -> &'static str;
+
+    /// `Progressing` of the run in flight (pure): `Unknown` with reason `AgentUnavailable`
+    /// while its agent is out of contact (`lost` says why), back to running when it answers.
+    fn set_contact(&mut self, lost: Option<&str>, now: Time) {
+        let Some(run_id) = self.active_run().map(|a| a.run_id.clone()) else {
+            return;
+        };
+        let generation =
+            find_condition(self.conditions_mut(), ct::PROGRESSING).and_then(|c| c.observed_generation);
+        let c = match lost {
+            Some(why) => Condition::new(
+                ct::PROGRESSING,
+                ConditionStatus::Unknown,
+                reasons::AGENT_UNAVAILABLE,
+                format!("Run {run_id}: no answer from its agent ({why}); asking it again"),
+                generation,
+                now,
+            ),
+            None => Condition::new(
+                ct::PROGRESSING,
+                true,
+                self.running(),
+                format!("Run {run_id}: its agent answers again"),
+                generation,
+                now,
+            ),
+        };
+        set_condition(self.conditions_mut(), c);
+    }
 }
 
 impl RunStatus for ResticBackupStatus {
@@ -57,6 +93,12 @@ impl RunStatus for ResticBackupStatus {
     fn set_progress(&mut self, progress: Option<Progress>) {
         self.progress = progress;
     }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn running(&self) -> &'static str {
+        reasons::BACKUP_RUNNING
+    }
 }
 
 impl RunStatus for ResticRestoreStatus {
@@ -65,6 +107,12 @@ impl RunStatus for ResticRestoreStatus {
     }
     fn set_progress(&mut self, progress: Option<Progress>) {
         self.progress = progress;
+    }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn running(&self) -> &'static str {
+        reasons::RESTORE_IN_PROGRESS
     }
 }
 
@@ -179,4 +227,32 @@ pub fn key_of<K: Resource>(object: &K) -> String {
         object.meta().namespace.as_deref().unwrap_or_default(),
         object.meta().name.as_deref().unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_whose_agent_is_out_of_contact_says_so_in_progressing_until_it_answers() {
+        let mut s: ResticBackupStatus = serde_yaml::from_str(
+            "activeRun: {runID: r1}\nconditions: [{type: Progressing, status: 'True', reason: BackupRunning, observedGeneration: 3}]",
+        )
+        .unwrap();
+        let now = crate::repository::to_time(chrono::Utc::now());
+        s.set_contact(Some("the connection broke"), now.clone());
+        let c = find_condition(&s.conditions, ct::PROGRESSING).unwrap();
+        assert_eq!(c.status, ConditionStatus::Unknown);
+        assert_eq!(c.reason.as_deref(), Some(reasons::AGENT_UNAVAILABLE));
+        assert!(c.message.as_deref().unwrap().contains("the connection broke"));
+        assert_eq!(c.observed_generation, Some(3));
+        s.set_contact(None, now.clone());
+        let c = find_condition(&s.conditions, ct::PROGRESSING).unwrap();
+        assert!(c.is_true());
+        assert_eq!(c.reason.as_deref(), Some(reasons::BACKUP_RUNNING));
+        // No run in flight: nothing to say.
+        let mut idle = ResticRestoreStatus::default();
+        idle.set_contact(Some("x"), now);
+        assert!(idle.conditions.is_empty());
+    }
 }

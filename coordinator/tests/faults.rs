@@ -470,3 +470,105 @@ async fn agent_sigkilled_mid_restore() -> Result<()> {
     .await;
     record(row, outcome)
 }
+
+/// What one freeze of the agent showed.
+struct Frozen {
+    /// Said while the agent was frozen (a condition's reason and message), if anything.
+    reported: Option<String>,
+    /// How the run ended after the agent was thawed, and after how long.
+    ended: String,
+    after: Duration,
+    clean: bool,
+    /// Backup runs the agent saw for this backup (1: nothing was started twice).
+    runs: usize,
+    snapshots: usize,
+}
+
+/// Freezes the agent (SIGSTOP) for `freeze` in the middle of a backup, then thaws it.
+async fn frozen_once(i: usize, freeze: Duration) -> Result<Frozen> {
+    // The default time to give up on an agent (2 minutes), not the tests' 30 s.
+    let flags = ["--agent-lost-timeout=2m".to_string()];
+    let node = Node::start_with(&format!("fault-frozen-{i}"), &[], &flags).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    fresh_data(&data, i)?;
+    node.apply_yaml(SLOW_BACKUP).await?;
+    node.trigger("db", "frozen").await?;
+    wait_dispatched(&node, "db").await?;
+    let pid = node.agent().process.child.id().to_string();
+    let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status();
+    signal("-STOP")?;
+    let frozen = Instant::now();
+    let mut reported = None;
+    while frozen.elapsed() < freeze {
+        if reported.is_none() {
+            let b = node.backups().get("db").await?;
+            let s = b.status.unwrap_or_default();
+            reported = s
+                .conditions
+                .iter()
+                .find(|c| c.reason.as_deref() == Some("AgentUnavailable"))
+                .map(|c| format!("{}: {}", c.type_, c.message.clone().unwrap_or_default()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    signal("-CONT")?;
+    let thawed = Instant::now();
+    let done = node.wait_finished("db", 0, Duration::from_secs(120)).await?;
+    let after = thawed.elapsed();
+    let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
+    let result = last.result.map(|r| r.to_string()).unwrap_or_default();
+    let runs = node
+        .agent_runs()
+        .await?
+        .into_iter()
+        .filter(|r| r.kind == pb::RunKind::Backup as i32)
+        .count();
+    let snapshots = restic_snapshots(&repo)?.len();
+    let clean = match result.as_str() {
+        "Succeeded" => snapshots == 1 && last.snapshot_id.is_some(),
+        "Failed" => last.message.as_deref().is_some_and(|m| !m.is_empty()),
+        _ => false,
+    };
+    Ok(Frozen {
+        reported,
+        ended: format!("{result} ({})", last.message.unwrap_or_default()),
+        after,
+        clean,
+        runs,
+        snapshots,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_frozen_mid_backup() -> Result<()> {
+    let n = repeats(5);
+    let freeze = Duration::from_secs(60);
+    let mut row = Row {
+        slug: "3-agent-frozen",
+        fault: "agent frozen (SIGSTOP 60 s, then SIGCONT) mid-backup",
+        repeats: n,
+        must_hold: "AgentUnavailable reported; no second run for the id; re-attaches or fails cleanly after",
+        measured: String::new(),
+        held: true,
+    };
+    let outcome = async {
+        // The repeats freeze agents of their own nodes at the same time.
+        let all = futures::future::join_all((0..n).map(|i| frozen_once(i, freeze))).await;
+        let all: Vec<Frozen> = all.into_iter().collect::<Result<_>>()?;
+        let reported = all.iter().filter(|f| f.reported.is_some()).count();
+        let twice = all.iter().filter(|f| f.runs != 1).count();
+        let clean = all.iter().filter(|f| f.clean).count();
+        row.measured = format!(
+            "AgentUnavailable reported in {reported} of {n} (e.g. {:?}); runs started twice {twice}; \
+             ended cleanly {clean} of {n}, {} after the thaw: {:?}; snapshots {:?}",
+            all.iter().find_map(|f| f.reported.clone()).unwrap_or_default(),
+            spread(all.iter().map(|f| f.after).collect()),
+            all.iter().map(|f| f.ended.clone()).collect::<Vec<_>>(),
+            all.iter().map(|f| f.snapshots).collect::<Vec<_>>(),
+        );
+        Ok(reported == n && twice == 0 && clean == n)
+    }
+    .await;
+    record(row, outcome)
+}

@@ -132,7 +132,7 @@ async fn apply_retention(
             &agent.address,
             &forget_id,
             |mut c| async move { c.forget(request).await },
-            &mut |_| {},
+            &mut crate::run::Quiet,
         )
         .await;
     Ok(ended.succeeded()?.forget.unwrap_or_default())

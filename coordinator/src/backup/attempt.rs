@@ -223,7 +223,7 @@ async fn send(
             address,
             &run_id,
             |mut c| async move { c.backup(request).await },
-            &mut |e| progress.on_event(e),
+            &mut progress,
         )
         .await;
     progress.flush().await;

@@ -115,7 +115,7 @@ pub async fn find(
             address,
             &lookup_id,
             |mut c| async move { c.snapshots(request).await },
-            &mut |_| {},
+            &mut crate::run::Quiet,
         )
         .await;
     let previous = backup

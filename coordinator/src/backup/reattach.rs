@@ -39,7 +39,7 @@ pub(super) async fn reattach(
                 Ok(mut client) => {
                     let mut progress = ProgressWriter::new(ctx, api, backup, active);
                     let run_id = agent_run_id(active);
-                    let ended = run::attach(&mut client, &run_id, &mut |e| progress.on_event(e)).await;
+                    let ended = run::attach(&mut client, &run_id, &mut progress).await;
                     progress.flush().await;
                     ended
                 }

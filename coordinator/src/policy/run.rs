@@ -226,7 +226,7 @@ async fn dispatch_forget(
             &agent.address,
             &run_id,
             |mut c| async move { c.forget(request).await },
-            &mut |_| {},
+            &mut crate::run::Quiet,
         )
         .await;
     Ok(ended.succeeded()?.forget.unwrap_or_default())

@@ -120,7 +120,7 @@ pub(super) async fn integrity_check(
             &agent.address,
             &run_id,
             |mut c| async move { c.check(request).await },
-            &mut |_| {},
+            &mut crate::run::Quiet,
         )
         .await
         .succeeded();

@@ -209,7 +209,7 @@ pub(crate) async fn call(
             Kind::Prune => c.prune(request).await,
         }
     };
-    ctx.dispatch(kind.as_str(), address, &run_id, send, &mut |_| {})
+    ctx.dispatch(kind.as_str(), address, &run_id, send, &mut crate::run::Quiet)
         .await
         .succeeded()
 }

@@ -265,7 +265,7 @@ async fn snapshot(
             &agent.address,
             &id,
             |mut c| async move { c.snapshots(request).await },
-            &mut |_| {},
+            &mut crate::run::Quiet,
         )
         .await;
     let listed = ended.succeeded().map_err(|e| {
@@ -436,7 +436,7 @@ async fn restore_on_agent(
             &agent.address,
             &active.run_id,
             |mut c| async move { c.restore(request).await },
-            &mut |e| progress.on_event(e),
+            &mut progress,
         )
         .await;
     progress.flush().await;
@@ -464,9 +464,7 @@ async fn reattach(
     };
     let mut progress = ProgressWriter::new(ctx, api, restore, active);
     let ended = match ctx.agents.client(&agent.address) {
-        Ok(mut client) => {
-            crate::run::attach(&mut client, &active.run_id, &mut |e| progress.on_event(e)).await
-        }
+        Ok(mut client) => crate::run::attach(&mut client, &active.run_id, &mut progress).await,
         Err(e) => Ended::Unavailable(e.to_string()),
     };
     progress.flush().await;
