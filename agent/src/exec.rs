@@ -53,7 +53,15 @@ pub enum ExecError {
     /// The agent could not start the sandbox.
     #[error("{0:#}")]
     Start(#[from] anyhow::Error),
+    /// The agent's state directory, where restic keeps its temporary packs and its cache, is
+    /// (nearly) full.
+    #[error("{0}")]
+    NoSpace(String),
 }
+
+/// Free space a run needs in the agent's state directory: restic writes a few packs (16 MiB
+/// each by default) there before uploading them.
+pub const MIN_FREE_BYTES: u64 = 64 << 20;
 
 /// One restic invocation.
 pub struct Invocation<'a> {
@@ -105,9 +113,18 @@ impl Executor {
     pub async fn run(&self, inv: Invocation<'_>) -> Result<Output, ExecError> {
         let backend =
             restic::check_repository_url(&inv.repo.url, &self.repositories).map_err(ExecError::Refused)?;
+        self.check_space()?;
         self.clear_dead_locks(&inv, &backend).await;
         let hostname = locks::host_of(&inv.run.id);
         let out = self.run_checked(&inv, &backend, &hostname, 0).await?;
+        if out
+            .stderr
+            .to_ascii_lowercase()
+            .contains("no space left on device")
+        {
+            // The disk filled up while restic ran (the volume itself is only read).
+            self.check_space()?;
+        }
         if out.signal.is_some() {
             // Killed, so restic could not remove its lock.
             self.dead_runs.record(&DeadRun {
@@ -118,6 +135,26 @@ impl Executor {
             self.clear_dead_locks(&inv, &backend).await;
         }
         Ok(out)
+    }
+
+    /// Refuses to start restic when the state directory has less than [`MIN_FREE_BYTES`]
+    /// free, with a reason that names it.
+    fn check_space(&self) -> Result<(), ExecError> {
+        let Ok(fs) = nix::sys::statvfs::statvfs(&self.state_dir) else {
+            return Ok(());
+        };
+        let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+        if free >= MIN_FREE_BYTES {
+            return Ok(());
+        }
+        Err(ExecError::NoSpace(format!(
+            "the agent's state directory {} is full: {} MiB free, and restic needs at least {} MiB \
+             there for its temporary packs and cache; free space on that disk (or give the agent \
+             a larger one)",
+            self.state_dir.display(),
+            free >> 20,
+            MIN_FREE_BYTES >> 20
+        )))
     }
 
     /// Removes the locks that killed runs left in `inv`'s repository (see [`crate::locks`]),

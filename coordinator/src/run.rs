@@ -213,7 +213,9 @@ pub fn describe_failure(result: &pb::Result) -> String {
         pb::FailureKind::OutOfMemory => "restic ran out of memory",
         pb::FailureKind::InvalidRequest => "invalid request",
         pb::FailureKind::RepositoryExists => "repository already exists",
-        pb::FailureKind::Restic | pb::FailureKind::Unspecified => "restic failed",
+        pb::FailureKind::Restic => "restic failed",
+        // The agent's own trouble (starting restic, its disk), or an agent too old to say.
+        pb::FailureKind::Unspecified => "the run failed",
     };
     if result.reason.is_empty() {
         what.to_owned()

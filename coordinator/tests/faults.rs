@@ -572,3 +572,86 @@ async fn agent_frozen_mid_backup() -> Result<()> {
     .await;
     record(row, outcome)
 }
+
+/// A small file system mounted over a directory for the length of a test.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_state_disk_full() -> Result<()> {
+    let mut row = Row {
+        slug: "8-state-disk-full",
+        fault: "the agent's state disk full",
+        repeats: 1,
+        must_hold: "runs fail with a reason naming the disk; the agent stays healthy; recovers when space returns",
+        measured: String::new(),
+        held: true,
+    };
+    let outcome = async {
+        let node = Node::start("fault-disk").await?;
+        ready_repository(&node, "main").await?;
+        let (_, data) = node.app_pod("db-0", "db", "data").await?;
+        fresh_data(&data, 0)?;
+        node.apply_yaml(&backup_yaml(
+            "db",
+            "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+             source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n",
+        ))
+        .await?;
+        // The state directory on a 96 MiB disk of its own, then filled.
+        let state = node.agent().state_dir().to_path_buf();
+        let _disk = SmallDisk::mount(&state, "96m")?;
+        let filler = state.join("filler");
+        std::fs::write(&filler, vec![1u8; 90 << 20])?;
+        node.trigger("db", "full").await?;
+        let failed = node.wait_finished("db", 0, Duration::from_secs(60)).await?;
+        let last = failed
+            .status
+            .and_then(|s| s.last_backup)
+            .context("no lastBackup")?;
+        let message = last.message.clone().unwrap_or_default();
+        let named = last.result.map(|r| r.to_string()).as_deref() == Some("Failed")
+            && message.contains("state directory")
+            && message.contains(&state.display().to_string());
+        // Still serving: it lists its runs.
+        let healthy = node.agent_runs().await.is_ok();
+        std::fs::remove_file(&filler)?;
+        node.trigger("db", "room-again").await?;
+        let recovered = node
+            .wait_succeeded("db", 1, Duration::from_secs(60))
+            .await
+            .is_ok();
+        let shown = message.split(" is full").next().unwrap_or_default().to_owned();
+        row.measured = format!(
+            "Failed naming the state directory: {named} (\"{shown} is full ...\"); agent answering: \
+             {healthy}; next run after freeing space succeeded: {recovered}"
+        );
+        Ok(named && healthy && recovered)
+    }
+    .await;
+    record(row, outcome)
+}

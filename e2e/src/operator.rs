@@ -230,6 +230,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Its `--state-dir`.
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
     /// Copies the agent certificate Secret of `namespace` into the agent's files again, as the
     /// kubelet does some time after the Secret changed.
     pub async fn refresh_tls(&self, client: &Client, namespace: &str) -> Result<()> {

@@ -210,5 +210,6 @@ pub async fn execute(exec: &Executor, inv: Invocation<'_>) -> Result<Output, pb:
     exec.run(inv).await.map_err(|e| match e {
         ExecError::Refused(reason) => failed(FailureKind::InvalidRequest, reason),
         ExecError::Start(e) => failed(FailureKind::Unspecified, format!("cannot start restic: {e:#}")),
+        ExecError::NoSpace(reason) => failed(FailureKind::Unspecified, reason),
     })
 }

@@ -191,6 +191,7 @@ mod tests {
         let mut s = ResticRepositoryStatus::default();
         let failed = Err(CallError::Failed(Box::new(pb::Result {
             outcome: pb::Outcome::Failed as i32,
+            failure: pb::FailureKind::Restic as i32,
             reason: "pack 1f2e is damaged".into(),
             ..Default::default()
         })));
