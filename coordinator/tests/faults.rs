@@ -655,3 +655,137 @@ async fn the_agents_state_disk_full() -> Result<()> {
     .await;
     record(row, outcome)
 }
+
+/// Resident memory of process `root` and all its descendants, in bytes.
+fn tree_rss(root: u32) -> u64 {
+    let mut parent = std::collections::HashMap::new();
+    let mut rss = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let Some(ppid) = field("PPid:") {
+            parent.insert(pid, ppid as u32);
+        }
+        rss.insert(pid, field("VmRSS:").unwrap_or(0) << 10);
+    }
+    let under = |mut pid: u32| {
+        while pid > 1 {
+            if pid == root {
+                return true;
+            }
+            pid = parent.get(&pid).copied().unwrap_or(0);
+        }
+        false
+    };
+    rss.iter().filter(|(pid, _)| under(**pid)).map(|(_, r)| r).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_backups_due_at_once_on_one_node() -> Result<()> {
+    const BACKUPS: usize = 50;
+    // The agent's defaults: 2 runs at once, each restic limited to 1 GiB.
+    const CONCURRENT: u64 = 2;
+    const PER_RUN: u64 = 1 << 30;
+    let rounds = repeats(3);
+    let mut row = Row {
+        slug: "7-fifty-due-at-once",
+        fault: "50 backups due at once on one node (agent defaults: 2 at once, 1 GiB per restic)",
+        repeats: rounds,
+        must_hold: "all complete; agent + restic memory under the cap; none lost or duplicated",
+        measured: String::new(),
+        held: true,
+    };
+    let outcome = async {
+        let node = Node::start("fault-fifty").await?;
+        let repo = ready_repository(&node, "main").await?;
+        let mut volumes = Vec::new();
+        for i in 0..BACKUPS {
+            let (_, dir) = node.app_pod(&format!("app-{i}"), &format!("a{i}"), "data").await?;
+            node.apply_yaml(&backup_yaml(
+                &format!("b{i}"),
+                &format!(
+                    "  repositoryRef: {{name: main}}\n  schedule: '@yearly'\n  \
+                     source: {{podVolumeBackup: {{selector: {{matchLabels: {{app: a{i}}}}}, volumeName: data}}}}\n"
+                ),
+            ))
+            .await?;
+            volumes.push(dir);
+        }
+        let agent_pid = node.agent().process.child.id();
+        let cap = 64 * (1 << 20) + CONCURRENT * PER_RUN;
+        let (mut took, mut peak, mut wrong) = (Vec::new(), 0u64, Vec::new());
+        for round in 0..rounds {
+            for (i, dir) in volumes.iter().enumerate() {
+                std::fs::write(dir.join(format!("round-{round}")), pseudo_random(64 << 10, (i * 10 + round) as u64))?;
+            }
+            let started = Instant::now();
+            for i in 0..BACKUPS {
+                node.trigger(&format!("b{i}"), &format!("round-{round}")).await?;
+            }
+            let api = node.backups();
+            loop {
+                peak = peak.max(tree_rss(agent_pid));
+                let list = api.list(&Default::default()).await?.items;
+                let done = list
+                    .iter()
+                    .filter(|b| {
+                        let s = b.status.clone().unwrap_or_default();
+                        s.active_run.is_none()
+                            && s.statistics.and_then(|t| t.total_backups).unwrap_or(0) > round as i64
+                    })
+                    .count();
+                if done == BACKUPS {
+                    for b in &list {
+                        let last = b.status.clone().and_then(|s| s.last_backup);
+                        let ok = last
+                            .as_ref()
+                            .and_then(|l| l.result.map(|r| r.to_string()))
+                            .as_deref()
+                            == Some("Succeeded");
+                        if !ok {
+                            wrong.push(format!("{:?}: {last:?}", b.metadata.name));
+                        }
+                    }
+                    break;
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "round {round}: {done} of {BACKUPS} done after 5 minutes"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            took.push(started.elapsed());
+        }
+        // Exactly one snapshot per backup and round.
+        let snapshots = restic_snapshots(&repo)?;
+        let mut per_host: std::collections::HashMap<String, usize> = Default::default();
+        for s in &snapshots {
+            *per_host.entry(s["hostname"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+        }
+        let exact = per_host.len() == BACKUPS && per_host.values().all(|n| *n == rounds);
+        row.measured = format!(
+            "all {BACKUPS} done in {} per round; {} snapshots, {} hosts, each with one per round: {exact}; \
+             failed runs {}; agent + restic peak {} MiB of a {} MiB cap",
+            spread(took),
+            snapshots.len(),
+            per_host.len(),
+            wrong.len(),
+            peak >> 20,
+            cap >> 20
+        );
+        Ok(exact && wrong.is_empty() && peak <= cap)
+    }
+    .await;
+    record(row, outcome)
+}
