@@ -55,13 +55,31 @@ fn admission_errors(object: &Value) -> Vec<String> {
     openapi_errors(&schema, object, "", &mut errors);
     if let Err(cel) = Validator::new().validate(&schema, object, None) {
         for e in cel.iter() {
+            // As the API server prints it: the type of the value the rule is on.
+            let kind = value_at(object, &e.field_path).map_or("object", type_name);
             errors.push(format!(
-                "{}: Invalid value: \"object\": {}",
+                "{}: Invalid value: \"{kind}\": {}",
                 e.field_path, e.message
             ));
         }
     }
     errors
+}
+
+/// The value at a field path such as `spec.hooks.preBackup` or `spec.policies[0].retention`.
+fn value_at<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut at = object;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, index) = match part.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        at = at.get(name)?;
+        if let Some(i) = index {
+            at = at.get(i)?;
+        }
+    }
+    Some(at)
 }
 
 fn type_name(value: &Value) -> &'static str {
