@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::cgroup::Cgroups;
-use crate::locks::{self, DeadRun, DeadRuns};
+use crate::locks::{self, Holder, Holders};
 use crate::restic::{self, Backend, ErrorMessage, Message, RepositoryPolicy, Summary};
 use crate::runs::Run;
 use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, Spec, VolumeBind};
@@ -38,9 +38,11 @@ pub struct Executor {
     pub progress_interval: Duration,
     /// Which repositories besides remote ones this node allows.
     pub repositories: RepositoryPolicy,
-    /// Runs whose restic was killed and may have left locks behind.
-    pub dead_runs: DeadRuns,
-    /// Held while the locks of dead runs are removed, so each is removed once.
+    /// restic processes that may hold locks: running, or killed (see [`crate::locks`]).
+    pub holders: Holders,
+    /// The host names of the restic processes running now, whose locks are live.
+    pub live: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Held while the locks of dead processes are removed, so each is removed once.
     pub clearing: tokio::sync::Mutex<()>,
 }
 
@@ -115,8 +117,32 @@ impl Executor {
             restic::check_repository_url(&inv.repo.url, &self.repositories).map_err(ExecError::Refused)?;
         self.check_space()?;
         self.clear_dead_locks(&inv, &backend).await;
-        let hostname = locks::host_of(&inv.run.id);
-        let out = self.run_checked(&inv, &backend, &hostname, 0).await?;
+        // Recorded before it starts, under a host name never used before: if it dies holding a
+        // lock, even with the agent, the next call finds exactly its locks.
+        let holder = Holder {
+            run_id: inv.run.id.clone(),
+            repository_url: inv.repo.url.clone(),
+            hostname: locks::fresh_host(),
+        };
+        self.holders.record(&holder).map_err(|e| {
+            ExecError::Start(anyhow::anyhow!(
+                "record the restic process on the state disk: {e}"
+            ))
+        })?;
+        self.live.lock().expect("live").insert(holder.hostname.clone());
+        let out = self
+            .run_checked(&inv, &backend, &holder.hostname, 0, &inv.run.cancel)
+            .await;
+        // kill_on_drop and the sandbox's lifeline: the process is gone now, whatever happened.
+        self.live.lock().expect("live").remove(&holder.hostname);
+        match &out {
+            Ok(o) if !restic::released_its_lock(o.exit_code, o.signal) => {
+                let _ = self.holders.record(&holder);
+                self.clear_dead_locks(&inv, &backend).await;
+            }
+            _ => self.holders.cleared(&holder.hostname),
+        }
+        let out = out?;
         if out
             .stderr
             .to_ascii_lowercase()
@@ -124,15 +150,6 @@ impl Executor {
         {
             // The disk filled up while restic ran (the volume itself is only read).
             self.check_space()?;
-        }
-        if out.signal.is_some() {
-            // Killed, so restic could not remove its lock.
-            self.dead_runs.record(&DeadRun {
-                run_id: inv.run.id.clone(),
-                repository_url: inv.repo.url.clone(),
-                hostname,
-            });
-            self.clear_dead_locks(&inv, &backend).await;
         }
         Ok(out)
     }
@@ -162,11 +179,17 @@ impl Executor {
     /// keeps the record for the next call; the operation itself goes ahead either way, and
     /// restic reports a lock that is still in its way.
     async fn clear_dead_locks(&self, inv: &Invocation<'_>, backend: &Backend) {
-        if self.dead_runs.of_repository(&inv.repo.url).is_empty() {
+        let dead = || {
+            let live = self.live.lock().expect("live").clone();
+            let mut all = self.holders.of_repository(&inv.repo.url);
+            all.retain(|h| !live.contains(&h.hostname));
+            all
+        };
+        if dead().is_empty() {
             return;
         }
         let _one_at_a_time = self.clearing.lock().await;
-        for dead in self.dead_runs.of_repository(&inv.repo.url) {
+        for dead in dead() {
             let mut args = vec!["unlock".to_string()];
             if let Some(o) = &inv.options.restic {
                 args.extend(
@@ -176,11 +199,13 @@ impl Executor {
                         .cloned(),
                 );
             }
-            // Not the run's own limits: a run killed for its memory limit must not fail here
-            // for the same reason.
+            // Not the run's own limits (a run killed for its memory limit must not fail here
+            // for the same reason), and as root, whoever the dead process ran as.
             let options = pb::RunOptions {
                 memory_limit_bytes: 0,
-                timeout_seconds: 300,
+                timeout_seconds: 60,
+                run_as_user: None,
+                run_as_group: None,
                 ..inv.options.clone()
             };
             let unlock = Invocation {
@@ -193,9 +218,14 @@ impl Executor {
                 stream: false,
                 step: "unlock-dead",
             };
-            match self.run_checked(&unlock, backend, &dead.hostname, 1).await {
+            // Not the run's cancel: a run cancelled and then killed still gets its locks removed.
+            let never = tokio_util::sync::CancellationToken::new();
+            match self
+                .run_checked(&unlock, backend, &dead.hostname, 1, &never)
+                .await
+            {
                 Ok(out) if out.success() => {
-                    self.dead_runs.cleared(&dead.hostname);
+                    self.holders.cleared(&dead.hostname);
                     tracing::info!(run_id = %inv.run.id, dead_run = %dead.run_id, "removed the locks of a killed restic");
                     inv.run.emit(Event::Log(pb::LogLine {
                         line: format!(
@@ -214,14 +244,15 @@ impl Executor {
         }
     }
 
-    /// Runs `inv` as the restic of the run whose host name is `hostname`, with PID
-    /// `2 + spare_pids` in its namespace.
+    /// Runs `inv` as the restic process whose host name is `hostname`, with PID
+    /// `2 + spare_pids` in its namespace, stopped when `cancel` fires.
     async fn run_checked(
         &self,
         inv: &Invocation<'_>,
         backend: &Backend,
         hostname: &str,
         spare_pids: u32,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Output> {
         let secrets = restic::secrets_of(inv.repo);
         let scratch = self
@@ -413,7 +444,7 @@ impl Executor {
                 status = child.wait() => (status, false),
                 _ = async {
                     tokio::select! {
-                        _ = run.cancel.cancelled() => {}
+                        _ = cancel.cancelled() => {}
                         _ = give_up.cancelled() => {}
                         _ = tokio::time::sleep(timeout) => timed_out = true,
                     }

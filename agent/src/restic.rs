@@ -466,6 +466,19 @@ pub fn classify_failure(exit_code: Option<i32>, stderr: &str) -> (FailureKind, S
     (kind, reason)
 }
 
+/// Whether a restic that ended this way removed its own lock: it exited by itself with one of
+/// its documented exit codes (0, 1, 3, 10, 11, 12, 130 for an interrupt), or the sandbox
+/// refused the request before restic started. A signal, a Go runtime crash (exit 2) or an
+/// unknown code may have left the lock.
+pub fn released_its_lock(exit_code: Option<i32>, signal: Option<i32>) -> bool {
+    signal.is_none()
+        && exit_code.is_some_and(|c| {
+            matches!(c, 0 | 1 | 3 | 10 | 11 | 12 | 130)
+                || c == crate::sandbox::EXIT_REFUSED
+                || c == crate::sandbox::EXIT_SETUP
+        })
+}
+
 /// Errors restic retries with backoff for up to 15 minutes although no retry can help: the
 /// S3 bucket does not exist (restic's `init` creates it; nothing else does).
 const HOPELESS: &[&str] = &["the specified bucket does not exist", "nosuchbucket"];

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::locks::{DeadRun, DeadRuns};
 use crate::metrics::Metrics;
 
 /// Log lines kept per run (older ones are dropped from the replay history, not from the logs).
@@ -354,14 +353,6 @@ impl Runs {
             };
             if self.runs.lock().unwrap().contains_key(&rec.id) {
                 continue; // it finished, and its result was recorded, just before the stop
-            }
-            if !rec.repository_url.is_empty() {
-                // Its restic was killed with the agent and may have left a lock.
-                DeadRuns::new(&self.state_dir).record(&DeadRun {
-                    run_id: rec.id.clone(),
-                    repository_url: rec.repository_url.clone(),
-                    hostname: crate::locks::host_of(&rec.id),
-                });
             }
             let kind = RunKind::try_from(rec.kind).unwrap_or(RunKind::Unspecified);
             let run = Arc::new(Run::new(rec.id.clone(), kind, rec.repository_url, None));

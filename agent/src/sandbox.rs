@@ -9,8 +9,8 @@
 //!   own environment (the repository's password) to a symlink swapped into a volume, and
 //!   `/proc/sys` and `/proc/sysrq-trigger` to a root process. The namespace's first process
 //!   only holds it open, so restic is PID 2 (see [`Spec::spare_pids`]);
-//! - **its own host name**, one per run ([`Spec::hostname`]): restic's locks name the host
-//!   and PID of their holder, so the locks of a run whose restic was killed can be told apart
+//! - **its own host name**, never used before ([`Spec::hostname`]): restic's locks name the
+//!   host and PID of their holder, so the locks of a restic that was killed can be told apart
 //!   from every live one and removed (see `crate::locks`);
 //! - **a minimal root**, a private tmpfs entered with `pivot_root` and then made read-only,
 //!   holding only restic, the CA certificates and name-resolution files, a few device nodes,
@@ -141,12 +141,12 @@ pub struct Spec {
     #[serde(default)]
     pub run_as: Option<(u32, u32)>,
     pub access: Access,
-    /// The sandbox's host name, which restic writes into its locks: unique to the run, so
-    /// that the locks of a run whose restic was killed can be judged dead (see
+    /// The sandbox's host name, which restic writes into its locks: unique to the process, so
+    /// that the locks of a restic that was killed can be judged dead (see
     /// [`valid_hostname`]).
     pub hostname: String,
     /// PIDs used up before restic starts, so restic is PID `2 + spare_pids`. A run's restic is
-    /// always PID 2; removing a dead run's locks is done by a restic under that run's host name
+    /// always PID 2; removing a dead process's locks is done by a restic under its host name
     /// with `spare_pids: 1`, to which PID 2 is a process that does not exist, which is what
     /// restic's `unlock` takes as proof that a lock is stale.
     #[serde(default)]
@@ -317,6 +317,8 @@ pub fn enter(spec_json: &str) -> Result<Infallible> {
     CHILD.store(i32::try_from(child.id()).context("pid")?, Ordering::SeqCst);
     forward(None);
     let status = child.wait().context("wait for the sandbox")?;
+    // Reaped: its PID may be anyone's now, so no signal may follow it there.
+    CHILD.store(0, Ordering::SeqCst);
     drop(holder.stdin.take());
     let _ = holder.wait();
     if let Some(code) = status.code() {

@@ -181,6 +181,9 @@ pub async fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("state dir {}", args.state_dir.display()))?;
     crate::volumes::check_openat2(&args.state_dir)?;
+    let _one_agent = lock_state_dir(&args.state_dir)?;
+    // The restic processes of the agent before this one died with it.
+    crate::locks::Holders::new(&args.state_dir).refresh();
     let cgroups = Cgroups::detect(args.cgroup_parent.as_deref());
     if let Cgroups::Unavailable(why) = &cgroups {
         tracing::warn!(reason = %why, "restic runs will have no memory limit");
@@ -205,7 +208,8 @@ pub async fn run(args: Args) -> Result<()> {
             local_dirs: args.local_repository_dirs.clone(),
             program_backends: args.allow_program_backends,
         },
-        dead_runs: crate::locks::DeadRuns::new(&args.state_dir),
+        holders: crate::locks::Holders::new(&args.state_dir),
+        live: Default::default(),
         clearing: tokio::sync::Mutex::new(()),
     });
     let service = AgentService {
@@ -295,6 +299,24 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = tokio::signal::ctrl_c() => {},
     }
+}
+
+/// One agent per state directory: two would take each other's runs, and one's live restic
+/// for the other's dead one. The lock lasts as long as the returned file is open.
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("agent.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "another agent uses the state directory {} ({e}); each agent needs one of its own",
+            dir.display()
+        )
+    })
 }
 
 #[cfg(test)]

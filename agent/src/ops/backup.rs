@@ -35,10 +35,10 @@ pub fn prepare(req: pb::BackupRequest, host_path: PathBuf) -> Result<Prepared, S
             "host is required (the operator uses the ResticBackup's name and namespace by default)".into(),
         );
     }
-    check_text("host", &req.host, 253)?;
+    check_text("host", &req.host, 1024)?;
     check_tags(&req.tags)?;
-    check_texts("paths", &req.paths, 64, 4096)?;
-    check_texts("excludes", &req.excludes, 256, 4096)?;
+    check_texts("paths", &req.paths, 1024, 4096)?;
+    check_texts("excludes", &req.excludes, 1024, 4096)?;
     restic::check_excludes(&req.excludes)?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
     let mut subpaths: Vec<PathBuf> = Vec::new();

@@ -139,20 +139,20 @@ pub fn check_common(
         return Err("repository.password is required".into());
     }
     // Any character may be in a password, but none can pass NUL through the environment.
-    if repo.password.len() > 4096 || repo.password.contains('\0') {
-        return Err("repository.password is longer than 4096 bytes or holds a NUL".into());
+    if repo.password.len() > 64 << 10 || repo.password.contains('\0') {
+        return Err("repository.password is longer than 64 KiB or holds a NUL".into());
     }
-    if repo.env.len() > 64 {
+    if repo.env.len() > 256 {
         return Err(format!(
-            "repository.env has {} entries; at most 64",
+            "repository.env has {} entries; at most 256",
             repo.env.len()
         ));
     }
     for (name, value) in &repo.env {
         restic::check_env_name(name)?;
-        if value.len() > 16 << 10 || value.contains('\0') {
+        if value.len() > 64 << 10 || value.contains('\0') {
             return Err(format!(
-                "repository.env {name} is longer than 16 KiB or holds a NUL"
+                "repository.env {name} is longer than 64 KiB or holds a NUL"
             ));
         }
     }
@@ -160,7 +160,9 @@ pub fn check_common(
 }
 
 /// A request's string that becomes one of restic's arguments: at most `max` bytes, with no
-/// control character (a NUL could not even be passed; a newline would forge log lines).
+/// control character (a NUL could not even be passed; a newline would forge log lines). The
+/// bounds are far above what a ResticBackup can hold (a default host is `<name>.<namespace>`,
+/// at most 317 bytes) and far below what breaks `exec` (128 KiB an argument).
 pub fn check_text(what: &str, value: &str, max: usize) -> Result<(), String> {
     if value.len() > max {
         return Err(format!("{what} is {} bytes long; at most {max}", value.len()));
@@ -181,7 +183,7 @@ pub fn check_texts(what: &str, values: &[String], count: usize, max: usize) -> R
 
 /// Snapshot tags: bounded plain text without the comma restic splits `--tag` values on.
 pub fn check_tags(tags: &[String]) -> Result<(), String> {
-    check_texts("tags", tags, 64, 253)?;
+    check_texts("tags", tags, 256, 1024)?;
     match tags.iter().find(|t| t.is_empty() || t.contains(',')) {
         Some(t) => Err(format!("tag {t:?} is empty or holds a comma")),
         None => Ok(()),

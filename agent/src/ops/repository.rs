@@ -94,7 +94,7 @@ pub fn prepare(
     match op {
         Op::Forget(req) => {
             restic::check_keep_policy(req.policy.as_ref())?;
-            check_text("host", &req.host, 253)?;
+            check_text("host", &req.host, 1024)?;
             check_tags(&req.tags)?;
             if let Some(policy) = &req.policy {
                 check_text("policy.within", &policy.within, 64)?;

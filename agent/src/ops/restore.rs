@@ -33,10 +33,10 @@ pub fn prepare(req: pb::RestoreRequest, host_path: PathBuf) -> Result<Prepared, 
     )?;
     let subpath = volumes::relative(&req.target_subpath).map_err(|e| e.to_string())?;
     let snapshot_path = volumes::snapshot_path(&req.snapshot_path).map_err(|e| e.to_string())?;
-    check_text("host", &req.host, 253)?;
+    check_text("host", &req.host, 1024)?;
     check_tags(&req.tags)?;
-    check_texts("include_paths", &req.include_paths, 256, 4096)?;
-    check_texts("exclude_paths", &req.exclude_paths, 256, 4096)?;
+    check_texts("include_paths", &req.include_paths, 1024, 4096)?;
+    check_texts("exclude_paths", &req.exclude_paths, 1024, 4096)?;
     if req.snapshot_id.len() > 64 {
         return Err("snapshot_id is longer than a snapshot id (64 hex digits)".into());
     }

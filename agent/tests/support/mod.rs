@@ -84,6 +84,39 @@ impl Agent {
         })
     }
 
+    /// Starts a second agent process on this one's state directory (other ports) and returns
+    /// what it printed once it exited; `None` if it was still running after 20 s (then killed).
+    pub fn second_on_the_same_state(&self) -> Result<Option<String>> {
+        let mut args = self.args.clone();
+        for a in &mut args {
+            if a.starts_with("--listen=") {
+                *a = format!("--listen=127.0.0.1:{}", free_port()?);
+            } else if a.starts_with("--metrics-listen=") {
+                *a = format!("--metrics-listen=127.0.0.1:{}", free_port()?);
+            }
+        }
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_restic-agent"))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output()?;
+        Ok(Some(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+
     /// SIGKILL, as an OOM kill or a lost node would end it, then a new agent process on the
     /// same state directory, ports and certificates. The old log is kept beside the new one.
     pub fn kill_and_restart(&mut self) -> Result<()> {
