@@ -952,7 +952,7 @@ async fn a_restic_over_its_memory_limit_is_killed_and_reported_as_such() -> Resu
     ensure!(result.reason.contains("memory limit"), "{}", result.reason);
     // The kill left restic's lock; the agent removed it at once, so the repository's
     // exclusive operations are not blocked for the 30 minutes restic would wait.
-    let locks = restic_locks(&repo)?;
+    let locks = repo.lock_ids()?;
     ensure!(locks.is_empty(), "locks left by the killed restic: {locks:?}");
     ensure!(
         agent.log().contains("removed the locks of a killed restic"),
@@ -969,16 +969,6 @@ async fn a_restic_over_its_memory_limit_is_killed_and_reported_as_such() -> Resu
     .await?;
     ensure!(outcome(&next) == Outcome::Succeeded, "{next:?}");
     Ok(())
-}
-
-/// The ids of the repository's locks, read without taking one.
-fn restic_locks(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<String>> {
-    let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .map(str::to_owned)
-        .collect())
 }
 
 /// Processes whose command line mentions `needle`.
@@ -1022,7 +1012,7 @@ async fn an_agent_killed_mid_backup_takes_restic_with_it_and_its_lock_blocks_no_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let left = restic_locks(&repo)?;
+    let left = repo.lock_ids()?;
     ensure!(left.len() == 1, "locks after the kill: {left:?}");
 
     // An exclusive operation: restic's own rule would refuse it for 30 minutes.
@@ -1047,7 +1037,7 @@ async fn an_agent_killed_mid_backup_takes_restic_with_it_and_its_lock_blocks_no_
             if l.line.contains("removed the repository locks left by run killed-mid-backup"))
     });
     ensure!(said, "{events:?}");
-    ensure!(restic_locks(&repo)?.is_empty(), "{:?}", restic_locks(&repo)?);
+    ensure!(repo.lock_ids()?.is_empty(), "{:?}", repo.lock_ids()?);
     // The killed run itself reports how it ended.
     let (_, killed) = collect(
         client
@@ -1107,7 +1097,7 @@ async fn a_live_lock_of_another_run_on_the_same_agent_is_never_taken_for_a_dead_
         agent.log()
     );
     // The dead run's lock is gone, the live one stays and its backup completes.
-    ensure!(restic_locks(&repo)?.len() == 1, "{:?}", restic_locks(&repo)?);
+    ensure!(repo.lock_ids()?.len() == 1, "{:?}", repo.lock_ids()?);
     let mut last = None;
     while let Some(ev) = live.next().await {
         last = ev?.event;
@@ -1116,7 +1106,7 @@ async fn a_live_lock_of_another_run_on_the_same_agent_is_never_taken_for_a_dead_
         matches!(&last, Some(Event::Result(r)) if outcome(r) == Outcome::Succeeded),
         "{last:?}"
     );
-    ensure!(restic_locks(&repo)?.is_empty());
+    ensure!(repo.lock_ids()?.is_empty());
     Ok(())
 }
 

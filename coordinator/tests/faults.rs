@@ -52,16 +52,6 @@ fn fresh_data(data: &Path, i: usize) -> Result<()> {
     Ok(())
 }
 
-/// The repository's locks, read without taking one.
-fn locks(repo: &restic_operator_e2e::ResticRepo) -> Result<Vec<String>> {
-    let out = repo.restic()?.args(["list", "locks", "--no-lock"]).output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .map(str::to_owned)
-        .collect())
-}
-
 /// Records the row, failing it with the error when the fault's run did not complete.
 fn record(mut row: Row<'_>, outcome: Result<bool>) -> Result<()> {
     match outcome {
@@ -208,7 +198,7 @@ async fn agent_sigkilled_mid_backup() -> Result<()> {
             // The next run removed what the killed restic left. Live locks (the statistics
             // read after a run) come and go; a dead one would stay for 30 minutes.
             let gone = eventually("no lock", Duration::from_secs(15), || async {
-                Ok(locks(&repo)?.is_empty().then_some(()))
+                Ok(repo.lock_ids()?.is_empty().then_some(()))
             })
             .await;
             if gone.is_err() {
@@ -436,7 +426,7 @@ async fn agent_sigkilled_mid_restore() -> Result<()> {
                 next_failed += 1;
             }
             let gone = eventually("no lock", Duration::from_secs(15), || async {
-                Ok(locks(&repo)?.is_empty().then_some(()))
+                Ok(repo.lock_ids()?.is_empty().then_some(()))
             })
             .await;
             if gone.is_err() {

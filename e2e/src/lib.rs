@@ -314,6 +314,16 @@ impl ResticRepo {
             .arg("--no-cache");
         Ok(cmd)
     }
+
+    /// The ids of the repository's locks, read without taking one.
+    pub fn lock_ids(&self) -> Result<Vec<String>> {
+        let out = self.restic()?.args(["list", "locks", "--no-lock"]).output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
 }
 
 /// `<name>-<pid>-<n>`, sanitized to a DNS label (namespace) that is also a valid bucket name.
