@@ -20,7 +20,8 @@ use restic_operator_e2e::fixtures::pseudo_random;
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
 use support::{
-    Node, backup_yaml, live_claim, ready_repository, restic_snapshots, restore_yaml, wait_dispatched,
+    Node, backed_up, backup_yaml, live_claim, ready_repository, restic_snapshots, restore_yaml,
+    wait_dispatched,
 };
 use table::{Row, spread};
 
@@ -77,14 +78,12 @@ fn record(mut row: Row<'_>, outcome: Result<bool>) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sigkilled_mid_backup() -> Result<()> {
     let n = repeats(20);
-    let mut row = Row {
-        slug: "1-coordinator-mid-backup",
-        fault: "coordinator SIGKILL mid-backup",
-        repeats: n,
-        must_hold: "exactly one snapshot per run; status right ≤ 10 s after restart; no run left in activeRun",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "1-coordinator-mid-backup",
+        "coordinator SIGKILL mid-backup",
+        n,
+        "exactly one snapshot per run; status right ≤ 10 s after restart; no run left in activeRun",
+    );
     let outcome = async {
         let mut node = Node::start("fault-coordinator").await?;
         let repo = ready_repository(&node, "main").await?;
@@ -154,14 +153,12 @@ async fn coordinator_sigkilled_mid_backup() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkilled_mid_backup() -> Result<()> {
     let n = repeats(20);
-    let mut row = Row {
-        slug: "2-agent-mid-backup",
-        fault: "agent SIGKILL mid-backup",
-        repeats: n,
-        must_hold: "the run ends Failed with a reason ≤ 30 s; the next run succeeds; no dead restic's lock blocks prune",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "2-agent-mid-backup",
+        "agent SIGKILL mid-backup",
+        n,
+        "the run ends Failed with a reason ≤ 30 s; the next run succeeds; no dead restic's lock blocks prune",
+    );
     let outcome = async {
         let mut node = Node::start("fault-agent").await?;
         let repo = ready_repository(&node, "main").await?;
@@ -230,14 +227,12 @@ async fn agent_sigkilled_mid_backup() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_repository_whose_bucket_does_not_exist() -> Result<()> {
-    let mut row = Row {
-        slug: "6-bucket-missing",
-        fault: "bucket missing, repository new (no region set)",
-        repeats: 1,
-        must_hold: "init creates it; Ready within 30 s",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "6-bucket-missing",
+        "bucket missing, repository new (no region set)",
+        1,
+        "init creates it; Ready within 30 s",
+    );
     let outcome = async {
         let node = Node::start("fault-bucket").await?;
         let repo = node.ctx.repository("nobucket");
@@ -287,18 +282,7 @@ async fn restorable(
     std::path::PathBuf,
     std::path::PathBuf,
 )> {
-    let node = Node::start(test).await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    fresh_data(&data, 0)?;
-    node.apply_yaml(&backup_yaml(
-        "db",
-        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
-         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n",
-    ))
-    .await?;
-    node.trigger("db", "once").await?;
-    node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
+    let (node, repo, data) = backed_up(test, |d| fresh_data(d, 0)).await?;
     let target = live_claim(&node).await?;
     Ok((node, repo, data, target))
 }
@@ -334,14 +318,12 @@ async fn restore_in_flight(node: &Node, name: &str) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sigkilled_mid_restore() -> Result<()> {
     let n = repeats(20);
-    let mut row = Row {
-        slug: "1b-coordinator-mid-restore",
-        fault: "coordinator SIGKILL mid-restore",
-        repeats: n,
-        must_hold: "each restore runs once and completes identical to the volume; status right ≤ 10 s after restart",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "1b-coordinator-mid-restore",
+        "coordinator SIGKILL mid-restore",
+        n,
+        "each restore runs once and completes identical to the volume; status right ≤ 10 s after restart",
+    );
     let outcome = async {
         let (mut node, _, data, target) = restorable("fault-coord-restore").await?;
         let (mut late, mut wrong, mut differ, mut resent) = (Vec::new(), Vec::new(), 0, 0);
@@ -395,14 +377,12 @@ async fn coordinator_sigkilled_mid_restore() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkilled_mid_restore() -> Result<()> {
     let n = repeats(20);
-    let mut row = Row {
-        slug: "2b-agent-mid-restore",
-        fault: "agent SIGKILL mid-restore",
-        repeats: n,
-        must_hold: "the restore ends Failed with a reason ≤ 30 s; the next restore completes; no dead restic's lock blocks prune",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "2b-agent-mid-restore",
+        "agent SIGKILL mid-restore",
+        n,
+        "the restore ends Failed with a reason ≤ 30 s; the next restore completes; no dead restic's lock blocks prune",
+    );
     let outcome = async {
         let (mut node, repo, data, target) = restorable("fault-agent-restore").await?;
         let (mut to_fail, mut wrong, mut next_failed, mut locks_left) = (Vec::new(), Vec::new(), 0, 0);
@@ -534,14 +514,12 @@ async fn frozen_once(i: usize, freeze: Duration) -> Result<Frozen> {
 async fn agent_frozen_mid_backup() -> Result<()> {
     let n = repeats(5);
     let freeze = Duration::from_secs(60);
-    let mut row = Row {
-        slug: "3-agent-frozen",
-        fault: "agent frozen (SIGSTOP 60 s, then SIGCONT) mid-backup",
-        repeats: n,
-        must_hold: "AgentUnavailable reported; no second run for the id; re-attaches or fails cleanly after",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "3-agent-frozen",
+        "agent frozen (SIGSTOP 60 s, then SIGCONT) mid-backup",
+        n,
+        "AgentUnavailable reported; no second run for the id; re-attaches or fails cleanly after",
+    );
     let outcome = async {
         // The repeats freeze agents of their own nodes at the same time.
         let all = futures::future::join_all((0..n).map(|i| frozen_once(i, freeze))).await;
@@ -593,14 +571,12 @@ impl Drop for SmallDisk {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_state_disk_full() -> Result<()> {
-    let mut row = Row {
-        slug: "8-state-disk-full",
-        fault: "the agent's state disk full",
-        repeats: 1,
-        must_hold: "runs fail with a reason naming the disk; the agent stays healthy; recovers when space returns",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "8-state-disk-full",
+        "the agent's state disk full",
+        1,
+        "runs fail with a reason naming the disk; the agent stays healthy; recovers when space returns",
+    );
     let outcome = async {
         let node = Node::start("fault-disk").await?;
         ready_repository(&node, "main").await?;
@@ -688,14 +664,12 @@ async fn fifty_backups_due_at_once_on_one_node() -> Result<()> {
     const CONCURRENT: u64 = 2;
     const PER_RUN: u64 = 1 << 30;
     let rounds = repeats(3);
-    let mut row = Row {
-        slug: "7-fifty-due-at-once",
-        fault: "50 backups due at once on one node (agent defaults: 2 at once, 1 GiB per restic)",
-        repeats: rounds,
-        must_hold: "all complete; agent + restic memory under the cap; none lost or duplicated",
-        measured: String::new(),
-        held: true,
-    };
+    let mut row = Row::new(
+        "7-fifty-due-at-once",
+        "50 backups due at once on one node (agent defaults: 2 at once, 1 GiB per restic)",
+        rounds,
+        "all complete; agent + restic memory under the cap; none lost or duplicated",
+    );
     let outcome = async {
         let node = Node::start("fault-fifty").await?;
         let repo = ready_repository(&node, "main").await?;

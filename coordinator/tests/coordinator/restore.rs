@@ -31,24 +31,12 @@ fn complete_reason(s: &ResticRestoreStatus) -> Option<String> {
         .and_then(|c| c.reason.clone())
 }
 
-/// A node with repository `main`, pod `db-0` whose volume `data` holds `fill`'s tree, and one
-/// successful backup `db` of it; returns the node, the volume and the snapshot.
+/// `support::backed_up`, with the snapshot it made.
 async fn backed_up(
     test: &str,
     fill: fn(&std::path::Path) -> Result<()>,
 ) -> Result<(Node, std::path::PathBuf, serde_json::Value)> {
-    let node = Node::start(test).await?;
-    let repo = ready_repository(&node, "main").await?;
-    let (_, data) = node.app_pod("db-0", "db", "data").await?;
-    fill(&data)?;
-    node.apply_yaml(&backup_yaml(
-        "db",
-        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
-         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n",
-    ))
-    .await?;
-    node.trigger("db", "once").await?;
-    node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
+    let (node, repo, data) = super::support::backed_up(test, fill).await?;
     let snapshot = restic_snapshots(&repo)?.remove(0);
     Ok((node, data, snapshot))
 }

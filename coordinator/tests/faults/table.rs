@@ -20,7 +20,19 @@ pub struct Row<'a> {
     pub held: bool,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    /// A row still to be measured.
+    pub fn new(slug: &'a str, fault: &'a str, repeats: usize, must_hold: &'a str) -> Self {
+        Self {
+            slug,
+            fault,
+            repeats,
+            must_hold,
+            measured: String::new(),
+            held: true,
+        }
+    }
+
     /// Writes the row (and prints it, for a run with `--nocapture`).
     pub fn record(&self) {
         let line = format!(

@@ -533,6 +533,27 @@ pub async fn live_claim(node: &Node) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A node with repository `main`, pod `db-0` whose volume `data` holds `fill`'s tree, and one
+/// successful backup `db` of it; returns the node, the repository and the volume.
+pub async fn backed_up(
+    test: &str,
+    fill: fn(&std::path::Path) -> Result<()>,
+) -> Result<(Node, ResticRepo, PathBuf)> {
+    let node = Node::start(test).await?;
+    let repo = ready_repository(&node, "main").await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    fill(&data)?;
+    node.apply_yaml(&backup_yaml(
+        "db",
+        "  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+         source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n",
+    ))
+    .await?;
+    node.trigger("db", "once").await?;
+    node.wait_succeeded("db", 0, Duration::from_secs(60)).await?;
+    Ok((node, repo, data))
+}
+
 /// A ResticRepository on S3, initialized by the coordinator; returns its restic handle.
 pub async fn ready_repository(node: &Node, name: &str) -> Result<restic_operator_e2e::ResticRepo> {
     let repo = node.ctx.repository(name);
