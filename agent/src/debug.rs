@@ -414,6 +414,10 @@ async fn follow(mut stream: tonic::Streaming<pb::RunEvent>) -> Result<pb::Result
             }
             Some(Event::Warning(w)) => bar.println(format!("warning: {} {}", w.path, w.message)),
             Some(Event::Log(l)) => bar.println(l.line),
+            Some(Event::Retrying(r)) => bar.println(format!(
+                "the repository does not answer; restic retries: {}",
+                r.message
+            )),
             Some(Event::Result(r)) => {
                 bar.finish_and_clear();
                 let outcome = name(Outcome::try_from(r.outcome).map(|o| o.as_str_name()), "OUTCOME_");

@@ -24,6 +24,8 @@ use restic_operator_proto::MAX_FAILED_PATHS;
 
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 40;
+/// How often a run that keeps retrying says so again (`Retrying` events).
+const RETRYING_EVERY: Duration = Duration::from_secs(30);
 
 /// What the agent needs to run restic; fixed at start-up.
 pub struct Executor {
@@ -116,6 +118,13 @@ impl Executor {
         let backend =
             restic::check_repository_url(&inv.repo.url, &self.repositories).map_err(ExecError::Refused)?;
         self.check_space()?;
+        if inv.args.iter().any(|a| a == "--no-lock") {
+            // It takes no lock (the probe): nothing to record, nothing in its way.
+            return self
+                .run_checked(&inv, &backend, &locks::fresh_host(), 0, &inv.run.cancel)
+                .await
+                .map_err(ExecError::Start);
+        }
         self.clear_dead_locks(&inv, &backend).await;
         // Recorded before it starts, under a host name never used before: if it dies holding a
         // lock, even with the agent, the next call finds exactly its locks.
@@ -407,12 +416,21 @@ impl Executor {
         // Set when restic reports an error it would retry until its deadline for nothing. Not
         // for init, which is what mends a missing bucket.
         let watch_hopeless = inv.args.first().map(String::as_str) != Some("init");
+        // A probe (`cat config`) asks whether the repository answers now, statistics are read
+        // again later anyway, and removing a dead run's locks helps only when the repository
+        // answers: restic retrying means it does not, and the caller should hear so at once
+        // rather than in 15 minutes, with the run's slot free again.
+        let fail_on_retry = matches!(
+            inv.args.first().map(String::as_str),
+            Some("cat" | "stats" | "unlock")
+        );
         let give_up = tokio_util::sync::CancellationToken::new();
         let mut hopeless = None;
         let read_stderr = async {
             let mut tail: Vec<String> = Vec::new();
             let mut errors = Vec::new();
             let mut total = 0u64;
+            let mut retried: Option<Instant> = None;
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let line = restic::redact(&line, &secrets);
@@ -424,6 +442,18 @@ impl Executor {
                 if watch_hopeless && hopeless.is_none() && restic::hopeless(&line) {
                     hopeless = Some(line.clone());
                     give_up.cancel();
+                }
+                if let Some(error) = restic::retrying(&line) {
+                    if retried.is_none_or(|t| t.elapsed() >= RETRYING_EVERY) {
+                        retried = Some(Instant::now());
+                        tracing::warn!(run_id = %run.id, %error, "restic cannot reach the repository; it retries");
+                        let message = error.to_owned();
+                        run.emit(Event::Retrying(pb::Retrying { message }));
+                    }
+                    if fail_on_retry && hopeless.is_none() {
+                        hopeless = Some(line.clone());
+                        give_up.cancel();
+                    }
                 }
                 run.emit(Event::Log(pb::LogLine { line: line.clone() }));
                 tail.push(line);

@@ -489,6 +489,15 @@ pub fn hopeless(line: &str) -> bool {
     HOPELESS.iter().any(|h| lower.contains(h))
 }
 
+/// The error restic could not get past when `line` says it retries a request to the
+/// repository (`<request>(<file>) returned error, retrying after <delay>: <error>`), without
+/// the delay, which changes from line to line.
+pub fn retrying(line: &str) -> Option<&str> {
+    let (_, rest) = line.split_once(" returned error, retrying after ")?;
+    let (_, error) = rest.split_once(": ")?;
+    Some(error.trim()).filter(|e| !e.is_empty())
+}
+
 /// The failure a [`hopeless`] line stands for, and a sentence a user can act on.
 pub fn classify_hopeless(line: &str) -> (FailureKind, String) {
     let lower = line.to_ascii_lowercase();
@@ -496,6 +505,12 @@ pub fn classify_hopeless(line: &str) -> (FailureKind, String) {
         return (
             FailureKind::RepositoryNotFound,
             "the repository's bucket does not exist (initializing the repository creates it)".into(),
+        );
+    }
+    if let Some(error) = retrying(line) {
+        return (
+            FailureKind::RepositoryUnreachable,
+            format!("the repository does not answer: {error}"),
         );
     }
     (FailureKind::Restic, line.to_owned())
@@ -553,6 +568,36 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retried_request_is_read_as_the_backend_error_without_its_delay() {
+        let refused = "Save(<data/db8214e4e4>) returned error, retrying after 1.34262233s: client.PutObject: \
+                       Put \"http://127.0.0.1:19000/b/r/data/db/db82\": dial tcp 127.0.0.1:19000: connect: connection refused";
+        let error = retrying(refused).unwrap();
+        assert!(error.starts_with("client.PutObject: Put "), "{error}");
+        assert!(error.ends_with("connect: connection refused"), "{error}");
+        assert_eq!(
+            classify_hopeless(refused),
+            (
+                FailureKind::RepositoryUnreachable,
+                format!("the repository does not answer: {error}")
+            )
+        );
+        // A missing bucket is retried too, and is what init mends.
+        let bucket = "Stat(<config/>) returned error, retrying after 1.29s: Stat: The specified bucket does not exist.";
+        assert_eq!(
+            retrying(bucket),
+            Some("Stat: The specified bucket does not exist.")
+        );
+        assert_eq!(classify_hopeless(bucket).0, FailureKind::RepositoryNotFound);
+        for other in [
+            "Save(<data/db8214e4e4>) operation successful after 2 retries",
+            "returned error, retrying after 1s:",
+            "Fatal: unable to open config file",
+        ] {
+            assert_eq!(retrying(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn only_remote_repositories_are_allowed_by_default() {

@@ -154,7 +154,7 @@ impl Run {
                 d.finished_ms = now_ms();
                 d.finished_at = Some(Instant::now());
             }
-            Event::Queued(_) => {}
+            Event::Queued(_) | Event::Retrying(_) => {}
         }
         let seq = d.next_seq;
         d.next_seq += 1;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use restic_operator_e2e::fixtures::{assert_trees_equal, make_tree, pseudo_random};
-use restic_operator_e2e::{s3_repository, tools::tool, unique_name};
+use restic_operator_e2e::s3::S3Server;
+use restic_operator_e2e::{ResticRepo, s3_repository, tools::tool, unique_name};
 use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RestoreMode, run_event::Event};
 use support::{Agent, backup, collect, init, options, pod_uid, repository, restic_snapshots};
 use tokio_stream::StreamExt;
@@ -781,6 +782,95 @@ async fn a_probe_of_a_bucket_that_does_not_exist_says_so_at_once_and_init_create
     ensure!(outcome(&init) == Outcome::Succeeded, "{init:?}");
     let (_, probe) = collect(client.probe(request("probe-2")).await?.into_inner()).await?;
     ensure!(outcome(&probe) == Outcome::Succeeded, "{probe:?}");
+    Ok(())
+}
+
+/// An S3 server that stops answering: a probe and a statistics read say so at once (restic
+/// alone would retry for 15 minutes), and a backup in flight says that restic retries, waits,
+/// and completes once the server is back.
+#[tokio::test]
+async fn a_repository_that_stops_answering_fails_a_probe_at_once_and_a_backup_waits_for_it() -> Result<()> {
+    let agent = Agent::start("s3-down")?;
+    let mut s3 = S3Server::start(&agent.dir.join("s3"))?;
+    let repo = ResticRepo {
+        url: s3.endpoint.repository("outage", "repo"),
+        password: "password-of-the-outage".into(),
+        s3: s3.endpoint.clone(),
+    };
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    let mut stream = client
+        .backup(slow_backup(&agent, &uid, "through-the-outage", &repo)?)
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev?;
+        let progressed = matches!(ev.event, Some(Event::Progress(_)));
+        seen.push(ev);
+        if progressed {
+            break;
+        }
+    }
+    s3.stop();
+
+    let started = std::time::Instant::now();
+    let probe = pb::RepositoryRequest {
+        options: Some(options("probe-while-down")),
+        repository: Some(repository(&repo)),
+    };
+    let (_, probe) = collect(client.probe(probe).await?.into_inner()).await?;
+    let took = started.elapsed();
+    ensure!(
+        probe.failure == FailureKind::RepositoryUnreachable as i32,
+        "{probe:?}"
+    );
+    ensure!(
+        probe.reason.contains("does not answer") && probe.reason.contains("connection refused"),
+        "{}",
+        probe.reason
+    );
+    ensure!(took < Duration::from_secs(10), "the probe took {took:?}");
+    // Statistics too: they are read again later, and the run's slot is free at once.
+    let started = std::time::Instant::now();
+    let stats = pb::RepositoryRequest {
+        options: Some(options("stats-while-down")),
+        repository: Some(repository(&repo)),
+    };
+    let (_, stats) = collect(client.stats(stats).await?.into_inner()).await?;
+    let took = started.elapsed();
+    ensure!(
+        stats.failure == FailureKind::RepositoryUnreachable as i32,
+        "{stats:?}"
+    );
+    ensure!(took < Duration::from_secs(10), "the statistics took {took:?}");
+
+    let retrying = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .context("no Retrying event within 30 s of the outage")?
+            .context("the backup's stream ended during the outage")??;
+        if let Some(Event::Retrying(r)) = &ev.event {
+            break r.message.clone();
+        }
+        ensure!(
+            !matches!(ev.event, Some(Event::Result(_))),
+            "the backup ended during the outage: {ev:?}"
+        );
+    };
+    ensure!(retrying.contains("connection refused"), "{retrying}");
+    ensure!(!retrying.contains("retrying after"), "{retrying}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    s3.start_again()?;
+    let (_, result) = collect(stream).await?;
+    ensure!(
+        outcome(&result) == Outcome::Succeeded,
+        "{result:?}\n{}",
+        agent.log()
+    );
+    let snapshots = restic_snapshots(&repo)?;
+    ensure!(snapshots.len() == 1, "{snapshots:?}");
     Ok(())
 }
 

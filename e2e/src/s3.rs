@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::process::{Process, free_port};
 use crate::tools::tool;
@@ -39,7 +39,14 @@ impl S3Endpoint {
 pub struct S3Server {
     pub endpoint: S3Endpoint,
     pub root: PathBuf,
-    _process: Process,
+    dir: PathBuf,
+    address: Ipv4Addr,
+    port: u16,
+    args: Vec<String>,
+    /// How many times it was started, for the name of its log.
+    starts: u32,
+    /// `None` while stopped.
+    process: Option<Process>,
 }
 
 impl S3Server {
@@ -78,22 +85,70 @@ impl S3Server {
             sidecar.display().to_string(),
             root.display().to_string(),
         ];
-        let mut process = Process::spawn("versitygw", &tool("versitygw")?, &args, dir)?;
+        let mut server = Self {
+            endpoint,
+            root,
+            dir: dir.to_owned(),
+            address,
+            port,
+            args,
+            starts: 0,
+            process: None,
+        };
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// Stops the server (SIGKILL, as a crash or a pulled cable would): connections are
+    /// refused until [`S3Server::start_again`]. The data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts a stopped server again on the same address, port and data, and waits until it
+    /// listens.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.stop();
+        self.starts += 1;
+        let name = match self.starts {
+            1 => "versitygw".to_owned(),
+            n => format!("versitygw-{n}"),
+        };
+        let mut process = Process::spawn(&name, &tool("versitygw")?, &self.args, &self.dir)?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect((address, port)).is_err() {
+        while std::net::TcpStream::connect((self.address, self.port)).is_err() {
             process.check_running()?;
             if Instant::now() > deadline {
                 bail!(
-                    "S3 server did not listen on {port} within 30s:\n{}",
+                    "S3 server did not listen on {} within 30s:\n{}",
+                    self.port,
                     process.log_tail(20)
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self {
-            endpoint,
-            root,
-            _process: process,
-        })
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel and nothing is
+    /// answered, as from a server that hangs, until [`S3Server::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let process = self.process.as_ref().context("the S3 server is stopped")?;
+        let pid = process.child.id().to_string();
+        let status = std::process::Command::new("kill").args([signal, &pid]).status()?;
+        ensure!(status.success(), "kill {signal} {pid}: {status}");
+        Ok(())
     }
 }
