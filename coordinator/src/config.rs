@@ -70,7 +70,8 @@ pub struct Config {
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_listen: SocketAddr,
     /// How often each repository is probed for readiness and its statistics are refreshed
-    /// (also after every spec change, and statistics after every backup).
+    /// (also after every spec change, at once when a backup finds restic cannot reach it, and
+    /// statistics after every backup).
     #[arg(long, value_parser = duration, default_value = "1h")]
     pub stats_interval: Duration,
     /// How late a scheduled run may still start (after a coordinator outage); older missed

@@ -23,6 +23,8 @@ pub struct ProgressWriter<'a, K: WithStatus> {
     stage: Option<String>,
     last_write: Option<std::time::Instant>,
     pending: Option<tokio::task::JoinHandle<()>>,
+    /// The progress last written.
+    written: Option<Progress>,
     /// Contact with the agent was lost and `Progressing` says so.
     lost: bool,
 }
@@ -44,6 +46,7 @@ where
             stage: None,
             last_write: None,
             pending: None,
+            written: None,
             lost: false,
         }
     }
@@ -69,14 +72,22 @@ where
             .last_write
             .is_none_or(|t| t.elapsed() >= self.ctx.config.progress_interval);
         if due && self.pending.as_ref().is_none_or(|h| h.is_finished()) {
+            let progress = self.progress();
+            // Nothing moved (restic waits for the repository, say): no write, and no
+            // reconcile of the object that would follow it.
+            if self.written.as_ref().is_some_and(|w| same_progress(w, &progress)) {
+                return;
+            }
             self.last_write = Some(std::time::Instant::now());
-            self.pending = Some(self.spawn_write());
+            self.written = Some(progress.clone());
+            self.pending = Some(self.spawn_write(progress));
         }
     }
 
-    fn spawn_write(&self) -> tokio::task::JoinHandle<()> {
+    /// The progress to write now.
+    fn progress(&self) -> Progress {
         let p = self.latest.clone().unwrap_or_default();
-        let progress = Progress {
+        Progress {
             run_id: Some(self.run_id.clone()),
             start_time: self.start.clone(),
             update_time: Some(to_time(self.ctx.now())),
@@ -91,7 +102,10 @@ where
                 .ok()
                 .filter(|_| matches!(p.stage.as_str(), "reading" | "restoring")),
             stage: self.stage.clone(),
-        };
+        }
+    }
+
+    fn spawn_write(&self, progress: Progress) -> tokio::task::JoinHandle<()> {
         // The write runs beside the stream, so a slow API server never stalls reading it.
         let api = self.api.clone();
         let name = self.name.clone();
@@ -147,6 +161,74 @@ where
             self.lost = true;
             tracing::warn!(run_id = %self.run_id, %why, "no answer from the run's agent");
             self.spawn_contact(Some(why.to_owned()));
+        }
+    }
+}
+
+/// Whether `b` reports no more done than `a` (pure): the same stage and counts. The time of
+/// the update and restic's estimate change while nothing moves.
+fn same_progress(a: &Progress, b: &Progress) -> bool {
+    let counts = |p: &Progress| {
+        (
+            p.stage.clone(),
+            p.percent_done,
+            p.bytes_done,
+            p.total_bytes,
+            p.files_done,
+            p.total_files,
+        )
+    };
+    counts(a) == counts(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_that_only_aged_is_the_same_and_any_count_that_moved_is_not() {
+        let at = |s: i64| Some(to_time(chrono::DateTime::from_timestamp(s, 0).unwrap()));
+        let stuck = Progress {
+            update_time: at(10),
+            percent_done: Some(40.0),
+            bytes_done: Some(400),
+            total_bytes: Some(1000),
+            files_done: Some(4),
+            total_files: Some(10),
+            seconds_remaining: Some(6),
+            stage: Some("reading".into()),
+            ..Default::default()
+        };
+        let later = Progress {
+            update_time: at(20),
+            seconds_remaining: Some(60),
+            ..stuck.clone()
+        };
+        assert!(same_progress(&stuck, &later));
+        let moved = [
+            Progress {
+                bytes_done: Some(401),
+                ..later.clone()
+            },
+            Progress {
+                files_done: Some(5),
+                ..later.clone()
+            },
+            Progress {
+                percent_done: Some(40.1),
+                ..later.clone()
+            },
+            Progress {
+                stage: Some("uploading".into()),
+                ..later.clone()
+            },
+            Progress {
+                total_files: Some(11),
+                ..later.clone()
+            },
+        ];
+        for m in moved {
+            assert!(!same_progress(&stuck, &m), "{m:?}");
         }
     }
 }

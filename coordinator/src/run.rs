@@ -72,6 +72,32 @@ impl<F: FnMut(&pb::RunEvent) + Send> Follower for F {
     }
 }
 
+/// Follows a run for `inner`, and calls `unreachable` with the backend's error whenever the
+/// agent says restic cannot reach the repository and retries (at most every 30 s per run).
+pub struct Reachability<'a, F> {
+    inner: &'a mut dyn Follower,
+    unreachable: F,
+}
+
+impl<'a, F: FnMut(&str) + Send> Reachability<'a, F> {
+    pub fn new(inner: &'a mut dyn Follower, unreachable: F) -> Self {
+        Self { inner, unreachable }
+    }
+}
+
+impl<F: FnMut(&str) + Send> Follower for Reachability<'_, F> {
+    fn on_event(&mut self, event: &pb::RunEvent) {
+        if let Some(pb::run_event::Event::Retrying(r)) = &event.event {
+            (self.unreachable)(&r.message);
+        }
+        self.inner.on_event(event);
+    }
+
+    fn on_lost(&mut self, why: &str) {
+        self.inner.on_lost(why);
+    }
+}
+
 /// Follows a run for its result only (repository operations show no progress).
 pub struct Quiet;
 

@@ -10,6 +10,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::{ActiveRun, ObjectReference, event_reasons as er, reasons};
+use restic_operator_api::repository::ResticRepository;
 use restic_operator_proto::v1 as pb;
 
 use super::cancel::cancel_abandoned;
@@ -59,7 +60,7 @@ pub(super) async fn attempt(
         active,
         &agent,
         request,
-        &resolved.access().key(),
+        resolved.access().repository(),
     )
     .await
 }
@@ -196,9 +197,10 @@ async fn send(
     active: &ActiveRun,
     agent: &AgentEndpoint,
     request: pb::BackupRequest,
-    repository: &str,
+    repo: &ResticRepository,
 ) -> Outcome {
     let (node, address) = (agent.node.as_str(), agent.address.as_str());
+    let repository = &crate::status::key_of(repo);
     let _shared = match ctx.locks.try_shared(repository) {
         Some(guard) => guard,
         None => {
@@ -223,7 +225,12 @@ async fn send(
             address,
             &run_id,
             |mut c| async move { c.backup(request).await },
-            &mut progress,
+            &mut crate::repository::watching(
+                ctx,
+                &repo.namespace().unwrap_or_default(),
+                &repo.name_any(),
+                &mut progress,
+            ),
         )
         .await;
     progress.flush().await;

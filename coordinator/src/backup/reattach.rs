@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Api;
+use kube::{Api, ResourceExt};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::common::ActiveRun;
 use restic_operator_proto::v1 as pb;
@@ -39,7 +39,14 @@ pub(super) async fn reattach(
                 Ok(mut client) => {
                     let mut progress = ProgressWriter::new(ctx, api, backup, active);
                     let run_id = agent_run_id(active);
-                    let ended = run::attach(&mut client, &run_id, &mut progress).await;
+                    let reference = &backup.spec.repository_ref;
+                    let ns = backup.namespace().unwrap_or_default();
+                    let repository = (reference.namespace_or(&ns), reference.name.as_str());
+                    let ended = {
+                        let mut follower =
+                            crate::repository::watching(ctx, repository.0, repository.1, &mut progress);
+                        run::attach(&mut client, &run_id, &mut follower).await
+                    };
                     progress.flush().await;
                     ended
                 }

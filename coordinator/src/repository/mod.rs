@@ -219,6 +219,50 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
     );
 }
 
+/// Probes a repository now, in the background (one probe at a time), because a run found
+/// that restic cannot reach it (`unreachable`, the backend's error): `Ready` then says so
+/// within seconds rather than at the next scheduled probe, and the backups and policies that
+/// use it show why in `RepositoryReady`. A repository already not ready is left to its own
+/// reconcile, which probes it with backoff until it answers.
+pub fn probe_soon(ctx: &Arc<Context>, namespace: &str, name: &str, unreachable: &str) {
+    let ctx2 = Arc::clone(ctx);
+    let (ns, name, error) = (namespace.to_owned(), name.to_owned(), unreachable.to_owned());
+    ctx.tasks.spawn_once(
+        &format!("probe/{ns}/{name}"),
+        Box::pin(async move {
+            let api: Api<ResticRepository> = Api::namespaced(ctx2.client.clone(), &ns);
+            let Ok(Some(repo)) = api.get_opt(&name).await else {
+                return;
+            };
+            let ready = repo
+                .status
+                .as_ref()
+                .and_then(|s| find_condition(&s.conditions, ct::READY))
+                .is_some_and(Condition::is_true);
+            if !ready {
+                return;
+            }
+            tracing::info!(repository = %format!("{ns}/{name}"), %error, "a run cannot reach the repository; probing it");
+            if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
+                let _ = probe(&repo, &ctx2, &creds.repository).await;
+            }
+        }),
+    );
+}
+
+/// A follower for `inner` of a run on repository `namespace/name` that has the repository
+/// probed (see [`probe_soon`]) when the agent says restic cannot reach it.
+pub fn watching<'a>(
+    ctx: &Arc<Context>,
+    namespace: &str,
+    name: &str,
+    inner: &'a mut dyn crate::run::Follower,
+) -> crate::run::Reachability<'a, impl FnMut(&str) + Send + 'a> {
+    let ctx = Arc::clone(ctx);
+    let (ns, name) = (namespace.to_owned(), name.to_owned());
+    crate::run::Reachability::new(inner, move |error: &str| probe_soon(&ctx, &ns, &name, error))
+}
+
 pub async fn publish(ctx: &Context, repo: &ResticRepository, type_: EventType, reason: &str, note: String) {
     crate::context::publish(&ctx.repository_events, repo, type_, reason, note).await;
 }
