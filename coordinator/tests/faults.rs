@@ -1,9 +1,11 @@
 //! The fault suite: parts of the system killed, restarted or missing, over many repeats, with
 //! what must hold measured on the real control plane, S3 server, restic, coordinator and
-//! agent. Each test writes its row of the table (see `table`); `e2e/scripts/faults.sh` runs
-//! the suite and prints the table. `FAULT_REPEATS` lowers the repeat counts for a quick local
-//! run; CI runs the full counts.
-
+//! agent (the API server's row is `apiserver.rs`, a binary of its own). Each test writes its
+//! row of the table (see `table`); `e2e/scripts/faults.sh` runs the suite and prints the
+//! table. `FAULT_REPEATS` lowers the repeat counts for a quick local run; CI runs the full
+//! counts.
+#[path = "faults/common.rs"]
+mod common;
 mod support;
 #[path = "faults/table.rs"]
 mod table;
@@ -13,10 +15,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use common::{SLOW_BACKUP, fresh_data, now_ms, record, repeats};
 use restic_operator_api::restore::RestorePhase;
-use restic_operator_e2e::eventually;
 use restic_operator_e2e::fixtures::assert_trees_equal;
 use restic_operator_e2e::fixtures::pseudo_random;
+use restic_operator_e2e::s3::S3Server;
+use restic_operator_e2e::{ResticRepo, eventually};
 use restic_operator_proto::v1 as pb;
 use serde_json::json;
 use support::{
@@ -24,56 +28,6 @@ use support::{
     wait_dispatched,
 };
 use table::{Row, spread};
-
-/// The repeat count of a row: `default`, or `FAULT_REPEATS` when set lower.
-fn repeats(default: usize) -> usize {
-    std::env::var("FAULT_REPEATS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(default, |n: usize| n.clamp(1, default))
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// A backup of `db-0`'s volume slow enough to be caught in flight: 512 KiB/s upload.
-const SLOW_BACKUP: &str = "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticBackup\n\
-    metadata: {name: db}\nspec:\n  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
-    source: {podVolumeBackup: {selector: {matchLabels: {app: db}}, volumeName: data}}\n  \
-    restic: {extraArgs: ['--limit-upload=512']}\n";
-
-/// New data for repeat `i` (1.5 MiB, about 3 s to upload), in place of the last repeat's.
-fn fresh_data(data: &Path, i: usize) -> Result<()> {
-    let _ = std::fs::remove_file(data.join(format!("dump-{}.bin", i.wrapping_sub(1))));
-    std::fs::write(
-        data.join(format!("dump-{i}.bin")),
-        pseudo_random(3 << 19, 1000 + i as u64),
-    )?;
-    Ok(())
-}
-
-/// Records the row, failing it with the error when the fault's run did not complete.
-fn record(mut row: Row<'_>, outcome: Result<bool>) -> Result<()> {
-    match outcome {
-        Ok(held) => {
-            row.held &= held;
-            row.record();
-            ensure!(row.held, "{}: {}", row.fault, row.measured);
-            Ok(())
-        }
-        Err(e) => {
-            row.held = false;
-            row.measured = format!("{} — stopped: {e:#}", row.measured)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            row.record();
-            Err(e)
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sigkilled_mid_backup() -> Result<()> {
@@ -749,6 +703,388 @@ async fn fifty_backups_due_at_once_on_one_node() -> Result<()> {
             cap >> 20
         );
         Ok(exact && wrong.is_empty() && peak <= cap)
+    }
+    .await;
+    record(row, outcome)
+}
+
+/// The reconciles of `controller` so far, whatever their result.
+fn reconciles(node: &Node, controller: &str) -> Result<u64> {
+    let text = node.coordinators[0].metrics()?;
+    let series = format!("restic_operator_reconcile_total{{controller=\"{controller}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// Waits until backup `db`'s restic is reading and uploading (not queued, not starting).
+async fn uploading(node: &Node) -> Result<()> {
+    let api = node.backups();
+    eventually("the backup uploading", Duration::from_secs(60), || async {
+        let b = api.get("db").await?;
+        let p = b.status.and_then(|s| s.progress);
+        Ok(p.filter(|p| p.bytes_done.unwrap_or_default() > 0).map(|_| ()))
+    })
+    .await
+}
+
+/// What one outage of the S3 server showed.
+#[derive(Debug, Default)]
+struct Outage {
+    /// After the server went down: the repository's `Ready` False with `RepositoryUnreachable`,
+    /// and the backup's `RepositoryReady` False naming it.
+    repository_unreachable: Option<Duration>,
+    backup_told: Option<Duration>,
+    message: String,
+    /// Reconciles of the repository and of the backup while the server was down.
+    repository_reconciles: u64,
+    backup_reconciles: u64,
+    /// How long the backup's reconciles were counted, and those of the start of its run.
+    backup_window: Duration,
+    start_reconciles: u64,
+    /// After the server came back: the repository Ready again, and the backup's end.
+    ready_again: Duration,
+    backup_ended: Duration,
+    result: String,
+    /// Whether the repository came back within one backoff of the controller.
+    within_backoff: bool,
+    /// Seconds after the stop at which the repository was reconciled.
+    probes: Vec<u64>,
+}
+
+/// One S3 outage of `down` on `node`'s own server, with backup `db` started `trigger_after`
+/// into it (`None`: it runs already when the server goes down).
+async fn outage(
+    node: &Node,
+    s3: &mut S3Server,
+    down: Duration,
+    trigger_after: Option<Duration>,
+    round: usize,
+) -> Result<Outage> {
+    let trigger = format!("outage-{round}");
+    if trigger_after.is_none() {
+        node.trigger("db", &trigger).await?;
+        uploading(node).await?;
+    }
+    let (repositories, backups) = (
+        reconciles(node, "resticrepository")?,
+        reconciles(node, "resticbackup")?,
+    );
+    s3.stop();
+    let stopped = Instant::now();
+    let mut seen = Outage::default();
+    let mut triggered = false;
+    let mut last_count = repositories;
+    // The backup's reconciles are counted from the stop, or once the start of a run
+    // triggered during the outage has been written (its own writes are not the outage's).
+    let settled = trigger_after.map(|t| t + Duration::from_secs(5));
+    let mut backups_from = (backups, Duration::ZERO);
+    while stopped.elapsed() < down {
+        if trigger_after.is_some_and(|t| stopped.elapsed() >= t) && !triggered {
+            node.trigger("db", &trigger).await?;
+            triggered = true;
+        }
+        if settled.is_some_and(|t| stopped.elapsed() >= t) && backups_from.1.is_zero() {
+            backups_from = (reconciles(node, "resticbackup")?, stopped.elapsed());
+            seen.start_reconciles = backups_from.0 - backups;
+        }
+        let repo = node.repositories().get("main").await?;
+        let ready = repo
+            .status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready");
+        if seen.repository_unreachable.is_none()
+            && let Some(c) =
+                ready.filter(|c| !c.is_true() && c.reason.as_deref() == Some("RepositoryUnreachable"))
+        {
+            seen.repository_unreachable = Some(stopped.elapsed());
+            seen.message = c.message.unwrap_or_default();
+        }
+        let now = reconciles(node, "resticrepository")?;
+        if now != last_count {
+            last_count = now;
+            seen.probes.push(stopped.elapsed().as_secs());
+        }
+        let backup = node.backups().get("db").await?;
+        let told = backup.status.unwrap_or_default().conditions.into_iter().any(|c| {
+            c.type_ == "RepositoryReady"
+                && !c.is_true()
+                && c.message.unwrap_or_default().contains("RepositoryUnreachable")
+        });
+        if told && seen.backup_told.is_none() {
+            seen.backup_told = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    seen.repository_reconciles = reconciles(node, "resticrepository")? - repositories;
+    seen.backup_reconciles = reconciles(node, "resticbackup")? - backups_from.0;
+    seen.backup_window = stopped.elapsed() - backups_from.1;
+    s3.start_again()?;
+    let back = Instant::now();
+    node.wait_repository_reason("main", "RepositoryAccessible", Duration::from_secs(330))
+        .await?;
+    seen.ready_again = back.elapsed();
+    // The controller waits at most one backoff of the failures it saw while the server was
+    // down (each reconcile then probed once), and restic's probe takes a moment.
+    let backoff = restic_operator_coordinator::error::backoff(
+        u32::try_from(seen.repository_reconciles).unwrap_or(u32::MAX),
+    );
+    seen.within_backoff = seen.ready_again <= backoff + Duration::from_secs(5);
+    let done = node
+        .wait_finished("db", round as i64, Duration::from_secs(300))
+        .await?;
+    seen.backup_ended = back.elapsed();
+    let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
+    seen.result = format!(
+        "{}{}",
+        last.result.map(|r| r.to_string()).unwrap_or_default(),
+        last.message.map(|m| format!(" ({m})")).unwrap_or_default()
+    );
+    Ok(seen)
+}
+
+/// Both outages on a node of its own with its own S3 server: mid-backup, then between runs.
+async fn outages_once(i: usize, down: Duration) -> Result<(Outage, Outage, usize)> {
+    // Progress written at the coordinator's default interval, not the other tests' 1 s.
+    let flags = ["--progress-interval=3s".to_string()];
+    let mut node = Node::start_with(&format!("fault-s3-{i}"), &[], &flags).await?;
+    let mut s3 = S3Server::start(&node.dir.join("s3"))?;
+    let repo = ResticRepo {
+        url: s3.endpoint.repository(&format!("outage-{i}"), "main"),
+        password: format!("password-of-outage-{i}"),
+        s3: s3.endpoint.clone(),
+    };
+    node.repository("main", &repo).await?;
+    node.wait_repository_reason("main", "RepositoryInitialized", Duration::from_secs(60))
+        .await?;
+    let (_, data) = node.app_pod("db-0", "db", "data").await?;
+    std::fs::write(data.join("dump.bin"), pseudo_random(3 << 20, 77 + i as u64))?;
+    node.apply_yaml(SLOW_BACKUP).await?;
+    let mid_backup = outage(&node, &mut s3, down, None, 0).await?;
+    std::fs::write(data.join("dump-2.bin"), pseudo_random(1 << 20, 88 + i as u64))?;
+    let between = outage(&node, &mut s3, down, Some(Duration::from_secs(15)), 1).await?;
+    let snapshots = restic_snapshots(&repo)?.len();
+    node.coordinators.clear();
+    Ok((mid_backup, between, snapshots))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_down_mid_backup_and_between_runs() -> Result<()> {
+    let n = repeats(5);
+    let down = Duration::from_secs(60);
+    let mut row = Row::new(
+        "4-s3-down",
+        "S3 server down 60 s, mid-backup and between runs",
+        n,
+        "a clear reason; RepositoryReady=False with RepositoryUnreachable; recovery within one \
+         backoff of the server's return; ≤ 1 reconcile per 10 s per object while down",
+    );
+    let outcome = async {
+        // The repeats stop servers of their own, all at once.
+        let all = futures::future::join_all((0..n).map(|i| outages_once(i, down))).await;
+        let all: Vec<(Outage, Outage, usize)> = all.into_iter().collect::<Result<_>>()?;
+        let outages: Vec<&Outage> = all.iter().flat_map(|(a, b, _)| [a, b]).collect();
+        let told = |o: &&&Outage| o.repository_unreachable.is_some() && o.backup_told.is_some();
+        let reported = outages.iter().filter(told).count();
+        let at = |f: fn(&Outage) -> Option<Duration>, between: bool| {
+            let of_kind = outages
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| (k % 2 == 1) == between);
+            spread(of_kind.filter_map(|(_, o)| f(o)).collect())
+        };
+        let most = |f: fn(&Outage) -> u64| outages.iter().map(|o| f(o)).max().unwrap_or_default();
+        // Reconciles per 10 s while down: the repository's over the whole outage, the
+        // backup's over its counted window.
+        let per_10s = |count: u64, window: Duration| count as f64 * 10.0 / window.as_secs_f64().max(1.0);
+        let rate = |o: &&Outage| {
+            per_10s(o.repository_reconciles, down).max(per_10s(o.backup_reconciles, o.backup_window))
+        };
+        let fastest = outages.iter().map(rate).fold(0.0, f64::max);
+        let allowed = |o: &&Outage| {
+            o.repository_reconciles <= down.as_secs().div_ceil(10)
+                && o.backup_reconciles <= (o.backup_window.as_secs_f64() / 10.0).round() as u64
+        };
+        let calm = outages.iter().filter(|o| allowed(o)).count();
+        let succeeded = outages.iter().filter(|o| o.result == "Succeeded").count();
+        let within = outages.iter().filter(|o| o.within_backoff).count();
+        let snapshots: Vec<usize> = all.iter().map(|(_, _, s)| *s).collect();
+        row.measured = format!(
+            "Unreachable shown in {reported} of {} outages, in the repository's Ready {} after \
+             the stop mid-backup and {} between runs (the run starts 15 s into the outage), in \
+             the backup's RepositoryReady {} and {}, e.g. {:?}; reconciles while down: \
+             at most {} (repository, per 60 s) and {} (backup; between runs counted from 5 s \
+             after the trigger, whose own start writes took up to {}), at most {fastest:.2} per \
+             10 s per object, within the limit in {calm} of {}; Ready again {} after the return, \
+             within one backoff {within} of {}; the runs rode out the outage on restic's \
+             retries: {succeeded} of {} Succeeded, {} after the return; snapshots {snapshots:?}",
+            outages.len(),
+            at(|o| o.repository_unreachable, false),
+            at(|o| o.repository_unreachable, true),
+            at(|o| o.backup_told, false),
+            at(|o| o.backup_told, true),
+            outages.first().map(|o| o.message.clone()).unwrap_or_default(),
+            most(|o| o.repository_reconciles),
+            most(|o| o.backup_reconciles),
+            most(|o| o.start_reconciles),
+            outages.len(),
+            spread(outages.iter().map(|o| o.ready_again).collect()),
+            outages.len(),
+            outages.len(),
+            spread(outages.iter().map(|o| o.backup_ended).collect()),
+        );
+        Ok(reported == outages.len()
+            && calm == outages.len()
+            && within == outages.len()
+            && succeeded == outages.len()
+            && snapshots.iter().all(|&s| s == 2))
+    }
+    .await;
+    record(row, outcome)
+}
+
+/// A retention policy keeping the last snapshot tagged `fault`, then pruning.
+const KEEP_ONE: &str = "apiVersion: backup.resticbackup.io/v1alpha1\nkind: GlobalRetentionPolicy\n\
+    metadata: {name: keep-one}\nspec:\n  repositoryRef: {name: main}\n  schedule: '@yearly'\n  \
+    groupBy: []\n  prune: true\n  policies:\n  - {selector: {tags: [fault]}, retention: {keepLast: 1}}\n";
+
+/// The steps of a retention run, as the ids of its agent runs end: the size read, the one
+/// policy's forget, the prune.
+const RETENTION_STEPS: [&str; 3] = ["size-before", "p0", "prune"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sigkilled_mid_retention() -> Result<()> {
+    let n = repeats(20);
+    let mut row = Row::new(
+        "1c-coordinator-mid-retention",
+        "coordinator SIGKILL mid-retention",
+        n,
+        "each forget and prune ran at most once; status right ≤ 10 s after restart; no run left in activeRun",
+    );
+    let outcome = async {
+        let mut node = Node::start("fault-coord-retention").await?;
+        // A server of its own, frozen to hold each step in flight while the coordinator dies.
+        let s3 = S3Server::start(&node.dir.join("s3"))?;
+        let repo = ResticRepo {
+            url: s3.endpoint.repository("retention", "main"),
+            password: "password-of-retention".into(),
+            s3: s3.endpoint.clone(),
+        };
+        node.repository("main", &repo).await?;
+        node.wait_repository_reason("main", "RepositoryInitialized", Duration::from_secs(60))
+            .await?;
+        let source = node.dir.join("retention-source");
+        std::fs::create_dir_all(&source)?;
+        let snapshot = |i: usize| -> Result<()> {
+            std::fs::write(source.join("data.bin"), pseudo_random(256 << 10, 500 + i as u64))?;
+            let out = repo
+                .restic()?
+                .args(["backup", "--host", "fault", "--tag", "fault"])
+                .arg(&source)
+                .output()?;
+            ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            Ok(())
+        };
+        snapshot(0)?;
+        node.apply_yaml(KEEP_ONE).await?;
+        let policies = node.policies();
+        let agent = node.agent_client().await?;
+        let (mut late, mut caught, mut wrong, mut twice) = (Vec::new(), 0, Vec::new(), Vec::new());
+        for i in 0..n {
+            snapshot(i + 1)?;
+            let step = RETENTION_STEPS[i % RETENTION_STEPS.len()];
+            // The first step starts at once: the server is frozen before the trigger.
+            let frozen_first = step == RETENTION_STEPS[0];
+            if frozen_first {
+                s3.pause()?;
+            }
+            let trigger = format!("kill-{i}");
+            policies
+                .patch(
+                    "keep-one",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"spec": {"manualTrigger": trigger}})),
+                )
+                .await?;
+            let run_id = eventually("the retention run", Duration::from_secs(30), || async {
+                let p = policies.get("keep-one").await?;
+                Ok(p.status.and_then(|s| s.active_run).map(|a| a.run_id))
+            })
+            .await?;
+            let target = format!("{run_id}-{step}");
+            let waited = Instant::now();
+            while !support::runs(&agent).await?.iter().any(|r| r.run_id == target) {
+                ensure!(
+                    waited.elapsed() < Duration::from_secs(60),
+                    "{target} never reached the agent"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !frozen_first {
+                s3.pause()?;
+            }
+            let in_flight = support::runs(&agent)
+                .await?
+                .iter()
+                .any(|r| r.run_id == target && r.state != pb::RunState::Finished as i32);
+            caught += usize::from(in_flight);
+            node.coordinators[0].kill();
+            node.coordinators.clear();
+            node.start_coordinator("coordinator-a").await?;
+            let restarted = now_ms();
+            s3.resume()?;
+            let status = eventually("the retention run's end", Duration::from_secs(90), || async {
+                let p = policies.get("keep-one").await?;
+                Ok(p.status.filter(|s| {
+                    s.active_run.is_none() && s.last_manual_trigger.as_deref() == Some(trigger.as_str())
+                }))
+            })
+            .await
+            .with_context(|| node.coordinator_log())?;
+            let seen = now_ms();
+            let steps: Vec<pb::RunInfo> = support::runs(&agent)
+                .await?
+                .into_iter()
+                .filter(|r| r.run_id.starts_with(&format!("{run_id}-")))
+                .collect();
+            let of = |k: pb::RunKind| steps.iter().filter(|r| r.kind == k as i32).count();
+            if of(pb::RunKind::Forget) != 1 || of(pb::RunKind::Prune) != 1 {
+                twice.push(format!(
+                    "{run_id}: {} forgets, {} prunes",
+                    of(pb::RunKind::Forget),
+                    of(pb::RunKind::Prune)
+                ));
+            }
+            // A forget run again would have found nothing left to remove.
+            let result = status.last_run_result.map(|r| r.to_string()).unwrap_or_default();
+            if result != "Succeeded" || status.snapshots_removed != Some(1) {
+                wrong.push(format!(
+                    "{run_id}: {result}, removed {:?}, {:?}",
+                    status.snapshots_removed, status.message
+                ));
+            }
+            let ended = steps.iter().map(|r| r.finished_unix_ms).max().unwrap_or(seen);
+            late.push(Duration::from_millis((seen - restarted.max(ended)).max(0) as u64));
+        }
+        let left = restic_snapshots(&repo)?.len();
+        let locks = repo.lock_ids()?.len();
+        row.measured = format!(
+            "{caught} of {n} kills with the step in flight (size read, forget, prune in turn; the \
+             others between steps); forgets or prunes run twice: {}; wrong results: {}; status \
+             right {} after restart or the run's end; snapshots left {left} (kept 1), locks left {locks}",
+            twice.len(),
+            wrong.len(),
+            spread(late.clone())
+        );
+        if !wrong.is_empty() || !twice.is_empty() {
+            eprintln!("{wrong:?} {twice:?}");
+        }
+        let max = late.iter().max().copied().unwrap_or_default();
+        Ok(twice.is_empty() && wrong.is_empty() && left == 1 && locks == 0 && max <= Duration::from_secs(10))
     }
     .await;
     record(row, outcome)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prints the fault suite's table from the rows its tests wrote (coordinator/tests/faults.rs).
+# Prints the fault suite's table from the rows its tests wrote (coordinator/tests/faults.rs and apiserver.rs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rows="${CARGO_TARGET_DIR:-target}/tmp/faults"

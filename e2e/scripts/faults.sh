@@ -8,6 +8,6 @@ bash e2e/scripts/install-deps.sh
 bash e2e/scripts/install-tools.sh >/dev/null
 rm -rf "${CARGO_TARGET_DIR:-target}/tmp/faults"
 status=0
-cargo test --locked -p restic-operator-coordinator --test faults || status=$?
+cargo test --locked -p restic-operator-coordinator --test faults --test apiserver || status=$?
 bash e2e/scripts/fault-table.sh
 exit "$status"

@@ -18,7 +18,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 rm -rf "${CARGO_TARGET_DIR:-target}/tmp/faults"
 status=0
 cargo test --workspace --locked --no-fail-fast || status=$?
-echo "[test] the fault suite (coordinator/tests/faults.rs):"
+echo "[test] the fault suite (coordinator/tests/faults.rs and apiserver.rs):"
 bash e2e/scripts/fault-table.sh
 echo "[test] all done in $(( $(date +%s) - start ))s"
 exit "$status"

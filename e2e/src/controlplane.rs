@@ -23,8 +23,15 @@ pub struct ControlPlane {
     pub admin_kubeconfig: PathBuf,
     ca: Ca,
     // Dropped (killed) in reverse start order: controller-manager, apiserver, etcd.
-    processes: Vec<Process>,
+    processes: std::sync::Mutex<Vec<Process>>,
+    /// kube-apiserver's command line, to start it again.
+    apiserver_args: Vec<String>,
+    /// How many times kube-apiserver was started, for the name of its log.
+    apiserver_starts: std::sync::atomic::AtomicU32,
 }
+
+/// Where kube-apiserver is in [`ControlPlane`]'s processes.
+const APISERVER: usize = 1;
 
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager with state under `dir`, and waits
@@ -171,18 +178,20 @@ impl ControlPlane {
             &ca.client("system:kube-controller-manager", None)?,
         )?;
 
-        let mut plane = Self {
+        let plane = Self {
             dir: dir.to_path_buf(),
             server,
             admin_kubeconfig,
             ca,
-            processes,
+            processes: std::sync::Mutex::new(processes),
+            apiserver_args,
+            apiserver_starts: std::sync::atomic::AtomicU32::new(1),
         };
         plane
             .wait_ready(Duration::from_secs(90))
             .context("kube-apiserver did not become ready")?;
 
-        plane.processes.push(Process::spawn(
+        plane.processes.lock().unwrap().push(Process::spawn(
             "kube-controller-manager",
             &tool("kube-controller-manager")?,
             &args(&[
@@ -235,8 +244,31 @@ impl ControlPlane {
         &self.ca
     }
 
-    fn check_processes(&mut self) -> Result<()> {
-        for p in &mut self.processes {
+    /// Stops kube-apiserver (SIGKILL, as a crashed or unreachable control plane): clients are
+    /// refused until [`ControlPlane::start_apiserver`]. etcd and the controllers stay.
+    pub fn stop_apiserver(&self) {
+        self.processes.lock().unwrap()[APISERVER].kill();
+    }
+
+    /// Starts kube-apiserver again on the same port, flags and etcd, and waits until it is
+    /// ready.
+    pub fn start_apiserver(&self) -> Result<()> {
+        let n = 1 + self
+            .apiserver_starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let process = Process::spawn(
+            &format!("kube-apiserver-{n}"),
+            &tool("kube-apiserver")?,
+            &self.apiserver_args,
+            &self.dir,
+        )?;
+        // The old one was killed and reaped; dropping it does nothing more.
+        self.processes.lock().unwrap()[APISERVER] = process;
+        self.wait_ready(Duration::from_secs(90))
+    }
+
+    fn check_processes(&self) -> Result<()> {
+        for p in self.processes.lock().unwrap().iter_mut() {
             p.check_running()?;
         }
         Ok(())
@@ -250,7 +282,7 @@ impl ControlPlane {
             .output()?)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_processes()?;
@@ -262,7 +294,7 @@ impl ControlPlane {
                 bail!(
                     "not ready after {timeout:?}: {}\nkube-apiserver log:\n{}",
                     String::from_utf8_lossy(&out.stderr),
-                    self.processes[1].log_tail(8)
+                    self.processes.lock().unwrap()[APISERVER].log_tail(8)
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -271,7 +303,7 @@ impl ControlPlane {
 
     /// The controllers are running once the service-account controller has created the
     /// `default` ServiceAccount of `default`.
-    fn wait_controllers(&mut self, timeout: Duration) -> Result<()> {
+    fn wait_controllers(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_processes()?;
@@ -292,7 +324,8 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        while let Some(mut p) = self.processes.pop() {
+        let processes = self.processes.get_mut().unwrap_or_else(|e| e.into_inner());
+        while let Some(mut p) = processes.pop() {
             p.kill();
         }
     }
