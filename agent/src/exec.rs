@@ -24,7 +24,9 @@ use restic_operator_proto::MAX_FAILED_PATHS;
 
 /// stderr lines kept to explain a failure.
 const STDERR_TAIL: usize = 40;
-/// How often a run that keeps retrying says so again (`Retrying` events).
+/// The step name of the `restic unlock` that removes a dead run's locks.
+const DEAD_LOCKS_STEP: &str = "unlock-dead";
+/// How often a restic process that keeps retrying says so again (`Retrying` events).
 const RETRYING_EVERY: Duration = Duration::from_secs(30);
 
 /// What the agent needs to run restic; fixed at start-up.
@@ -225,7 +227,7 @@ impl Executor {
                 volumes: Vec::new(),
                 access: Access::Repository,
                 stream: false,
-                step: "unlock-dead",
+                step: DEAD_LOCKS_STEP,
             };
             // Not the run's cancel: a run cancelled and then killed still gets its locks removed.
             let never = tokio_util::sync::CancellationToken::new();
@@ -416,14 +418,15 @@ impl Executor {
         // Set when restic reports an error it would retry until its deadline for nothing. Not
         // for init, which is what mends a missing bucket.
         let watch_hopeless = inv.args.first().map(String::as_str) != Some("init");
-        // A probe (`cat config`) asks whether the repository answers now, statistics are read
-        // again later anyway, and removing a dead run's locks helps only when the repository
-        // answers: restic retrying means it does not, and the caller should hear so at once
-        // rather than in 15 minutes, with the run's slot free again.
-        let fail_on_retry = matches!(
-            inv.args.first().map(String::as_str),
-            Some("cat" | "stats" | "unlock")
-        );
+        // A probe (`cat config`) asks whether the repository answers now, and removing a dead
+        // run's locks can wait for the next call: restic retrying means the repository does not
+        // answer, and the caller should hear so at once rather than in 15 minutes. Statistics,
+        // read again later anyway, give up only when the repository does not open at all (a
+        // blip in the middle of a long read is retried). Other commands, and the unlock before
+        // a forget, prune or check, keep restic's own retries.
+        let command = inv.args.first().map(String::as_str);
+        let fail_on_retry = command == Some("cat") || inv.step == DEAD_LOCKS_STEP;
+        let fail_on_opening = command == Some("stats");
         let give_up = tokio_util::sync::CancellationToken::new();
         let mut hopeless = None;
         let read_stderr = async {
@@ -450,7 +453,7 @@ impl Executor {
                         let message = error.to_owned();
                         run.emit(Event::Retrying(pb::Retrying { message }));
                     }
-                    if fail_on_retry && hopeless.is_none() {
+                    if (fail_on_retry || (fail_on_opening && restic::opening(&line))) && hopeless.is_none() {
                         hopeless = Some(line.clone());
                         give_up.cancel();
                     }

@@ -498,6 +498,12 @@ pub fn retrying(line: &str) -> Option<&str> {
     Some(error.trim()).filter(|e| !e.is_empty())
 }
 
+/// Whether `line` says restic retries opening the repository (reading its `config`): the
+/// backend does not answer at all, rather than failing one request in the middle of a run.
+pub fn opening(line: &str) -> bool {
+    retrying(line).is_some() && line.contains("(<config/>)")
+}
+
 /// The failure a [`hopeless`] line stands for, and a sentence a user can act on.
 pub fn classify_hopeless(line: &str) -> (FailureKind, String) {
     let lower = line.to_ascii_lowercase();
@@ -590,6 +596,8 @@ mod tests {
             Some("Stat: The specified bucket does not exist.")
         );
         assert_eq!(classify_hopeless(bucket).0, FailureKind::RepositoryNotFound);
+        assert!(opening(bucket));
+        assert!(!opening(refused), "a request in the middle of a run");
         for other in [
             "Save(<data/db8214e4e4>) operation successful after 2 retries",
             "returned error, retrying after 1s:",

@@ -431,9 +431,15 @@ impl Runs {
             r.emit(Event::Queued(pb::Queued {
                 position: position as u32,
             }));
-            let permit = tokio::select! {
-                p = Arc::clone(&this.slots).acquire_owned() => p.ok(),
-                _ = r.cancel.cancelled() => None,
+            // A probe reads one small file: it never waits behind long runs for a slot, or a
+            // repository that stopped answering mid-backup would be reported only after it.
+            let permit = if kind == RunKind::Probe {
+                Some(None)
+            } else {
+                tokio::select! {
+                    p = Arc::clone(&this.slots).acquire_owned() => p.ok().map(Some),
+                    _ = r.cancel.cancelled() => None,
+                }
             };
             this.queued.fetch_sub(1, Ordering::Relaxed);
             this.metrics.queue_length.set(this.queue_len() as i64);
@@ -593,6 +599,23 @@ mod tests {
             .filter(|e| matches!(e.event, Some(Event::Log(_))))
             .count();
         assert_eq!(logs, 5);
+    }
+
+    #[tokio::test]
+    async fn a_probe_never_waits_for_a_slot_held_by_a_long_run() {
+        let (_d, runs) = registry(1);
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let (long, _) = runs.start_or_attach("long", RunKind::Backup, "repo", None, |_| async move {
+            let _ = held.await;
+            ok()
+        });
+        let (probe, _) = runs.start_or_attach("probe", RunKind::Probe, "repo", None, |_| async { ok() });
+        let events = tokio::time::timeout(Duration::from_secs(5), probe.subscribe().collect::<Vec<_>>())
+            .await
+            .expect("the probe waited for the backup's slot");
+        assert!(matches!(events.last().unwrap().event, Some(Event::Result(_))));
+        let _ = release.send(());
+        let _: Vec<_> = long.subscribe().collect().await;
     }
 
     #[tokio::test]

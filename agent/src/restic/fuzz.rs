@@ -160,6 +160,7 @@ fn run(seed: u64, cases: usize) -> (usize, usize) {
         let _ = hopeless(&input);
         let _ = classify_hopeless(&input);
         let _ = retrying(&input);
+        let _ = opening(&input);
         let _ = forget_summary(&input);
         let _ = serde_json::from_str::<Vec<SnapshotJson>>(&input);
         let _ = redact(&input, &["secret".to_string()]);
