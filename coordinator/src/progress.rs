@@ -23,8 +23,8 @@ pub struct ProgressWriter<'a, K: WithStatus> {
     stage: Option<String>,
     last_write: Option<std::time::Instant>,
     pending: Option<tokio::task::JoinHandle<()>>,
-    /// The progress last written.
-    written: Option<Progress>,
+    /// The progress last written (set by the write once it succeeded).
+    written: Arc<std::sync::Mutex<Option<Progress>>>,
     /// Contact with the agent was lost and `Progressing` says so.
     lost: bool,
 }
@@ -46,7 +46,7 @@ where
             stage: None,
             last_write: None,
             pending: None,
-            written: None,
+            written: Arc::default(),
             lost: false,
         }
     }
@@ -75,11 +75,11 @@ where
             let progress = self.progress();
             // Nothing moved (restic waits for the repository, say): no write, and no
             // reconcile of the object that would follow it.
-            if self.written.as_ref().is_some_and(|w| same_progress(w, &progress)) {
+            let written = self.written.lock().expect("written").clone();
+            if written.is_some_and(|w| same_progress(&w, &progress)) {
                 return;
             }
             self.last_write = Some(std::time::Instant::now());
-            self.written = Some(progress.clone());
             self.pending = Some(self.spawn_write(progress));
         }
     }
@@ -111,14 +111,18 @@ where
         let name = self.name.clone();
         let run_id = self.run_id.clone();
         let writer = Arc::clone(&self.ctx.status);
+        let written = Arc::clone(&self.written);
         tokio::spawn(async move {
-            let _ = writer
+            let done = writer
                 .update(&api, &name, |_, s| {
                     if s.active_run().is_some_and(|a| a.run_id == run_id) {
                         s.set_progress(Some(progress.clone()));
                     }
                 })
                 .await;
+            if done.is_ok() {
+                *written.lock().expect("written") = Some(progress);
+            }
         })
     }
 

@@ -22,12 +22,14 @@ use restic_operator_e2e::fixtures::pseudo_random;
 use restic_operator_e2e::s3::S3Server;
 use restic_operator_e2e::{ResticRepo, eventually};
 use restic_operator_proto::v1 as pb;
+use restic_operator_proto::v1::agent_client::AgentClient;
 use serde_json::json;
 use support::{
     Node, backed_up, backup_yaml, live_claim, ready_repository, restic_snapshots, restore_yaml,
     wait_dispatched,
 };
 use table::{Row, spread};
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_sigkilled_mid_backup() -> Result<()> {
@@ -750,14 +752,15 @@ struct Outage {
     result: String,
     /// Whether the repository came back within one backoff of the controller.
     within_backoff: bool,
-    /// Seconds after the stop at which the repository was reconciled.
-    probes: Vec<u64>,
+    /// Probes that failed while the server was down.
+    failed_probes: usize,
 }
 
 /// One S3 outage of `down` on `node`'s own server, with backup `db` started `trigger_after`
 /// into it (`None`: it runs already when the server goes down).
 async fn outage(
     node: &Node,
+    agent: &AgentClient<Channel>,
     s3: &mut S3Server,
     down: Duration,
     trigger_after: Option<Duration>,
@@ -776,7 +779,6 @@ async fn outage(
     let stopped = Instant::now();
     let mut seen = Outage::default();
     let mut triggered = false;
-    let mut last_count = repositories;
     // The backup's reconciles in the 5 s after a trigger during the outage are the start of
     // its run (the trigger and the writes that record the run), not the outage's.
     let settled = trigger_after.map(|t| t + Duration::from_secs(5));
@@ -805,11 +807,6 @@ async fn outage(
             seen.repository_unreachable = Some(stopped.elapsed());
             seen.message = c.message.unwrap_or_default();
         }
-        let now = reconciles(node, "resticrepository")?;
-        if now != last_count {
-            last_count = now;
-            seen.probes.push(stopped.elapsed().as_secs());
-        }
         let backup = node.backups().get("db").await?;
         let told = backup.status.unwrap_or_default().conditions.into_iter().any(|c| {
             c.type_ == "RepositoryReady"
@@ -828,11 +825,21 @@ async fn outage(
     node.wait_repository_reason("main", "RepositoryAccessible", Duration::from_secs(330))
         .await?;
     seen.ready_again = back.elapsed();
-    // The controller waits at most one backoff of the failures it saw while the server was
-    // down (each reconcile then probed once), and restic's probe takes a moment.
-    let backoff = restic_operator_coordinator::error::backoff(
-        u32::try_from(seen.repository_reconciles).unwrap_or(u32::MAX),
-    );
+    // The controller backs off after each probe that failed while the server was down (the
+    // agent's record of them): it waits at most the backoff of that many failures, and
+    // restic's probe takes a moment.
+    let stopped_ms = now_ms() - i64::try_from(stopped.elapsed().as_millis())?;
+    seen.failed_probes = support::runs(agent)
+        .await?
+        .iter()
+        .filter(|r| r.kind == pb::RunKind::Probe as i32 && r.created_unix_ms >= stopped_ms)
+        .filter(|r| {
+            r.result
+                .as_ref()
+                .is_some_and(|r| r.outcome != pb::Outcome::Succeeded as i32)
+        })
+        .count();
+    let backoff = restic_operator_coordinator::error::backoff(u32::try_from(seen.failed_probes)?);
     seen.within_backoff = seen.ready_again <= backoff + Duration::from_secs(5);
     let done = node
         .wait_finished("db", round as i64, Duration::from_secs(300))
@@ -864,9 +871,10 @@ async fn outages_once(i: usize, down: Duration) -> Result<(Outage, Outage, usize
     let (_, data) = node.app_pod("db-0", "db", "data").await?;
     std::fs::write(data.join("dump.bin"), pseudo_random(3 << 20, 77 + i as u64))?;
     node.apply_yaml(SLOW_BACKUP).await?;
-    let mid_backup = outage(&node, &mut s3, down, None, 0).await?;
+    let agent = node.agent_client().await?;
+    let mid_backup = outage(&node, &agent, &mut s3, down, None, 0).await?;
     std::fs::write(data.join("dump-2.bin"), pseudo_random(1 << 20, 88 + i as u64))?;
-    let between = outage(&node, &mut s3, down, Some(Duration::from_secs(15)), 1).await?;
+    let between = outage(&node, &agent, &mut s3, down, Some(Duration::from_secs(15)), 1).await?;
     let snapshots = restic_snapshots(&repo)?.len();
     node.coordinators.clear();
     Ok((mid_backup, between, snapshots))
@@ -918,7 +926,7 @@ async fn s3_server_down_mid_backup_and_between_runs() -> Result<()> {
              at most {} (repository, per 60 s) and {} (backup, without the {} of the start of \
              a run triggered during the outage), at most {fastest:.2} per \
              10 s per object, within the limit in {calm} of {}; Ready again {} after the return, \
-             within one backoff {within} of {}; the runs rode out the outage on restic's \
+             within the backoff after the failed probes (at most {}) in {within} of {}; the runs rode out the outage on restic's \
              retries: {succeeded} of {} Succeeded, {} after the return; snapshots {snapshots:?}",
             outages.len(),
             at(|o| o.repository_unreachable, false),
@@ -931,6 +939,7 @@ async fn s3_server_down_mid_backup_and_between_runs() -> Result<()> {
             most(|o| o.start_reconciles),
             outages.len(),
             spread(outages.iter().map(|o| o.ready_again).collect()),
+            outages.iter().map(|o| o.failed_probes).max().unwrap_or_default(),
             outages.len(),
             outages.len(),
             spread(outages.iter().map(|o| o.backup_ended).collect()),

@@ -48,8 +48,8 @@ pub enum RunTrigger {
     Once,
 }
 
-/// Live progress of the run in flight, updated by the operator a few times a minute while the
-/// run lasts. Removed when the run ends.
+/// Live progress of the run in flight, updated by the operator every few seconds while the run
+/// moves (not while it waits, e.g. for an unreachable repository). Removed when the run ends.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
