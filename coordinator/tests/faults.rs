@@ -1000,13 +1000,24 @@ async fn coordinator_sigkilled_mid_retention() -> Result<()> {
         node.apply_yaml(KEEP_ONE).await?;
         let policies = node.policies();
         let agent = node.agent_client().await?;
+        let idle = || async {
+            let runs = support::runs(&agent).await?;
+            let busy = runs.iter().any(|r| r.state != pb::RunState::Finished as i32);
+            Ok((!busy).then_some(()))
+        };
         let (mut late, mut caught, mut wrong, mut twice) = (Vec::new(), 0, Vec::new(), Vec::new());
         for i in 0..n {
             snapshot(i + 1)?;
             let step = RETENTION_STEPS[i % RETENTION_STEPS.len()];
-            // The first step starts at once: the server is frozen before the trigger.
+            // The first step starts at once: the server is frozen before the trigger, once the
+            // statistics read after the last run is done (retention waits for it, and it
+            // would wait for the frozen server).
             let frozen_first = step == RETENTION_STEPS[0];
             if frozen_first {
+                // Idle twice, a second apart: the read starts a moment after the run's end.
+                eventually("the agent idle", Duration::from_secs(60), idle).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                eventually("the agent idle", Duration::from_secs(60), idle).await?;
                 s3.pause()?;
             }
             let trigger = format!("kill-{i}");
@@ -1077,6 +1088,8 @@ async fn coordinator_sigkilled_mid_retention() -> Result<()> {
             let ended = steps.iter().map(|r| r.finished_unix_ms).max().unwrap_or(seen);
             late.push(Duration::from_millis((seen - restarted.max(ended)).max(0) as u64));
         }
+        // The statistics read after the last run holds a live lock while it runs.
+        eventually("the agent idle", Duration::from_secs(60), idle).await?;
         let left = restic_snapshots(&repo)?.len();
         let locks = repo.lock_ids()?.len();
         row.measured = format!(
