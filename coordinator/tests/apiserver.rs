@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use common::{SLOW_BACKUP, fresh_data, now_ms, record, repeats};
+use common::{SLOW_BACKUP, backup_ended, fresh_data, now_ms, record, repeats};
 use restic_operator_proto::v1 as pb;
 use support::{Node, ready_repository, restic_snapshots, wait_dispatched};
 use table::{Row, spread};
@@ -64,23 +64,12 @@ async fn kube_apiserver_down_with_a_backup_in_flight() -> Result<()> {
                 node.coordinators.clear();
                 node.start_coordinator("coordinator-a").await?;
             }
-            let done = node
-                .wait_finished("db", i as i64, Duration::from_secs(120))
-                .await?;
-            let seen = now_ms();
-            let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
-            let ok = last.run_id.as_deref() == Some(run_id.as_str())
-                && last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded");
-            if !ok {
+            let end = backup_ended(&node, &run_id, i, back, Duration::from_secs(120)).await?;
+            if let Some(last) = end.wrong {
                 wrong.push(format!("{run_id} (down {was_down:?}): {last:?}"));
             }
-            ids.extend(last.snapshot_id);
-            let ended = support::runs(&agent)
-                .await?
-                .into_iter()
-                .find(|r| r.run_id == run_id)
-                .map_or(seen, |r| r.finished_unix_ms);
-            late.push(Duration::from_millis((seen - back.max(ended)).max(0) as u64));
+            ids.extend(end.snapshot_id);
+            late.push(end.late);
         }
         let backups = support::runs(&agent)
             .await?

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{SLOW_BACKUP, fresh_data, now_ms, record, repeats};
+use common::{SLOW_BACKUP, backup_ended, fresh_data, now_ms, record, repeats};
 use restic_operator_api::restore::RestorePhase;
 use restic_operator_e2e::fixtures::assert_trees_equal;
 use restic_operator_e2e::fixtures::pseudo_random;
@@ -55,24 +55,12 @@ async fn coordinator_sigkilled_mid_backup() -> Result<()> {
             node.coordinators.clear();
             let restarted = now_ms();
             node.start_coordinator("coordinator-a").await?;
-            let done = node
-                .wait_finished("db", i as i64, Duration::from_secs(90))
-                .await?;
-            let seen = now_ms();
-            let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
-            let ok = last.run_id.as_deref() == Some(run_id.as_str())
-                && last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded");
-            if !ok {
+            let end = backup_ended(&node, &run_id, i, restarted, Duration::from_secs(90)).await?;
+            if let Some(last) = end.wrong {
                 wrong.push(format!("{run_id}: {last:?}"));
             }
-            ids.extend(last.snapshot_id);
-            let ended = node
-                .agent_runs()
-                .await?
-                .into_iter()
-                .find(|r| r.run_id == run_id)
-                .map_or(seen, |r| r.finished_unix_ms);
-            late.push(Duration::from_millis((seen - restarted.max(ended)).max(0) as u64));
+            ids.extend(end.snapshot_id);
+            late.push(end.late);
             if node.coordinators[0]
                 .metric("restic_operator_dispatch_total{kind=\"backup\"}")
                 .is_some()

@@ -3,11 +3,14 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use restic_operator_api::backup::BackupRun;
 use restic_operator_e2e::fixtures::pseudo_random;
 
 use super::table::Row;
+use crate::support::Node;
 
 /// The repeat count of a row: `default`, or `FAULT_REPEATS` when set lower.
 pub fn repeats(default: usize) -> usize {
@@ -57,4 +60,39 @@ pub fn record(mut row: Row<'_>, outcome: Result<bool>) -> Result<()> {
             Err(e)
         }
     }
+}
+
+/// How run `run_id` of backup `db` ended, once `db` has finished more than `after_total` runs.
+pub struct Ended {
+    /// Its `lastBackup`, when that is not this run Succeeded.
+    pub wrong: Option<BackupRun>,
+    pub snapshot_id: Option<String>,
+    /// How long after `since_ms` (a restart) or the run's end on the agent, whichever is later,
+    /// the status said so.
+    pub late: Duration,
+}
+
+pub async fn backup_ended(
+    node: &Node,
+    run_id: &str,
+    after_total: usize,
+    since_ms: i64,
+    timeout: Duration,
+) -> Result<Ended> {
+    let done = node.wait_finished("db", after_total as i64, timeout).await?;
+    let seen = now_ms();
+    let last = done.status.and_then(|s| s.last_backup).context("no lastBackup")?;
+    let ok = last.run_id.as_deref() == Some(run_id)
+        && last.result.map(|r| r.to_string()).as_deref() == Some("Succeeded");
+    let ended = node
+        .agent_runs()
+        .await?
+        .into_iter()
+        .find(|r| r.run_id == run_id)
+        .map_or(seen, |r| r.finished_unix_ms);
+    Ok(Ended {
+        snapshot_id: last.snapshot_id.clone(),
+        wrong: (!ok).then_some(last),
+        late: Duration::from_millis((seen - since_ms.max(ended)).max(0) as u64),
+    })
 }
