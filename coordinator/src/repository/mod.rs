@@ -200,23 +200,36 @@ async fn integrity_checks(
     Ok(plan.wake)
 }
 
-/// Refreshes a repository's statistics in the background (after the probe, or after a backup
-/// or retention run changed them), unless a refresh already runs.
-pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
+/// Runs `work` in the background on the live repository `namespace/name` and its
+/// credentials, unless work under the same `task` runs already; nothing when the repository
+/// is gone or its credentials cannot be read (its reconcile says why).
+fn in_background<F, Fut>(ctx: &Arc<Context>, task: &str, namespace: &str, name: &str, work: F)
+where
+    F: FnOnce(Arc<Context>, ResticRepository, pb::Repository) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let ctx2 = Arc::clone(ctx);
     let (ns, name) = (namespace.to_owned(), name.to_owned());
     ctx.tasks.spawn_once(
-        &format!("stats/{ns}/{name}"),
+        &format!("{task}/{ns}/{name}"),
         Box::pin(async move {
             let api: Api<ResticRepository> = Api::namespaced(ctx2.client.clone(), &ns);
             let Ok(Some(repo)) = api.get_opt(&name).await else {
                 return;
             };
             if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
-                statistics(&repo, &ctx2, &creds.repository).await;
+                work(ctx2, repo, creds.repository).await;
             }
         }),
     );
+}
+
+/// Refreshes a repository's statistics in the background (after the probe, or after a backup
+/// or retention run changed them), unless a refresh already runs.
+pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
+    in_background(ctx, "stats", namespace, name, |ctx, repo, creds| async move {
+        statistics(&repo, &ctx, &creds).await;
+    });
 }
 
 /// Probes a repository now, in the background (one probe at a time), because a run found
@@ -225,29 +238,19 @@ pub fn refresh_soon(ctx: &Arc<Context>, namespace: &str, name: &str) {
 /// use it show why in `RepositoryReady`. A repository already not ready is left to its own
 /// reconcile, which probes it with backoff until it answers.
 pub fn probe_soon(ctx: &Arc<Context>, namespace: &str, name: &str, unreachable: &str) {
-    let ctx2 = Arc::clone(ctx);
-    let (ns, name, error) = (namespace.to_owned(), name.to_owned(), unreachable.to_owned());
-    ctx.tasks.spawn_once(
-        &format!("probe/{ns}/{name}"),
-        Box::pin(async move {
-            let api: Api<ResticRepository> = Api::namespaced(ctx2.client.clone(), &ns);
-            let Ok(Some(repo)) = api.get_opt(&name).await else {
-                return;
-            };
-            let ready = repo
-                .status
-                .as_ref()
-                .and_then(|s| find_condition(&s.conditions, ct::READY))
-                .is_some_and(Condition::is_true);
-            if !ready {
-                return;
-            }
-            tracing::info!(repository = %format!("{ns}/{name}"), %error, "a run cannot reach the repository; probing it");
-            if let Ok(creds) = resolve::load_credentials(&ctx2.client, &repo).await {
-                let _ = probe(&repo, &ctx2, &creds.repository).await;
-            }
-        }),
-    );
+    let error = unreachable.to_owned();
+    in_background(ctx, "probe", namespace, name, |ctx, repo, creds| async move {
+        let ready = repo
+            .status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, ct::READY))
+            .is_some_and(Condition::is_true);
+        if ready {
+            let key = crate::status::key_of(&repo);
+            tracing::info!(repository = %key, %error, "a run cannot reach the repository; probing it");
+            let _ = probe(&repo, &ctx, &creds).await;
+        }
+    });
 }
 
 /// A follower for `inner` of a run on repository `namespace/name` that has the repository
