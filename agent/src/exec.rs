@@ -28,6 +28,8 @@ const STDERR_TAIL: usize = 40;
 const DEAD_LOCKS_STEP: &str = "unlock-dead";
 /// How often a restic process that keeps retrying says so again (`Retrying` events).
 const RETRYING_EVERY: Duration = Duration::from_secs(30);
+/// How often the caches no run used for a month are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// What the agent needs to run restic; fixed at start-up.
 pub struct Executor {
@@ -48,6 +50,10 @@ pub struct Executor {
     pub live: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Held while the locks of dead processes are removed, so each is removed once.
     pub clearing: tokio::sync::Mutex<()>,
+    /// The snapshot each backup identity made last on this node: its next parent.
+    pub parents: crate::parents::Parents,
+    /// When the caches no run used for a month were last looked for.
+    pub swept: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Why restic did not run.
@@ -284,7 +290,7 @@ impl Executor {
             .options
             .run_as_user
             .map(|uid| (uid, inv.options.run_as_group.unwrap_or(uid)));
-        let cache = self.cache_dir.join(cache_key(&inv.repo.url, user));
+        let cache = self.cache_dir.join(crate::cache::key(&inv.repo.url, user));
         // A restore writes into a volume its pod may change under it; a symlink swapped in
         // there could send restic's writes anywhere writable in the sandbox, and the cache is
         // shared with other runs of the repository. So restores run without it.
@@ -515,7 +521,44 @@ impl Executor {
             out.peak_memory = cg.peak_memory();
         }
         tracing::debug!(run_id = %run.id, step = inv.step, code = ?out.exit_code, elapsed = ?started.elapsed(), "restic exited");
+        if use_cache {
+            self.tend_cache(cache, opts.cache_size_bytes).await;
+        }
         Ok(out)
+    }
+
+    /// After a run that used the cache `dir`: marks it used, keeps it within `limit` bytes (0:
+    /// no limit), and now and then removes the caches no run has used for a month.
+    async fn tend_cache(&self, dir: PathBuf, limit: u64) {
+        let root = self.cache_dir.clone();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let sweep = {
+            let mut last = self.swept.lock().expect("swept");
+            let due = last.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        let work = tokio::task::spawn_blocking(move || {
+            crate::cache::touch(&dir);
+            if sweep {
+                for name in crate::cache::sweep(&root, crate::cache::UNUSED_FOR) {
+                    tracing::info!(cache = %name, "removed a repository cache no run used for 30 days");
+                }
+            }
+            (limit > 0).then(|| crate::cache::trim(&dir, limit))
+        });
+        match work.await {
+            Ok(Some(Ok(t))) if t.files_removed > 0 => {
+                tracing::info!(cache = %name, before = t.bytes_before, after = t.bytes_after, removed = t.files_removed, "trimmed a repository cache to its size limit")
+            }
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "cannot trim a repository cache"),
+            _ => {}
+        }
     }
 }
 
@@ -542,19 +585,6 @@ fn emit_warning(run: &Run, e: &ErrorMessage, secrets: &[String]) {
     }));
 }
 
-/// A directory name for a repository's cache that does not leak the URL's credentials, one per
-/// user restic runs as: restic makes its cache readable by its own user only, so runs of one
-/// repository as different users (`runAsUser`) would otherwise take it from each other.
-fn cache_key(url: &str, user: Option<(u32, u32)>) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    url.hash(&mut h);
-    match user {
-        Some((uid, gid)) => format!("repo-{:016x}-{uid}-{gid}", h.finish()),
-        None => format!("repo-{:016x}", h.finish()),
-    }
-}
-
 /// The per-process scratch space on the host. The sandbox root is only ever a mount point
 /// inside restic's own namespace, so on the host it is an empty directory: it is removed with
 /// `remove_dir`, never recursively, so that a mount that somehow leaked could not take a
@@ -572,23 +602,5 @@ impl Drop for Scratch {
             tracing::error!(root = %self.root.display(), error = %e, "sandbox root is not empty on the host; leaving it");
         }
         let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_user_restic_runs_as_has_a_cache_of_its_own_named_without_the_url() {
-        let url = "s3:https://key:secret@s3.example/bucket";
-        let root = cache_key(url, None);
-        let user = cache_key(url, Some((1000, 1000)));
-        let other = cache_key(url, Some((1001, 1001)));
-        assert_eq!(root, cache_key(url, None), "stable");
-        assert!(root != user && user != other, "{root} {user} {other}");
-        for key in [root, user, other] {
-            assert!(!key.contains("secret") && !key.contains('/'), "{key}");
-        }
     }
 }

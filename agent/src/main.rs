@@ -1,6 +1,7 @@
 //! `restic-agent`: the restic-operator node agent (`serve`), the on-call debug CLI (`debug`),
 //! and the sandbox restic runs in (`sandbox`, started by the agent itself).
 
+mod cache;
 mod cgroup;
 mod debug;
 mod exec;
@@ -8,6 +9,7 @@ mod locks;
 mod metrics;
 mod oncall;
 mod ops;
+mod parents;
 mod restic;
 mod runs;
 mod sandbox;

@@ -498,6 +498,13 @@ pub fn retrying(line: &str) -> Option<&str> {
     Some(error.trim()).filter(|e| !e.is_empty())
 }
 
+/// Whether restic's `stderr` says that snapshot `id`, given as `--parent`, is not in the
+/// repository.
+pub fn no_such_snapshot(stderr: &str, id: &str) -> bool {
+    let short = id.get(..8).unwrap_or(id);
+    stderr.contains(&format!("failed to load snapshot {short}")) || stderr.contains("no matching ID found")
+}
+
 /// Whether `line` says restic retries opening the repository (reading its `config`): the
 /// backend does not answer at all, rather than failing one request in the middle of a run.
 pub fn opening(line: &str) -> bool {

@@ -211,6 +211,8 @@ pub async fn run(args: Args) -> Result<()> {
         holders: crate::locks::Holders::new(&args.state_dir),
         live: Default::default(),
         clearing: tokio::sync::Mutex::new(()),
+        parents: crate::parents::Parents::new(&args.state_dir),
+        swept: Default::default(),
     });
     let service = AgentService {
         runs: Arc::clone(&runs),

@@ -129,6 +129,117 @@ async fn an_unchanged_volume_stays_incremental_after_its_pod_is_recreated() -> R
     let snaps = restic_snapshots(&repo)?;
     let paths: Vec<_> = snaps.iter().map(|s| s["paths"].clone()).collect();
     ensure!(paths == vec![serde_json::json!(["/data"]); 2], "{paths:?}");
+    ensure!(
+        parent_in_repository(&repo, &second.snapshot_id)? == Some(first.snapshot_id.clone()),
+        "the snapshot names the reported parent"
+    );
+    Ok(())
+}
+
+/// The parent in the repository's record of `snapshot`.
+fn parent_in_repository(repo: &restic_operator_e2e::ResticRepo, snapshot: &str) -> Result<Option<String>> {
+    let snaps = restic_snapshots(repo)?;
+    let s = snaps
+        .iter()
+        .find(|s| s["id"] == snapshot)
+        .ok_or_else(|| anyhow::anyhow!("no snapshot {snapshot}"))?;
+    Ok(s["parent"].as_str().map(str::to_owned))
+}
+
+/// A backup is one restic call: its parent is the snapshot it made last on this node, named
+/// with `--parent`; without that record restic picks the latest snapshot with the same host,
+/// paths and every tag, so never another namespace's; and a recorded parent forgotten since
+/// costs a second call, not a failure.
+#[tokio::test]
+async fn the_parent_is_chosen_inside_the_single_backup_call_and_never_another_namespaces() -> Result<()> {
+    let agent = Agent::start("parent")?;
+    let repo = s3_repository(&unique_name("parent"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let uid = pod_uid(1);
+    make_tree(&agent.volume(&uid, EMPTY_DIR, "data")?)?;
+    let request = |run: &str, namespace: &str| {
+        let mut req = backup(run, &repo, &uid, "data");
+        req.tags.push(format!("restic-operator/namespace={namespace}"));
+        req
+    };
+    let mut run = async |req: pb::BackupRequest| -> Result<(Vec<pb::RunEvent>, pb::Result)> {
+        let (events, r) = collect(client.backup(req).await?.into_inner()).await?;
+        ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+        Ok((events, r))
+    };
+    let restic_calls = |events: &[pb::RunEvent]| {
+        events
+            .iter()
+            .filter(|e| matches!(e.event, Some(pb::run_event::Event::Started(_))))
+            .count()
+    };
+
+    // The first: no parent anywhere, all files read, one call.
+    let (events, first) = run(request("p1", "team-a")).await?;
+    ensure!(restic_calls(&events) == 1, "{events:?}");
+    ensure!(first.backup.as_ref().unwrap().files_new == 4, "{first:?}");
+    ensure!(parent_in_repository(&repo, &first.snapshot_id)?.is_none());
+
+    // Another namespace, same host, paths and other tags: team a's snapshot is not its parent.
+    let (_, theirs) = run(request("p2", "team-b")).await?;
+    ensure!(theirs.backup.as_ref().unwrap().files_new == 4, "{theirs:?}");
+    ensure!(
+        parent_in_repository(&repo, &theirs.snapshot_id)?.is_none(),
+        "team a's snapshot became team b's parent"
+    );
+
+    // Team a's next: the recorded parent, one call, nothing read again.
+    let (events, second) = run(request("p3", "team-a")).await?;
+    ensure!(restic_calls(&events) == 1, "{events:?}");
+    let s = second.backup.as_ref().unwrap();
+    ensure!(
+        s.files_unmodified == 4 && s.parent_snapshot_id == first.snapshot_id,
+        "{s:?}"
+    );
+    ensure!(parent_in_repository(&repo, &second.snapshot_id)? == Some(first.snapshot_id.clone()));
+
+    // The node's records are lost: restic picks team a's latest, not team b's newer one; the
+    // result does not claim to know which.
+    std::fs::remove_dir_all(agent.dir.join("state/parents"))?;
+    let (events, third) = run(request("p4", "team-a")).await?;
+    ensure!(restic_calls(&events) == 1, "{events:?}");
+    let s = third.backup.as_ref().unwrap();
+    ensure!(
+        s.files_unmodified == 4 && s.parent_snapshot_id.is_empty(),
+        "{s:?}"
+    );
+    ensure!(parent_in_repository(&repo, &third.snapshot_id)? == Some(second.snapshot_id.clone()));
+
+    // The recorded parent (the third) is forgotten: a second call, which restic's choice
+    // (the second) serves.
+    let out = repo.restic()?.args(["forget", &third.snapshot_id]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (events, fourth) = run(request("p5", "team-a")).await?;
+    ensure!(restic_calls(&events) == 2, "{events:?}");
+    let s = fourth.backup.as_ref().unwrap();
+    ensure!(
+        s.files_unmodified == 4 && s.parent_snapshot_id.is_empty(),
+        "{s:?}"
+    );
+    ensure!(parent_in_repository(&repo, &fourth.snapshot_id)? == Some(second.snapshot_id.clone()));
+    // And the one after it has its record again.
+    let (_, fifth) = run(request("p6", "team-a")).await?;
+    ensure!(fifth.backup.as_ref().unwrap().parent_snapshot_id == fourth.snapshot_id);
+
+    // --skip-if-unchanged: nothing changed, so no new snapshot; the run names the latest.
+    let before = restic_snapshots(&repo)?.len();
+    let mut skip = request("p7", "team-a");
+    skip.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+        extra_args: vec!["--skip-if-unchanged".into()],
+        ..Default::default()
+    });
+    let (_, skipped) = run(skip).await?;
+    ensure!(
+        skipped.snapshot_id == fifth.snapshot_id && skipped.reason.contains("nothing changed"),
+        "{skipped:?}"
+    );
+    ensure!(restic_snapshots(&repo)?.len() == before, "a snapshot was made");
     Ok(())
 }
 
@@ -1598,5 +1709,83 @@ async fn malformed_and_hostile_requests_are_refused_as_invalid_arguments_with_a_
             .runs
             .is_empty()
     );
+    Ok(())
+}
+
+/// restic's cache is kept per repository on the node, shared by overlapping runs, and kept
+/// within the repository's size limit after each run.
+#[tokio::test]
+async fn the_cache_is_shared_by_overlapping_runs_and_kept_within_its_limit() -> Result<()> {
+    let agent = Agent::start("cache")?;
+    let repo = s3_repository(&unique_name("cache"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let cached = |run: &str, uid: &str, limit: u64| {
+        let mut req = backup(run, &repo, uid, "data");
+        req.host = format!("host-{uid}");
+        req.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+            use_cache: true,
+            cache_size_bytes: limit,
+            ..Default::default()
+        });
+        req
+    };
+    let uids = [pod_uid(1), pod_uid(2)];
+    for (i, uid) in uids.iter().enumerate() {
+        let data = agent.volume(uid, EMPTY_DIR, "data")?;
+        for f in 0..200 {
+            std::fs::write(
+                data.join(format!("f{f}")),
+                pseudo_random(4096, (i * 1000 + f) as u64),
+            )?;
+        }
+    }
+    // Two backups of one repository at once, one cache.
+    let mut a = agent.client().await?;
+    let mut b = agent.client().await?;
+    let (ra, rb) = tokio::join!(
+        async { collect(a.backup(cached("c1", &uids[0], 0)).await?.into_inner()).await },
+        async { collect(b.backup(cached("c2", &uids[1], 0)).await?.into_inner()).await },
+    );
+    for (_, r) in [ra?, rb?] {
+        ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+    }
+    let caches: Vec<_> = std::fs::read_dir(agent.dir.join("state/cache"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(caches.len() == 1, "one cache for the repository: {caches:?}");
+    let size = |dir: &std::path::Path| -> u64 {
+        fn walk(d: &std::path::Path, n: &mut u64) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                let m = e.path().symlink_metadata().unwrap();
+                if m.is_dir() {
+                    walk(&e.path(), n)
+                } else {
+                    *n += m.len()
+                }
+            }
+        }
+        let mut n = 0;
+        walk(dir, &mut n);
+        n
+    };
+    let full = size(&caches[0]);
+    ensure!(full > 8192, "restic filled its cache: {full} bytes");
+
+    // The next run under a limit below what the cache holds: trimmed to it afterwards, and the
+    // run after that, with a cache missing files, is still incremental.
+    let limit = full / 2;
+    let (_, r) = collect(client.backup(cached("c3", &uids[0], limit)).await?.into_inner()).await?;
+    ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+    ensure!(size(&caches[0]) <= limit, "{} > {limit}", size(&caches[0]));
+    ensure!(
+        agent.log().contains("trimmed a repository cache"),
+        "{}",
+        agent.log()
+    );
+    let (_, r) = collect(client.backup(cached("c4", &uids[0], limit)).await?.into_inner()).await?;
+    ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+    ensure!(r.backup.as_ref().unwrap().files_unmodified == 200, "{r:?}");
     Ok(())
 }

@@ -238,8 +238,8 @@ pub struct ResticOptions {
     pub hostname: Option<String>,
     /// Tags added to every snapshot (`restic backup --tag`). Each snapshot also carries
     /// `restic-operator/namespace=<namespace>`: the parent of a backup and what its retention
-    /// removes are always snapshots of this namespace (or, for the parent, snapshots made
-    /// before the operator, such as an old script's), whatever hostname and tags are set.
+    /// removes are always snapshots of this namespace, whatever hostname and tags are set (so
+    /// the first backup that continues an old script's history reads every file once).
     /// Tags hold no commas or white space and may not start with `restic-operator/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
@@ -430,7 +430,10 @@ pub struct BackupRun {
     /// commands accept in place of the full id.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "shortSnapshotID")]
     pub short_snapshot_id: Option<String>,
-    /// Id of the snapshot restic compared against (the previous snapshot of this backup).
+    /// Id of the snapshot restic compared against: the snapshot this backup last made on the
+    /// same node. Empty when restic chose it itself (the first backup on a node, or after the
+    /// node's record was lost): then the latest snapshot with this backup's host, paths and
+    /// tags, or none.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "parentSnapshotID")]
     pub parent_snapshot_id: Option<String>,
     /// `Succeeded`, `Failed`, or `PartiallyFailed` (a snapshot was made but some files could not

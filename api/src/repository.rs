@@ -130,13 +130,15 @@ pub struct IntegrityCheck {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheConfig {
-    /// Whether backups use restic's local cache of repository metadata, kept by the node agent
-    /// in its state directory (much faster backups of large repositories). When false, restic
-    /// runs with `--no-cache`. Restores and maintenance (forget, check, stats) run without it.
-    /// Default: true.
+    /// Whether backups use restic's local cache of repository metadata, kept by each node
+    /// agent in its state directory across runs (much faster backups of large repositories).
+    /// When false, restic runs with `--no-cache`. Restores and maintenance (forget, check,
+    /// stats) run without it. A cache no run used for 30 days is removed. Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Size limit of the cache, e.g. `5Gi`. Not used yet: the cache has no size limit.
+    /// Size limit of the cache on each node, e.g. `5Gi` (suffixes k, M, G, T, P, Ki, Mi, Gi,
+    /// Ti, Pi). After each run that used the cache, the agent removes its oldest files until
+    /// it fits; restic fetches what it misses from the repository. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Quantity>,
     /// StorageClass of a cache volume. Not used yet: the cache lives in the node agent's state

@@ -122,6 +122,18 @@ impl Access {
         self.repository.spec.cache.as_ref().is_none_or(|c| c.enabled)
     }
 
+    /// The size limit of the repository's cache on each node (`spec.cache.size`), in bytes; 0
+    /// is no limit.
+    pub fn cache_size_bytes(&self) -> u64 {
+        self.repository
+            .spec
+            .cache
+            .as_ref()
+            .and_then(|c| c.size.as_ref())
+            .and_then(|q| crate::backup::request::parse_quantity(&q.0))
+            .unwrap_or(0)
+    }
+
     /// `namespace/name` of the repository: the key of its locks.
     pub fn key(&self) -> String {
         crate::status::key_of(&self.repository)

@@ -1999,8 +1999,13 @@ async fn same_named_backups_of_two_namespaces_in_one_repository_never_thin_each_
     let thief = node
         .wait_succeeded_in(&b, "thief", 0, Duration::from_secs(60))
         .await?;
+    let thief_snapshot = restic_snapshots(&repo)?
+        .into_iter()
+        .find(|s| Some(s["id"].as_str().unwrap_or_default()) == thief.snapshot_id.as_deref())
+        .unwrap();
     assert_eq!(
-        thief.parent_snapshot_id, None,
+        (thief.parent_snapshot_id, &thief_snapshot["parent"]),
+        (None, &serde_json::Value::Null),
         "team a's snapshot is not team b's parent"
     );
     let ids: Vec<String> = restic_snapshots(&repo)?

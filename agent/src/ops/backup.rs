@@ -1,5 +1,5 @@
-//! Backup of one pod volume: resolve the volume, choose the parent snapshot explicitly, run
-//! `restic backup` with the volume at its stable path, and judge the result honestly.
+//! Backup of one pod volume: resolve the volume, run one `restic backup` with the volume at its
+//! stable path and a parent that is never another namespace's, and judge the result honestly.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use restic_operator_proto::v1::{self as pb, FailureKind, Outcome, RunKind, run_e
 use super::{
     check_common, check_tags, check_text, check_texts, execute, failed, failure_of, set_failed_paths,
 };
-use crate::exec::{Executor, Invocation};
+use crate::exec::{Executor, Invocation, Output};
+use crate::parents::Identity;
 use crate::restic;
 use crate::runs::Run;
 use crate::sandbox::{Access, VolumeBind};
@@ -37,6 +38,20 @@ pub fn prepare(req: pb::BackupRequest, host_path: PathBuf) -> Result<Prepared, S
     }
     check_text("host", &req.host, 1024)?;
     check_tags(&req.tags)?;
+    // The namespace tag keeps other namespaces' snapshots from being a parent; a second one
+    // would let a snapshot of either namespace be chosen.
+    if req
+        .tags
+        .iter()
+        .filter(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX))
+        .count()
+        > 1
+    {
+        return Err(format!(
+            "tags hold more than one {}<namespace> tag",
+            args::NAMESPACE_TAG_PREFIX
+        ));
+    }
     check_texts("paths", &req.paths, 1024, 4096)?;
     check_texts("excludes", &req.excludes, 1024, 4096)?;
     restic::check_excludes(&req.excludes)?;
@@ -82,104 +97,30 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     let req = &p.req;
     let repo = req.repository.as_ref().expect("checked in prepare");
     let options = req.options.as_ref().expect("checked in prepare");
-    let binds: Vec<VolumeBind> = p
-        .subpaths
-        .iter()
-        .map(|rel| VolumeBind {
-            source: p.host_path.clone(),
-            subpath: rel.clone(),
-            target: p.snapshot_path.join(rel),
-            read_only: true,
-            ..Default::default()
-        })
-        .collect();
-
-    // The parent: the latest snapshot of this host, tags and paths. restic would otherwise pick
-    // by host and paths only, and a tagless lookup could pick another backup's snapshot. The
-    // namespace tag is matched in `choose_parent`, so that snapshots made before it existed
-    // (an old script's, continued) still count.
-    let mut find = vec!["snapshots".to_string(), "--host".into(), req.host.clone()];
-    let user_tags: Vec<&String> = req
-        .tags
-        .iter()
-        .filter(|t| !t.starts_with(args::NAMESPACE_TAG_PREFIX))
-        .collect();
-    if !user_tags.is_empty() {
-        let joined: Vec<&str> = user_tags.iter().map(|t| t.as_str()).collect();
-        find.extend(["--tag".into(), joined.join(",")]);
-    }
-    for path in &p.paths {
-        find.extend(["--path".into(), path.clone()]);
-    }
-    let inv = Invocation {
-        run: &run,
-        repo,
-        options,
-        args: find,
-        volumes: vec![],
-        access: Access::Repository,
-        stream: false,
-        step: "parent",
-    };
-    let out = match execute(&exec, inv).await {
+    // One restic call: the parent is the snapshot this backup's identity made last on this
+    // node, or else restic's own choice by host, paths and the whole tag set (see
+    // `crate::parents`).
+    let identity = Identity::new(&repo.url, &req.host, &req.tags, &p.paths);
+    let mut parent = exec.parents.get(&identity);
+    let mut out = match backup_once(&exec, &run, &p, parent.as_deref()).await {
         Ok(out) => out,
         Err(failure) => return failure,
     };
-    if !out.success() {
-        return failure_of(&out, "looking up the parent snapshot");
-    }
-    let namespace_tag = req
-        .tags
-        .iter()
-        .find(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX));
-    let parent = serde_json::from_str::<Vec<restic::SnapshotJson>>(out.stdout.trim())
-        .ok()
-        .and_then(|found| choose_parent(&found, namespace_tag.map(String::as_str)));
-
-    let mut args = vec!["backup".to_string(), "--host".into(), req.host.clone()];
-    for t in &req.tags {
-        args.extend(["--tag".into(), t.clone()]);
-    }
-    for e in &req.excludes {
-        args.extend(["--exclude".into(), e.clone()]);
-    }
-    match &parent {
-        Some(id) => args.extend(["--parent".into(), id.clone()]),
-        // None: the first backup of this host, tags and paths. --force keeps restic from picking
-        // a parent of its own by host and paths alone.
-        None => args.push("--force".into()),
+    if out.exit_code == Some(1)
+        && out.summary.is_none()
+        && parent
+            .as_deref()
+            .is_some_and(|id| restic::no_such_snapshot(&out.stderr, id))
+    {
+        // The recorded snapshot was forgotten since; restic stopped before reading anything.
+        exec.parents.forget(&identity);
+        parent = None;
+        out = match backup_once(&exec, &run, &p, None).await {
+            Ok(out) => out,
+            Err(failure) => return failure,
+        };
     }
     let dry_run = req.dry_run;
-    if dry_run {
-        args.push("--dry-run".into());
-    }
-    if let Some(o) = &options.restic {
-        if o.read_concurrency > 0 {
-            args.extend(["--read-concurrency".into(), o.read_concurrency.to_string()]);
-        }
-        args.extend(o.extra_args.iter().cloned());
-    }
-    args.push("--".into());
-    args.extend(p.paths.iter().cloned());
-    run.emit(Event::Started(pb::Started {
-        kind: RunKind::Backup as i32,
-        command: display_command(&args),
-    }));
-
-    let inv = Invocation {
-        run: &run,
-        repo,
-        options,
-        args,
-        volumes: binds,
-        access: Access::ReadVolume,
-        stream: true,
-        step: "backup",
-    };
-    let mut out = match execute(&exec, inv).await {
-        Ok(out) => out,
-        Err(failure) => return failure,
-    };
     // Exit 3: the snapshot was made but some files could not be read.
     let partial = out.exit_code == Some(3);
     if !(out.success() || partial) || out.cancelled {
@@ -187,9 +128,26 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         set_failed_paths(&mut r, &out);
         return r;
     }
+    // With --skip-if-unchanged, restic makes no snapshot when nothing changed since the parent:
+    // the parent is then the volume's latest snapshot.
+    let skip_if_unchanged = options
+        .restic
+        .as_ref()
+        .is_some_and(|o| o.extra_args.iter().any(|a| a == "--skip-if-unchanged"));
+    let skipped = !dry_run
+        && skip_if_unchanged
+        && out.success()
+        && out.summary.as_ref().is_some_and(|s| {
+            s.snapshot_id.as_deref().unwrap_or_default().is_empty()
+                && s.files_new + s.files_changed + s.dirs_new + s.dirs_changed == 0
+        });
     // A summary that does not name a well-formed snapshot (garbled, cut short) proves nothing;
     // a dry run makes none.
-    let Some(summary) = out.summary.take().filter(|s| dry_run || s.snapshot().is_some()) else {
+    let Some(summary) = out
+        .summary
+        .take()
+        .filter(|s| dry_run || skipped || s.snapshot().is_some())
+    else {
         return failed(
             FailureKind::Restic,
             "restic exited without a summary naming its snapshot",
@@ -215,12 +173,28 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         exit_code: out.exit_code.unwrap_or_default(),
         ..Default::default()
     };
+    if skipped {
+        let parent = &result.backup.as_ref().expect("set above").parent_snapshot_id;
+        result.reason = match parent.is_empty() {
+            true => "nothing changed since the latest snapshot; restic made no new one (--skip-if-unchanged)"
+                .into(),
+            false => format!(
+                "nothing changed since snapshot {}; restic made no new one (--skip-if-unchanged)",
+                &parent[..8]
+            ),
+        };
+        result.snapshot_id = parent.clone();
+        return result;
+    }
     if summary.total_files_processed == 0 && volumes::any_entries(&p.host_path, &p.subpaths).await {
         result.outcome = Outcome::Failed as i32;
         result.failure = FailureKind::EmptySnapshot as i32;
         result.reason =
             "restic stored no files although the volume is not empty; the snapshot cannot be trusted".into();
         return result;
+    }
+    if !dry_run {
+        exec.parents.set(&identity, &result.snapshot_id);
     }
     if partial {
         result.outcome = Outcome::PartiallyFailed as i32;
@@ -230,24 +204,66 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     result
 }
 
-/// The latest of `found` (snapshots of the backup's host, tags and paths) that this namespace
-/// made, or that no namespace did (made before the operator, e.g. by the script the backup
-/// continues). Never another namespace's: restic trusts a parent's metadata, so a parent
-/// chosen from another namespace's snapshot could lend its contents to unchanged-looking files.
-pub fn choose_parent(found: &[restic::SnapshotJson], namespace_tag: Option<&str>) -> Option<String> {
-    found
+/// Runs `restic backup` once, with `parent` if it is known and restic's choice otherwise.
+async fn backup_once(
+    exec: &Executor,
+    run: &Run,
+    p: &Prepared,
+    parent: Option<&str>,
+) -> Result<Output, pb::Result> {
+    let req = &p.req;
+    let repo = req.repository.as_ref().expect("checked in prepare");
+    let options = req.options.as_ref().expect("checked in prepare");
+    let mut args = vec!["backup".to_string(), "--host".into(), req.host.clone()];
+    for t in &req.tags {
+        args.extend(["--tag".into(), t.clone()]);
+    }
+    for e in &req.excludes {
+        args.extend(["--exclude".into(), e.clone()]);
+    }
+    match parent {
+        Some(id) => args.extend(["--parent".into(), id.to_owned()]),
+        // The latest snapshot of this host that has all of this backup's paths and tags: the
+        // namespace tag keeps every other namespace's snapshots out.
+        None => args.extend(["--group-by".into(), "host,paths,tags".into()]),
+    }
+    if req.dry_run {
+        args.push("--dry-run".into());
+    }
+    if let Some(o) = &options.restic {
+        if o.read_concurrency > 0 {
+            args.extend(["--read-concurrency".into(), o.read_concurrency.to_string()]);
+        }
+        args.extend(o.extra_args.iter().cloned());
+    }
+    args.push("--".into());
+    args.extend(p.paths.iter().cloned());
+    run.emit(Event::Started(pb::Started {
+        kind: RunKind::Backup as i32,
+        command: display_command(&args),
+    }));
+    let volumes = p
+        .subpaths
         .iter()
-        .filter(|s| {
-            let tags = s.tags.as_deref().unwrap_or_default();
-            let theirs = tags.iter().find(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX));
-            match (namespace_tag, theirs) {
-                (_, None) => true,
-                (Some(ours), Some(theirs)) => theirs == ours,
-                (None, Some(_)) => false,
-            }
+        .map(|rel| VolumeBind {
+            source: p.host_path.clone(),
+            subpath: rel.clone(),
+            target: p.snapshot_path.join(rel),
+            read_only: true,
+            ..Default::default()
         })
-        .max_by_key(|s| restic::parse_rfc3339_ms(&s.time).unwrap_or(0))
-        .map(|s| s.id.clone())
+        .collect();
+    let inv = Invocation {
+        run,
+        repo,
+        options,
+        args,
+        volumes,
+        access: Access::ReadVolume,
+        stream: true,
+        step: "backup",
+    };
+    execute(exec, inv).await
 }
 
 /// The command line for people (never includes credentials: those are in the environment).
@@ -255,36 +271,4 @@ pub fn display_command(args: &[String]) -> Vec<String> {
     std::iter::once("restic".to_string())
         .chain(args.iter().cloned())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snapshot(id: &str, time: &str, tags: &[&str]) -> restic::SnapshotJson {
-        serde_json::from_value(serde_json::json!({
-            "id": id, "time": time, "hostname": "db", "paths": ["/data"], "tags": tags
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn the_parent_is_never_another_namespaces_snapshot() {
-        let ours = "restic-operator/namespace=team-a";
-        let found = [
-            snapshot("legacy", "2026-01-01T00:00:00Z", &["app"]),
-            snapshot("ours", "2026-01-02T00:00:00+01:00", &["app", ours]),
-            snapshot(
-                "theirs",
-                "2026-01-03T00:00:00Z",
-                &["app", "restic-operator/namespace=team-b"],
-            ),
-        ];
-        assert_eq!(choose_parent(&found, Some(ours)).as_deref(), Some("ours"));
-        // Before this namespace's first snapshot, an old script's continues the history.
-        assert_eq!(choose_parent(&found[..1], Some(ours)).as_deref(), Some("legacy"));
-        assert_eq!(choose_parent(&found[2..], Some(ours)), None);
-        // A request without a namespace tag (the debug CLI) takes no namespace's snapshot.
-        assert_eq!(choose_parent(&found, None).as_deref(), Some("legacy"));
-    }
 }

@@ -112,6 +112,7 @@ fn options(
             .map(|r| r.extra_args.clone())
             .unwrap_or_default(),
         use_cache: resolved.access().use_cache(),
+        cache_size_bytes: resolved.access().cache_size_bytes(),
         ..Default::default()
     });
     options
@@ -135,6 +136,8 @@ pub fn parse_quantity(q: &str) -> Option<u64> {
         "Mi" => 1024.0 * 1024.0,
         "Gi" => 1024.0 * 1024.0 * 1024.0,
         "Ti" => 1024.0f64.powi(4),
+        "P" => 1e15,
+        "Pi" => 1024.0f64.powi(5),
         _ => return None,
     };
     Some((n * mult) as u64)
@@ -164,7 +167,7 @@ mod tests {
 
     const REPOSITORY: &str = "apiVersion: backup.resticbackup.io/v1alpha1\nkind: ResticRepository\n\
         metadata: {name: repo, namespace: shared}\n\
-        spec: {repositoryURL: 's3:http://s3/bucket', credentialsSecretRef: {name: creds}, allowedNamespaces: {names: [team]}, cache: {enabled: false}}\n";
+        spec: {repositoryURL: 's3:http://s3/bucket', credentialsSecretRef: {name: creds}, allowedNamespaces: {names: [team]}, cache: {enabled: false, size: 5Gi}}\n";
 
     const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds, namespace: shared}\n\
         stringData: {RESTIC_PASSWORD: pw, AWS_ACCESS_KEY_ID: key, RESTIC_REPOSITORY: 's3:http://s3/bucket'}\n";
@@ -208,6 +211,7 @@ mod tests {
         let restic = options.restic.unwrap();
         assert_eq!(restic.extra_args, ["--compression=max"]);
         assert!(!restic.use_cache, "the repository turns the cache off");
+        assert_eq!(restic.cache_size_bytes, 5 << 30);
         let repository = r.repository.unwrap();
         assert_eq!(
             (repository.url.as_str(), repository.password.as_str()),

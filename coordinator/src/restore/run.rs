@@ -503,6 +503,7 @@ fn request(
             .map(|o| o.extra_args.clone())
             .unwrap_or_default(),
         use_cache: source.resolved.access().use_cache(),
+        cache_size_bytes: source.resolved.access().cache_size_bytes(),
         ..Default::default()
     });
     let mode = match restore.effective_mode() {

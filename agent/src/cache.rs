@@ -1,0 +1,216 @@
+//! restic's cache on the node: one directory per repository (and per user restic runs as)
+//! under the agent's state directory, kept across runs and agent restarts.
+//!
+//! restic writes each cache file once, under a temporary name and then renamed, and reads
+//! from the repository what it does not find in the cache, so runs of one repository may share
+//! a cache and the agent may remove files from it at any time. After each run that used it,
+//! the agent keeps the repository's cache within its size limit (`cache.size` of the
+//! ResticRepository) by removing the oldest files first, and removes the caches of
+//! repositories no run has used for [`UNUSED_FOR`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// A repository's cache that no run used for this long is removed.
+pub const UNUSED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A directory name for a repository's cache that does not show the URL (it may hold
+/// credentials), one per user restic runs as: restic makes its cache readable by its own user
+/// only, so runs of one repository as different users (`runAsUser`) would otherwise take it
+/// from each other. Stable across agent versions, so an upgrade keeps the caches.
+pub fn key(url: &str, user: Option<(u32, u32)>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
+    let hash: String = digest
+        .as_ref()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    match user {
+        Some((uid, gid)) => format!("repo-{hash}-{uid}-{gid}"),
+        None => format!("repo-{hash}"),
+    }
+}
+
+/// What [`trim`] did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Trimmed {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub files_removed: usize,
+}
+
+/// Removes the oldest files of the cache `dir` until it holds at most `limit` bytes.
+pub fn trim(dir: &Path, limit: u64) -> std::io::Result<Trimmed> {
+    let mut files = Vec::new();
+    collect(dir, &mut files)?;
+    let before: u64 = files.iter().map(|f| f.size).sum();
+    let mut trimmed = Trimmed {
+        bytes_before: before,
+        bytes_after: before,
+        files_removed: 0,
+    };
+    if before <= limit {
+        return Ok(trimmed);
+    }
+    files.sort_by_key(|f| f.modified);
+    for f in files {
+        if trimmed.bytes_after <= limit {
+            break;
+        }
+        // Gone already (another run's trim): counted as removed all the same.
+        match std::fs::remove_file(&f.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        trimmed.bytes_after -= f.size;
+        trimmed.files_removed += 1;
+    }
+    Ok(trimmed)
+}
+
+/// Marks the cache `dir` as used now, so [`sweep`] keeps it.
+pub fn touch(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.set_modified(SystemTime::now());
+    }
+}
+
+/// Removes the caches under `root` that no run used for `unused_for`; returns their names.
+pub fn sweep(root: &Path, unused_for: Duration) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        let unused = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > unused_for);
+        if meta.is_dir()
+            && name.starts_with("repo-")
+            && unused
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+struct File {
+    path: PathBuf,
+    size: u64,
+    modified: SystemTime,
+}
+
+/// The regular files below `dir`, never following a symlink.
+fn collect(dir: &Path, files: &mut Vec<File>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.path().symlink_metadata()?;
+        if meta.is_dir() {
+            collect(&entry.path(), files)?;
+        } else if meta.is_file() && entry.file_name() != "CACHEDIR.TAG" {
+            files.push(File {
+                path: entry.path(),
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_user_restic_runs_as_has_a_cache_of_its_own_named_without_the_url() {
+        let url = "s3:https://key:secret@s3.example/bucket";
+        let root = key(url, None);
+        let user = key(url, Some((1000, 1000)));
+        let other = key(url, Some((1001, 1001)));
+        // Stable: the same name in every agent version, so an upgrade keeps the caches.
+        assert_eq!(root, key(url, None));
+        assert_eq!(key("s3:http://s3/a", None), "repo-23c5fce8060f5a11");
+        assert!(root != user && user != other, "{root} {user} {other}");
+        for k in [root, user, other] {
+            assert!(!k.contains("secret") && !k.contains('/'), "{k}");
+        }
+    }
+
+    fn write(path: &Path, bytes: usize, age: Duration) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, vec![7u8; bytes]).unwrap();
+        let t = std::fs::File::options().write(true).open(path).unwrap();
+        t.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[test]
+    fn trimming_removes_the_oldest_files_until_the_cache_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path().join("0123abcd");
+        write(&repo.join("CACHEDIR.TAG"), 100, Duration::from_secs(9000));
+        write(&repo.join("index/old"), 1000, Duration::from_secs(3000));
+        write(&repo.join("data/ab/older"), 1000, Duration::from_secs(2000));
+        write(&repo.join("snapshots/new"), 1000, Duration::from_secs(10));
+        // Within the limit: nothing goes.
+        let t = trim(dir.path(), 3000).unwrap();
+        assert_eq!((t.bytes_before, t.files_removed), (3000, 0));
+        let t = trim(dir.path(), 1500).unwrap();
+        assert_eq!(
+            t,
+            Trimmed {
+                bytes_before: 3000,
+                bytes_after: 1000,
+                files_removed: 2
+            }
+        );
+        assert!(repo.join("snapshots/new").exists() && repo.join("CACHEDIR.TAG").exists());
+        assert!(!repo.join("index/old").exists() && !repo.join("data/ab/older").exists());
+    }
+
+    #[test]
+    fn trimming_never_follows_a_symlink_out_of_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        write(&outside.path().join("precious"), 5000, Duration::from_secs(9000));
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("data")).unwrap();
+        write(&dir.path().join("index/x"), 10, Duration::from_secs(1));
+        let t = trim(dir.path(), 0).unwrap();
+        assert_eq!(t.files_removed, 1);
+        assert!(outside.path().join("precious").exists());
+    }
+
+    #[test]
+    fn caches_no_run_used_for_a_month_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        for name in ["repo-old", "repo-new", "not-a-cache"] {
+            std::fs::create_dir_all(root.path().join(name).join("index")).unwrap();
+        }
+        let month_ago = SystemTime::now() - UNUSED_FOR - Duration::from_secs(60);
+        for name in ["repo-old", "not-a-cache"] {
+            std::fs::File::open(root.path().join(name))
+                .unwrap()
+                .set_modified(month_ago)
+                .unwrap();
+        }
+        assert_eq!(sweep(root.path(), UNUSED_FOR), ["repo-old"]);
+        assert!(root.path().join("repo-new").exists() && root.path().join("not-a-cache").exists());
+        // A run marks its cache as used.
+        std::fs::File::open(root.path().join("repo-new"))
+            .unwrap()
+            .set_modified(month_ago)
+            .unwrap();
+        touch(&root.path().join("repo-new"));
+        assert!(sweep(root.path(), UNUSED_FOR).is_empty());
+    }
+}
