@@ -1573,6 +1573,16 @@ async fn malformed_and_hostile_requests_are_refused_as_invalid_arguments_with_a_
             with(&|r| r.tags = vec!["a,b".into()]),
         ),
         (
+            "two namespace tags (a parent from either namespace)",
+            "more than one restic-operator/namespace=",
+            with(&|r| {
+                r.tags = vec![
+                    "restic-operator/namespace=a".into(),
+                    "restic-operator/namespace=b".into(),
+                ]
+            }),
+        ),
+        (
             "a thousand tags",
             "at most 256",
             with(&|r| r.tags = (0..1000).map(|i| format!("t{i}")).collect()),
