@@ -3,10 +3,11 @@
 //!
 //! restic writes each cache file once, under a temporary name and then renamed, and reads
 //! from the repository what it does not find in the cache, so runs of one repository may share
-//! a cache and the agent may remove files from it at any time. After each run that used it,
-//! the agent keeps the repository's cache within its size limit (`cache.size` of the
-//! ResticRepository) by removing the oldest files first, and removes the caches of
-//! repositories no run has used for [`UNUSED_FOR`].
+//! a cache. A run marks its cache as in use ([`InUse`]) before restic starts; when the last run
+//! using a cache ends, the agent keeps it within its size limit (`cache.size` of the
+//! ResticRepository) by removing the oldest files first. Caches no run has used for
+//! [`UNUSED_FOR`] are moved aside under the in-use lock (so no run can start on them meanwhile)
+//! and removed. Nothing is trimmed or removed while restic may be writing to it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -77,31 +78,73 @@ pub fn touch(dir: &Path) {
     }
 }
 
-/// Removes the caches under `root` that no run used for `unused_for`; returns their names.
-pub fn sweep(root: &Path, unused_for: Duration) -> Vec<String> {
+/// The caches runs are using now, by directory, with how many runs use each.
+#[derive(Default)]
+pub struct InUse(std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>);
+
+impl InUse {
+    /// Marks `dir` as used by one more run, and as used now (see [`sweep`]).
+    pub fn enter(&self, dir: &Path) {
+        let mut map = self.0.lock().expect("in use");
+        *map.entry(dir.to_path_buf()).or_default() += 1;
+        touch(dir);
+    }
+
+    /// One run less uses `dir`; whether it was the last.
+    pub fn leave(&self, dir: &Path) -> bool {
+        let mut map = self.0.lock().expect("in use");
+        match map.get_mut(dir) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                map.remove(dir);
+                true
+            }
+        }
+    }
+}
+
+/// Moves the caches under `root` that no run used for `unused_for`, and no run uses now, aside
+/// (under `in_use`'s lock, so that no run starts on one meanwhile). Returns their names and
+/// where they are now, for [`remove_moved`].
+pub fn sweep(root: &Path, unused_for: Duration, in_use: &InUse) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Vec::new();
     };
-    let mut removed = Vec::new();
+    let map = in_use.0.lock().expect("in use");
+    let mut moved = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Ok(meta) = entry.path().symlink_metadata() else {
             continue;
         };
+        // Left by an earlier sweep that did not finish.
+        if name.starts_with(".removed-") {
+            moved.push((name, entry.path()));
+            continue;
+        }
         let unused = meta
             .modified()
             .ok()
             .and_then(|m| m.elapsed().ok())
             .is_some_and(|age| age > unused_for);
-        if meta.is_dir()
-            && name.starts_with("repo-")
-            && unused
-            && std::fs::remove_dir_all(entry.path()).is_ok()
-        {
-            removed.push(name);
+        if meta.is_dir() && name.starts_with("repo-") && unused && !map.contains_key(&entry.path()) {
+            let aside = root.join(format!(".removed-{name}"));
+            if std::fs::rename(entry.path(), &aside).is_ok() {
+                moved.push((name, aside));
+            }
         }
     }
-    removed
+    moved
+}
+
+/// Removes what [`sweep`] moved aside.
+pub fn remove_moved(moved: &[(String, PathBuf)]) {
+    for (_, path) in moved {
+        let _ = std::fs::remove_dir_all(path);
+    }
 }
 
 struct File {
@@ -110,11 +153,21 @@ struct File {
     modified: SystemTime,
 }
 
-/// The regular files below `dir`, never following a symlink.
+/// The regular files below `dir`, never following a symlink. What disappears during the walk
+/// is not there.
 fn collect(dir: &Path, files: &mut Vec<File>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
-        let meta = entry.path().symlink_metadata()?;
+        let meta = match entry.path().symlink_metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         if meta.is_dir() {
             collect(&entry.path(), files)?;
         } else if meta.is_file() && entry.file_name() != "CACHEDIR.TAG" {
@@ -203,14 +256,37 @@ mod tests {
                 .set_modified(month_ago)
                 .unwrap();
         }
-        assert_eq!(sweep(root.path(), UNUSED_FOR), ["repo-old"]);
+        let in_use = InUse::default();
+        let moved = sweep(root.path(), UNUSED_FOR, &in_use);
+        assert_eq!(
+            moved.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(),
+            ["repo-old"]
+        );
+        remove_moved(&moved);
+        assert!(!root.path().join("repo-old").exists() && !root.path().join(".removed-repo-old").exists());
         assert!(root.path().join("repo-new").exists() && root.path().join("not-a-cache").exists());
-        // A run marks its cache as used.
-        std::fs::File::open(root.path().join("repo-new"))
+        // A run starting marks its cache as used now.
+        let new = root.path().join("repo-new");
+        std::fs::File::open(&new)
             .unwrap()
             .set_modified(month_ago)
             .unwrap();
-        touch(&root.path().join("repo-new"));
-        assert!(sweep(root.path(), UNUSED_FOR).is_empty());
+        in_use.enter(&new);
+        assert!(sweep(root.path(), UNUSED_FOR, &in_use).is_empty());
+        // And a cache in use is never swept, however old it looks (a monthly backup whose
+        // run outlives another run's sweep).
+        std::fs::File::open(&new)
+            .unwrap()
+            .set_modified(month_ago)
+            .unwrap();
+        assert!(sweep(root.path(), UNUSED_FOR, &in_use).is_empty());
+        in_use.enter(&new);
+        assert!(!in_use.leave(&new), "another run still uses it");
+        assert!(in_use.leave(&new), "the last run left");
+        std::fs::File::open(&new)
+            .unwrap()
+            .set_modified(month_ago)
+            .unwrap();
+        assert_eq!(sweep(root.path(), UNUSED_FOR, &in_use).len(), 1);
     }
 }

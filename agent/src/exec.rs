@@ -54,6 +54,8 @@ pub struct Executor {
     pub parents: crate::parents::Parents,
     /// When the caches no run used for a month were last looked for.
     pub swept: std::sync::Mutex<Option<Instant>>,
+    /// The caches runs are using now: never trimmed or removed under them.
+    pub caches_in_use: crate::cache::InUse,
 }
 
 /// Why restic did not run.
@@ -299,6 +301,8 @@ impl Executor {
         if use_cache {
             std::fs::create_dir_all(&cache)?;
         }
+        // In use from before restic starts until it is gone, whatever happens in between.
+        let cache_use = use_cache.then(|| CacheUse::enter(&self.caches_in_use, &cache));
         let mut spec = Spec::minimal(root, &self.restic, &tmp, inv.access, hostname.to_string())
             .with_volumes(inv.volumes.clone());
         spec.spare_pids = spare_pids;
@@ -521,15 +525,17 @@ impl Executor {
             out.peak_memory = cg.peak_memory();
         }
         tracing::debug!(run_id = %run.id, step = inv.step, code = ?out.exit_code, elapsed = ?started.elapsed(), "restic exited");
-        if use_cache {
-            self.tend_cache(cache, opts.cache_size_bytes).await;
+        if let Some(cache_use) = cache_use {
+            let last = cache_use.leave();
+            self.tend_cache(cache, last, opts.cache_size_bytes).await;
         }
         Ok(out)
     }
 
-    /// After a run that used the cache `dir`: marks it used, keeps it within `limit` bytes (0:
-    /// no limit), and now and then removes the caches no run has used for a month.
-    async fn tend_cache(&self, dir: PathBuf, limit: u64) {
+    /// After a run that used the cache `dir`: if it was the `last` run using it, keeps it
+    /// within `limit` bytes (0: no limit); and now and then removes the caches no run has used
+    /// for a month.
+    async fn tend_cache(&self, dir: PathBuf, last: bool, limit: u64) {
         let root = self.cache_dir.clone();
         let name = dir
             .file_name()
@@ -543,14 +549,17 @@ impl Executor {
             }
             due
         };
+        // Moved aside here, under the in-use lock; removed below, off the runtime.
+        let moved = match sweep {
+            true => crate::cache::sweep(&root, crate::cache::UNUSED_FOR, &self.caches_in_use),
+            false => Vec::new(),
+        };
         let work = tokio::task::spawn_blocking(move || {
-            crate::cache::touch(&dir);
-            if sweep {
-                for name in crate::cache::sweep(&root, crate::cache::UNUSED_FOR) {
-                    tracing::info!(cache = %name, "removed a repository cache no run used for 30 days");
-                }
+            crate::cache::remove_moved(&moved);
+            for (name, _) in &moved {
+                tracing::info!(cache = %name, "removed a repository cache no run used for 30 days");
             }
-            (limit > 0).then(|| crate::cache::trim(&dir, limit))
+            (last && limit > 0).then(|| crate::cache::trim(&dir, limit))
         });
         match work.await {
             Ok(Some(Ok(t))) if t.files_removed > 0 => {
@@ -558,6 +567,38 @@ impl Executor {
             }
             Ok(Some(Err(e))) => tracing::warn!(error = %e, "cannot trim a repository cache"),
             _ => {}
+        }
+    }
+}
+
+/// A run's use of a cache, left when it is dropped if not before.
+struct CacheUse<'a> {
+    in_use: &'a crate::cache::InUse,
+    dir: PathBuf,
+    left: bool,
+}
+
+impl<'a> CacheUse<'a> {
+    fn enter(in_use: &'a crate::cache::InUse, dir: &Path) -> Self {
+        in_use.enter(dir);
+        Self {
+            in_use,
+            dir: dir.to_path_buf(),
+            left: false,
+        }
+    }
+
+    /// Whether this was the last run using the cache.
+    fn leave(mut self) -> bool {
+        self.left = true;
+        self.in_use.leave(&self.dir)
+    }
+}
+
+impl Drop for CacheUse<'_> {
+    fn drop(&mut self) {
+        if !self.left {
+            self.in_use.leave(&self.dir);
         }
     }
 }

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 /// What a backup's snapshots have in common, and so what its parent must share.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
-    pub repository_url: String,
+    /// A hash of the repository's URL (which may hold credentials).
+    pub repository: String,
     pub host: String,
     /// Sorted.
     pub tags: Vec<String>,
@@ -34,8 +35,9 @@ impl Identity {
         tags.sort();
         let mut paths = paths.to_vec();
         paths.sort();
+        let digest = ring::digest::digest(&ring::digest::SHA256, repository_url.as_bytes());
         Self {
-            repository_url: repository_url.to_owned(),
+            repository: hex(digest.as_ref()),
             host: host.to_owned(),
             tags,
             paths,
@@ -46,13 +48,12 @@ impl Identity {
     fn key(&self) -> String {
         let json = serde_json::to_vec(self).expect("identity serializes");
         let digest = ring::digest::digest(&ring::digest::SHA256, &json);
-        digest
-            .as_ref()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex(&digest.as_ref()[..16])
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,8 +101,11 @@ impl Parents {
             identity: identity.clone(),
             snapshot: snapshot.to_owned(),
         };
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = self.dir.join(identity.key());
-        let tmp = path.with_extension("tmp");
+        // Its own temporary name: overlapping runs of one identity never share one.
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".{}-{n}.tmp", identity.key()));
         std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
         std::fs::rename(tmp, path)
     }
@@ -150,11 +154,14 @@ mod tests {
         assert_eq!(parents.get(&other_paths), None);
         parents.forget(&ours);
         assert_eq!(parents.get(&ours), None);
-        // The file names never show the URL's credentials.
+        // Neither the file names nor the records show the URL's credentials.
         parents.set(&ours, ID);
         for entry in std::fs::read_dir(dir.path().join("parents")).unwrap() {
-            let name = entry.unwrap().file_name().into_string().unwrap();
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
             assert!(!name.contains("secret") && name.len() == 32, "{name}");
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(!text.contains("secret") && !text.contains("s3:"), "{text}");
         }
     }
 

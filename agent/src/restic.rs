@@ -502,7 +502,13 @@ pub fn retrying(line: &str) -> Option<&str> {
 /// repository.
 pub fn no_such_snapshot(stderr: &str, id: &str) -> bool {
     let short = id.get(..8).unwrap_or(id);
-    stderr.contains(&format!("failed to load snapshot {short}")) || stderr.contains("no matching ID found")
+    stderr.lines().any(|line| {
+        let lower = line.to_ascii_lowercase();
+        line.contains(&format!("failed to load snapshot {short}"))
+            && ["no such file", "does not exist", "not found", "nosuchkey"]
+                .iter()
+                .any(|gone| lower.contains(gone))
+    })
 }
 
 /// Whether `line` says restic retries opening the repository (reading its `config`): the
@@ -581,6 +587,25 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_parent_snapshot_counts_as_forgotten() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        // restic 0.18, a local repository and an S3 one.
+        let local = "{\"message_type\":\"exit_error\",\"code\":1,\"message\":\"failed to load snapshot 01234567: open /r/snapshots/0123: no such file or directory\"}";
+        let s3 = "Fatal: failed to load snapshot 01234567: The specified key does not exist.";
+        assert!(no_such_snapshot(local, id) && no_such_snapshot(s3, id));
+        // Another snapshot, or this one unreadable for another reason, is not a forgotten one.
+        assert!(!no_such_snapshot(&s3.replace("01234567", "fedcba98"), id));
+        assert!(!no_such_snapshot(
+            "failed to load snapshot 01234567: ciphertext verification failed",
+            id
+        ));
+        assert!(!no_such_snapshot(
+            "failed to load snapshot 01234567: context deadline exceeded",
+            id
+        ));
+    }
 
     #[test]
     fn a_retried_request_is_read_as_the_backend_error_without_its_delay() {

@@ -213,6 +213,7 @@ pub async fn run(args: Args) -> Result<()> {
         clearing: tokio::sync::Mutex::new(()),
         parents: crate::parents::Parents::new(&args.state_dir),
         swept: Default::default(),
+        caches_in_use: Default::default(),
     });
     let service = AgentService {
         runs: Arc::clone(&runs),

@@ -189,6 +189,15 @@ async fn the_parent_is_chosen_inside_the_single_backup_call_and_never_another_na
         "team a's snapshot became team b's parent"
     );
 
+    // A backup without any namespace tag (the debug CLI's) takes no parent of restic's choosing.
+    let mut untagged = backup("p2u", &repo, &uid, "data");
+    untagged.tags = vec!["e2e".into()];
+    let (_, untagged) = run(untagged).await?;
+    ensure!(
+        parent_in_repository(&repo, &untagged.snapshot_id)?.is_none(),
+        "a namespace's snapshot became the parent of an untagged backup"
+    );
+
     // Team a's next: the recorded parent, one call, nothing read again.
     let (events, second) = run(request("p3", "team-a")).await?;
     ensure!(restic_calls(&events) == 1, "{events:?}");
@@ -199,8 +208,10 @@ async fn the_parent_is_chosen_inside_the_single_backup_call_and_never_another_na
     );
     ensure!(parent_in_repository(&repo, &second.snapshot_id)? == Some(first.snapshot_id.clone()));
 
-    // The node's records are lost: restic picks team a's latest, not team b's newer one; the
-    // result does not claim to know which.
+    // Team b backs up again, so its snapshot is the newest of the host and paths. The node's
+    // records are lost: restic picks team a's latest, not team b's newer one (same host, paths
+    // and other tags, but not team a's namespace tag); the result does not claim to know which.
+    run(request("p3b", "team-b")).await?;
     std::fs::remove_dir_all(agent.dir.join("state/parents"))?;
     let (events, third) = run(request("p4", "team-a")).await?;
     ensure!(restic_calls(&events) == 1, "{events:?}");

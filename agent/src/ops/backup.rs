@@ -130,10 +130,11 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
     }
     // With --skip-if-unchanged, restic makes no snapshot when nothing changed since the parent:
     // the parent is then the volume's latest snapshot.
-    let skip_if_unchanged = options
-        .restic
-        .as_ref()
-        .is_some_and(|o| o.extra_args.iter().any(|a| a == "--skip-if-unchanged"));
+    let skip_if_unchanged = parent.is_some()
+        && options
+            .restic
+            .as_ref()
+            .is_some_and(|o| o.extra_args.iter().any(|a| a == "--skip-if-unchanged"));
     let skipped = !dry_run
         && skip_if_unchanged
         && out.success()
@@ -174,15 +175,12 @@ pub async fn run(exec: Arc<Executor>, run: Arc<Run>, p: Prepared) -> pb::Result 
         ..Default::default()
     };
     if skipped {
+        // Only with a known parent (see `backup_once`).
         let parent = &result.backup.as_ref().expect("set above").parent_snapshot_id;
-        result.reason = match parent.is_empty() {
-            true => "nothing changed since the latest snapshot; restic made no new one (--skip-if-unchanged)"
-                .into(),
-            false => format!(
-                "nothing changed since snapshot {}; restic made no new one (--skip-if-unchanged)",
-                &parent[..8]
-            ),
-        };
+        result.reason = format!(
+            "nothing changed since snapshot {}; restic made no new one (--skip-if-unchanged)",
+            parent.get(..8).unwrap_or(parent)
+        );
         result.snapshot_id = parent.clone();
         return result;
     }
@@ -221,11 +219,14 @@ async fn backup_once(
     for e in &req.excludes {
         args.extend(["--exclude".into(), e.clone()]);
     }
+    let has_namespace_tag = req.tags.iter().any(|t| t.starts_with(args::NAMESPACE_TAG_PREFIX));
     match parent {
         Some(id) => args.extend(["--parent".into(), id.to_owned()]),
         // The latest snapshot of this host that has all of this backup's paths and tags: the
         // namespace tag keeps every other namespace's snapshots out.
-        None => args.extend(["--group-by".into(), "host,paths,tags".into()]),
+        None if has_namespace_tag => args.extend(["--group-by".into(), "host,paths,tags".into()]),
+        // Without one (the debug CLI's backups), any namespace's snapshot could match: none.
+        None => args.push("--force".into()),
     }
     if req.dry_run {
         args.push("--dry-run".into());
@@ -234,7 +235,14 @@ async fn backup_once(
         if o.read_concurrency > 0 {
             args.extend(["--read-concurrency".into(), o.read_concurrency.to_string()]);
         }
-        args.extend(o.extra_args.iter().cloned());
+        // Without a known parent, a run that skipped an unchanged volume could not say which
+        // snapshot holds it: this one makes a snapshot, and the next one knows its parent.
+        args.extend(
+            o.extra_args
+                .iter()
+                .filter(|a| parent.is_some() || *a != "--skip-if-unchanged")
+                .cloned(),
+        );
     }
     args.push("--".into());
     args.extend(p.paths.iter().cloned());
