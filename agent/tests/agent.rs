@@ -213,14 +213,20 @@ async fn the_parent_is_chosen_inside_the_single_backup_call_and_never_another_na
     // and other tags, but not team a's namespace tag); the result does not claim to know which.
     run(request("p3b", "team-b")).await?;
     std::fs::remove_dir_all(agent.dir.join("state/parents"))?;
+    // A run whose parent restic chose: nothing read again, no parent claimed, and the
+    // repository names `expected` as its parent.
+    let chosen_by_restic = |r: &pb::Result, expected: &pb::Result| -> Result<()> {
+        let s = r.backup.as_ref().unwrap();
+        ensure!(
+            s.files_unmodified == 4 && s.parent_snapshot_id.is_empty(),
+            "{s:?}"
+        );
+        ensure!(parent_in_repository(&repo, &r.snapshot_id)? == Some(expected.snapshot_id.clone()));
+        Ok(())
+    };
     let (events, third) = run(request("p4", "team-a")).await?;
     ensure!(restic_calls(&events) == 1, "{events:?}");
-    let s = third.backup.as_ref().unwrap();
-    ensure!(
-        s.files_unmodified == 4 && s.parent_snapshot_id.is_empty(),
-        "{s:?}"
-    );
-    ensure!(parent_in_repository(&repo, &third.snapshot_id)? == Some(second.snapshot_id.clone()));
+    chosen_by_restic(&third, &second)?;
 
     // The recorded parent (the third) is forgotten: a second call, which restic's choice
     // (the second) serves.
@@ -228,12 +234,7 @@ async fn the_parent_is_chosen_inside_the_single_backup_call_and_never_another_na
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (events, fourth) = run(request("p5", "team-a")).await?;
     ensure!(restic_calls(&events) == 2, "{events:?}");
-    let s = fourth.backup.as_ref().unwrap();
-    ensure!(
-        s.files_unmodified == 4 && s.parent_snapshot_id.is_empty(),
-        "{s:?}"
-    );
-    ensure!(parent_in_repository(&repo, &fourth.snapshot_id)? == Some(second.snapshot_id.clone()));
+    chosen_by_restic(&fourth, &second)?;
     // And the one after it has its record again.
     let (_, fifth) = run(request("p6", "team-a")).await?;
     ensure!(fifth.backup.as_ref().unwrap().parent_snapshot_id == fourth.snapshot_id);
