@@ -45,7 +45,9 @@ pub struct Trimmed {
 pub fn trim(dir: &Path, limit: u64) -> std::io::Result<Trimmed> {
     let mut files = Vec::new();
     collect(dir, &mut files)?;
+    // The tag counts towards the size but is kept: it tells backup tools to skip the cache.
     let before: u64 = files.iter().map(|f| f.size).sum();
+    files.retain(|f| f.path.file_name().is_none_or(|n| n != "CACHEDIR.TAG"));
     let mut trimmed = Trimmed {
         bytes_before: before,
         bytes_after: before,
@@ -170,7 +172,7 @@ fn collect(dir: &Path, files: &mut Vec<File>) -> std::io::Result<()> {
         };
         if meta.is_dir() {
             collect(&entry.path(), files)?;
-        } else if meta.is_file() && entry.file_name() != "CACHEDIR.TAG" {
+        } else if meta.is_file() {
             files.push(File {
                 path: entry.path(),
                 size: meta.len(),
@@ -215,20 +217,24 @@ mod tests {
         write(&repo.join("index/old"), 1000, Duration::from_secs(3000));
         write(&repo.join("data/ab/older"), 1000, Duration::from_secs(2000));
         write(&repo.join("snapshots/new"), 1000, Duration::from_secs(10));
-        // Within the limit: nothing goes.
-        let t = trim(dir.path(), 3000).unwrap();
-        assert_eq!((t.bytes_before, t.files_removed), (3000, 0));
+        // Within the limit: nothing goes. The tag counts towards the size.
+        let t = trim(dir.path(), 3100).unwrap();
+        assert_eq!((t.bytes_before, t.files_removed), (3100, 0));
         let t = trim(dir.path(), 1500).unwrap();
         assert_eq!(
             t,
             Trimmed {
-                bytes_before: 3000,
-                bytes_after: 1000,
+                bytes_before: 3100,
+                bytes_after: 1100,
                 files_removed: 2
             }
         );
         assert!(repo.join("snapshots/new").exists() && repo.join("CACHEDIR.TAG").exists());
         assert!(!repo.join("index/old").exists() && !repo.join("data/ab/older").exists());
+        // Below what the tag alone holds: everything else goes, the tag stays.
+        let t = trim(dir.path(), 50).unwrap();
+        assert_eq!((t.bytes_after, t.files_removed), (100, 1));
+        assert!(repo.join("CACHEDIR.TAG").exists() && !repo.join("snapshots/new").exists());
     }
 
     #[test]
