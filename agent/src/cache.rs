@@ -149,6 +149,13 @@ pub fn remove_moved(moved: &[(String, PathBuf)]) {
     }
 }
 
+/// How many regular files are below `dir` (never following a symlink).
+pub fn count_files(dir: &Path) -> usize {
+    let mut files = Vec::new();
+    let _ = collect(dir, &mut files);
+    files.len()
+}
+
 struct File {
     path: PathBuf,
     size: u64,

@@ -16,7 +16,7 @@ use crate::cgroup::Cgroups;
 use crate::locks::{self, Holder, Holders};
 use crate::restic::{self, Backend, ErrorMessage, Message, RepositoryPolicy, Summary};
 use crate::runs::Run;
-use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, Spec, VolumeBind};
+use crate::sandbox::{Access, Bind, CACHE_IN_SANDBOX, CacheLayer, Spec, VolumeBind};
 
 /// Largest stdout kept for commands whose output is one JSON document (snapshots, forget).
 const MAX_STDOUT: usize = 64 << 20;
@@ -282,10 +282,12 @@ impl Executor {
         let tmp = scratch.join("tmp");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
+        let layer = scratch.join("cache-layer");
         let _cleanup = Scratch {
             dir: scratch.clone(),
             root: root.clone(),
             tmp: tmp.clone(),
+            layer: layer.clone(),
         };
 
         let user = inv
@@ -293,21 +295,33 @@ impl Executor {
             .run_as_user
             .map(|uid| (uid, inv.options.run_as_group.unwrap_or(uid)));
         let cache = self.cache_dir.join(crate::cache::key(&inv.repo.url, user));
+        let use_cache = inv.options.restic.as_ref().is_some_and(|o| o.use_cache);
         // A restore writes into a volume its pod may change under it; a symlink swapped in
         // there could send restic's writes anywhere writable in the sandbox, and the cache is
-        // shared with other runs of the repository. So restores run without it.
-        let use_cache =
-            inv.access != Access::WriteVolume && inv.options.restic.as_ref().is_some_and(|o| o.use_cache);
+        // shared with the repository's other runs. So a restore reads the cache through a
+        // layer of its own that takes every write and goes with the run.
+        let layered = use_cache.then(|| CacheLayer {
+            lower: cache.clone(),
+            upper: layer.join("upper"),
+            work: layer.join("work"),
+        });
+        let layered = layered.filter(|_| inv.access == Access::WriteVolume);
         if use_cache {
             std::fs::create_dir_all(&cache)?;
+        }
+        if let Some(l) = &layered {
+            std::fs::create_dir_all(&l.upper)?;
+            std::fs::create_dir_all(&l.work)?;
         }
         // In use from before restic starts until it is gone, whatever happens in between.
         let cache_use = use_cache.then(|| CacheUse::enter(&self.caches_in_use, &cache));
         let mut spec = Spec::minimal(root, &self.restic, &tmp, inv.access, hostname.to_string())
             .with_volumes(inv.volumes.clone());
         spec.spare_pids = spare_pids;
-        if use_cache {
-            spec = spec.with_cache(&cache);
+        match &layered {
+            Some(l) => spec = spec.with_cache_layer(l.clone()),
+            None if use_cache => spec = spec.with_cache(&cache),
+            None => {}
         }
         match backend {
             Backend::Remote => {}
@@ -346,6 +360,9 @@ impl Executor {
             nix::unistd::chown(&tmp, owner.0, owner.1)?;
             if use_cache {
                 nix::unistd::chown(&cache, owner.0, owner.1)?;
+            }
+            if let Some(l) = &layered {
+                nix::unistd::chown(&l.upper, owner.0, owner.1)?;
             }
         }
         let default_opts = pb::ResticOptions::default();
@@ -525,6 +542,10 @@ impl Executor {
             out.peak_memory = cg.peak_memory();
         }
         tracing::debug!(run_id = %run.id, step = inv.step, code = ?out.exit_code, elapsed = ?started.elapsed(), "restic exited");
+        if let Some(l) = &layered {
+            let fetched = crate::cache::count_files(&l.upper);
+            tracing::info!(run_id = %run.id, fetched, "a restore read the repository's cache; what restic fetched besides went to the run's own layer, removed with it");
+        }
         if let Some(cache_use) = cache_use {
             let last = cache_use.leave();
             self.tend_cache(cache, last, opts.cache_size_bytes).await;
@@ -634,11 +655,13 @@ struct Scratch {
     dir: PathBuf,
     root: PathBuf,
     tmp: PathBuf,
+    layer: PathBuf,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.tmp);
+        let _ = std::fs::remove_dir_all(&self.layer);
         if let Err(e) = std::fs::remove_dir(&self.root) {
             tracing::error!(root = %self.root.display(), error = %e, "sandbox root is not empty on the host; leaving it");
         }

@@ -151,6 +151,22 @@ pub struct Spec {
     /// restic's `unlock` takes as proof that a lock is stale.
     #[serde(default)]
     pub spare_pids: u32,
+    /// The repository's cache shown read-only, with restic's writes going to a layer of the
+    /// run's own (a restore): see [`CacheLayer`].
+    #[serde(default)]
+    pub cache_layer: Option<CacheLayer>,
+}
+
+/// A cache restic reads but cannot change: the shared cache as the lower layer of an overlay
+/// at [`CACHE_IN_SANDBOX`], the run's own `upper` directory taking every write (`work` is
+/// overlayfs's scratch, on the same filesystem as `upper`). If the overlay cannot be
+/// mounted, `upper` alone is the cache, so the run starts with an empty one and still
+/// leaves the shared cache alone.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheLayer {
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
 }
 
 /// A host name the kernel and restic take as is: 1 to 64 characters of letters, digits, `-`
@@ -221,6 +237,7 @@ impl Spec {
             access,
             hostname,
             spare_pids: 0,
+            cache_layer: None,
         }
     }
 
@@ -230,6 +247,12 @@ impl Spec {
             target: CACHE_IN_SANDBOX.into(),
             read_only: false,
         });
+        self
+    }
+
+    /// The cache `layer.lower`, which restic reads but does not change (see [`CacheLayer`]).
+    pub fn with_cache_layer(mut self, layer: CacheLayer) -> Self {
+        self.cache_layer = Some(layer);
         self
     }
 
@@ -397,6 +420,9 @@ pub fn init(spec_json: &str) -> Result<Infallible> {
     for bind in &spec.binds {
         bind_mount(&spec.root, bind)?;
     }
+    if let Some(layer) = &spec.cache_layer {
+        mount_cache_layer(&spec.root, layer)?;
+    }
     if !spec.binds.iter().any(|b| b.target == Path::new("/etc")) {
         write_identity(&spec.root)?;
     }
@@ -471,6 +497,38 @@ fn bind_mount(root: &Path, bind: &Bind) -> Result<()> {
     // A bind mount takes its flags by remounting it.
     mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
         .with_context(|| format!("restrict {}", bind.target.display()))?;
+    Ok(())
+}
+
+/// Mounts the overlay of `layer` at [`CACHE_IN_SANDBOX`]; where overlayfs is not available
+/// (or the paths cannot be said in its options), binds `layer.upper` there instead.
+fn mount_cache_layer(root: &Path, layer: &CacheLayer) -> Result<()> {
+    let target = inside(root, Path::new(CACHE_IN_SANDBOX))?;
+    mount_point(&target, true)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let plain = |p: &Path| {
+        p.to_str()
+            .filter(|s| !s.contains([',', ':', '\\']))
+            .map(str::to_owned)
+    };
+    let options = match (plain(&layer.lower), plain(&layer.upper), plain(&layer.work)) {
+        (Some(lower), Some(upper), Some(work)) => {
+            Some(format!("lowerdir={lower},upperdir={upper},workdir={work}"))
+        }
+        _ => None,
+    };
+    let overlay = options
+        .is_some_and(|o| mount(Some("overlay"), &target, Some("overlay"), flags, Some(o.as_str())).is_ok());
+    if !overlay {
+        bind_mount(
+            root,
+            &Bind {
+                source: layer.upper.clone(),
+                target: CACHE_IN_SANDBOX.into(),
+                read_only: false,
+            },
+        )?;
+    }
     Ok(())
 }
 

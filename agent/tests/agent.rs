@@ -1811,3 +1811,146 @@ async fn the_cache_is_shared_by_overlapping_runs_and_kept_within_its_limit() -> 
     ensure!(r.backup.as_ref().unwrap().files_unmodified == 200, "{r:?}");
     Ok(())
 }
+
+/// A restore reads the repository's cache on the node but never changes it: it writes into a
+/// volume its pod may change under it, so whatever restic writes goes to a layer of the
+/// restore's own, removed with the run.
+#[tokio::test]
+async fn a_restore_reads_the_cache_and_leaves_it_as_it_was() -> Result<()> {
+    let agent = Agent::start("restore-cache")?;
+    let repo = s3_repository(&unique_name("rcache"), "repo");
+    let mut client = agent.client().await?;
+    init(&mut client, &repo, "init").await?;
+    let cache_on = || {
+        Some(pb::ResticOptions {
+            use_cache: true,
+            ..Default::default()
+        })
+    };
+    let uid = pod_uid(1);
+    let data = agent.volume(&uid, EMPTY_DIR, "data")?;
+    for f in 0..50 {
+        std::fs::create_dir_all(data.join(format!("d{}", f % 5)))?;
+        std::fs::write(
+            data.join(format!("d{}/f{f}", f % 5)),
+            pseudo_random(2048, f as u64),
+        )?;
+    }
+    let mut req = backup("b1", &repo, &uid, "data");
+    req.options.as_mut().unwrap().restic = cache_on();
+    let (_, r) = collect(client.backup(req).await?.into_inner()).await?;
+    ensure!(outcome(&r) == Outcome::Succeeded, "{r:?}");
+    let snapshot = r.snapshot_id.clone();
+
+    // Every file of the shared cache, with its size and time.
+    let listing = |dir: &std::path::Path| -> Result<Vec<(std::path::PathBuf, u64, std::time::SystemTime)>> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                let m = e.path().symlink_metadata()?;
+                if m.is_dir() {
+                    todo.push(e.path());
+                } else {
+                    out.push((e.path(), m.len(), m.modified()?));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    };
+    let caches: Vec<_> = std::fs::read_dir(agent.dir.join("state/cache"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    ensure!(caches.len() == 1, "{caches:?}");
+    let before = listing(&caches[0])?;
+    ensure!(before.len() > 2, "the backup filled the cache: {before:?}");
+    // The shared cache moved aside for a moment: a restore from an empty one.
+    let aside = agent.dir.join("cache-aside");
+    std::fs::rename(&caches[0], &aside)?;
+
+    for (run, uid) in [("r0", pod_uid(4)), ("r1", pod_uid(2)), ("r2", pod_uid(3))] {
+        let target = agent.volume(&uid, EMPTY_DIR, "restore")?;
+        let mut options = options(run);
+        options.restic = cache_on();
+        let req = pb::RestoreRequest {
+            options: Some(options),
+            repository: Some(repository(&repo)),
+            volume: Some(pb::VolumeRef {
+                pod_uid: uid.clone(),
+                volume_name: "restore".into(),
+                pv_name: String::new(),
+            }),
+            snapshot_id: snapshot.clone(),
+            ..Default::default()
+        };
+        let (_, restored) = collect(client.restore(req).await?.into_inner()).await?;
+        ensure!(outcome(&restored) == Outcome::Succeeded, "{restored:?}");
+        assert_trees_equal(&data, &target)?;
+        // Not a file of the shared cache added, changed or removed.
+        if run == "r0" {
+            ensure!(
+                listing(&caches[0])?.is_empty(),
+                "the restore wrote to the empty cache"
+            );
+            std::fs::remove_dir(&caches[0])?;
+            std::fs::rename(&aside, &caches[0])?;
+        } else {
+            ensure!(
+                listing(&caches[0])? == before,
+                "the restore changed the shared cache"
+            );
+        }
+    }
+    // From the empty cache restic fetched what it needed into the restore's own layer; from
+    // the one the backup filled, nothing: it read the cache.
+    let fetched: Vec<String> = agent
+        .log()
+        .lines()
+        .map(without_colours)
+        .filter(|l| l.contains("a restore read the repository's cache"))
+        .filter_map(|l| l.split("fetched=").nth(1).map(|n| n.trim().to_owned()))
+        .collect();
+    ensure!(fetched.len() == 3, "{}", agent.log());
+    ensure!(fetched[0] != "0" && fetched[1..] == ["0", "0"], "{fetched:?}");
+    // The layer went with each run.
+    let scratch: Vec<_> = walk_names(&agent.dir.join("state"))
+        .into_iter()
+        .filter(|n| n.contains("cache-layer"))
+        .collect();
+    ensure!(scratch.is_empty(), "{scratch:?}");
+    Ok(())
+}
+
+/// A log line without its terminal colours.
+fn without_colours(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence ends with a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Every path below `dir`, as text.
+fn walk_names(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path().display().to_string());
+        if e.path().symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            out.extend(walk_names(&e.path()));
+        }
+    }
+    out
+}

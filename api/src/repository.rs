@@ -130,10 +130,12 @@ pub struct IntegrityCheck {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheConfig {
-    /// Whether backups use restic's local cache of repository metadata, kept by each node
-    /// agent in its state directory across runs (much faster backups of large repositories).
-    /// When false, restic runs with `--no-cache`. Restores and maintenance (forget, check,
-    /// stats) run without it. A cache no run used for 30 days is removed. Default: true.
+    /// Whether backups and restores use restic's local cache of repository metadata, kept by
+    /// each node agent in its state directory across runs (much faster runs on large
+    /// repositories). When false, restic runs with `--no-cache`. A restore reads the cache but
+    /// never changes it: what restic fetches besides goes to a layer of the restore's own,
+    /// removed with it. Maintenance (forget, check, stats) runs without it. A cache no run
+    /// used for 30 days is removed. Default: true.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Size limit of the cache on each node, e.g. `5Gi` (suffixes k, M, G, T, P, Ki, Mi, Gi,
