@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Controller;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use restic_operator_api::backup::ResticBackup;
 use restic_operator_api::repository::ResticRepository;
 use restic_operator_api::restore::ResticRestore;
@@ -71,6 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = build_context(&client, &config, &metrics).await?;
     spawn_background_tasks(&ctx);
     let controllers = spawn_controllers(&client, &config, &ctx);
+    let _ = ctx.repositories.set(controllers.repositories.clone());
     tracing::info!(identity = %identity, "coordinator running");
     // Metric series of deleted objects go with them (deletions do not wake a reconcile).
     spawn_metric_sweep(
@@ -156,14 +157,13 @@ async fn watch_agents(client: &Client, config: &Config, pki: &pki::Pki) -> Agent
     // Agent pods in our namespace.
     let (reader, writer) = reflector::store::<Pod>();
     let agent_pods = Api::<Pod>::namespaced(client.clone(), &config.namespace);
-    let agent_watch = reflector(
-        writer,
-        watcher(
-            agent_pods,
-            watcher::Config::default().labels(&config.agent_selector),
-        ),
+    let agent_watch = watcher(
+        agent_pods,
+        watcher::Config::default().labels(&config.agent_selector),
     )
     .default_backoff()
+    .modify(lean)
+    .reflect(writer)
     .touched_objects()
     .for_each(|_| async {});
     tokio::spawn(agent_watch);
@@ -226,7 +226,7 @@ fn spawn_namespace_controllers(
         }
     };
     let (backups, repos) = api(client);
-    let repo_controller = Controller::new(repos, watcher::Config::default());
+    let repo_controller = lean_controller(repos);
     controllers.repositories.push(repo_controller.store());
     let repo_controller = repo_controller
         .shutdown_on_signal()
@@ -234,7 +234,7 @@ fn spawn_namespace_controllers(
         .for_each(|_| async {});
     // Backups follow their repository's readiness; repositories in other namespaces are
     // watched cluster-wide only when all namespaces are.
-    let backup_controller = Controller::new(backups, watcher::Config::default());
+    let backup_controller = lean_controller(backups);
     let store = backup_controller.store();
     controllers.backups.push(store.clone());
     let (_, repo_watch) = api(client);
@@ -255,6 +255,41 @@ fn spawn_namespace_controllers(
         .push(tokio::spawn(restore_controller(client, ns.as_deref(), ctx)));
 }
 
+/// kubectl's copy of the last applied object, in an annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What the controllers keep of a watched object: all but the API server's record of who wrote
+/// which field (`managedFields`) and kubectl's copy of the last applied object. Nothing here
+/// reads them, each can be larger than the rest of a ResticBackup, and the controllers keep
+/// every object they watch in memory.
+fn lean<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// A controller of every `K` that `api` lists, keeping them [`lean`].
+fn lean_controller<K>(api: Api<K>) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(lean)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(objects, reader)
+}
+
 /// The ResticRestore controller of one watched namespace (or of all).
 fn restore_controller(
     client: &Client,
@@ -265,7 +300,7 @@ fn restore_controller(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    Controller::new(restores, watcher::Config::default())
+    lean_controller(restores)
         .shutdown_on_signal()
         .run(restore::reconcile, error_policy, Arc::clone(ctx))
         .for_each(|_| async {})
@@ -285,7 +320,7 @@ fn policy_controller(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let controller = Controller::new(policies, watcher::Config::default());
+    let controller = lean_controller(policies);
     let store = controller.store();
     controller
         .watches(repos, watcher::Config::default(), move |repo| {
