@@ -8,8 +8,12 @@
 //! - Backups: the first; an unchanged incremental (five of each, alternated, medians); the
 //!   same after the pod was recreated with a new UID (the agent's path changes on the node,
 //!   plain restic keeps its path); 1 % of the files changed (three rounds).
-//! - Restores of the latest snapshot: five each, alternated, medians (the agent restores
-//!   without a cache, see `CacheConfig`; plain restic uses its own).
+//! - CPU-bound: incompressible data already in the page cache, backed up into new
+//!   repositories through the agent, with plain restic, and with plain restic's `--dry-run`
+//!   (its chunker and hash alone, nothing uploaded); throughput of each.
+//! - The fixed cost of a run: a one-file volume, unchanged, through the agent and plain.
+//! - Restores of the latest snapshot: five each, alternated, medians (the agent's restore
+//!   reads its cache through a layer of its own, see `CacheConfig`; plain restic uses its own).
 //! - Memory: the agent's RSS idle, and the peak of the agent plus the restic it runs, against
 //!   plain restic's peak, both as the proportional set size (PSS) sampled every 10 ms.
 //!
@@ -386,7 +390,102 @@ async fn main() -> Result<()> {
     });
     phase("1 % changed", &mut agent_peak_kib, &mut plain);
 
-    // Restores of the latest snapshot into empty directories on the same disk.
+    // CPU-bound: warm data (in the page cache) into new repositories, where restic's chunker,
+    // hash, compression and encryption set the pace; against plain restic, and against
+    // restic's chunker and hash alone (`--dry-run`: the same reading and chunking, no upload).
+    let cpu_mib = (mib / 4).max(8);
+    let cpu = agent.volume(&uid, EMPTY_DIR, "cpu")?;
+    for i in 0..cpu_mib.div_ceil(64) {
+        let size = (cpu_mib - i * 64).min(64) << 20;
+        std::fs::write(cpu.join(format!("blob-{i}")), pseudo_random(size, 500 + i as u64))?;
+    }
+    let cpu_repos: Vec<(ResticRepo, ResticRepo)> = (0..3)
+        .map(|i| {
+            (
+                s3_repository(&bucket, &format!("cpu-agent-{i}")),
+                s3_repository(&bucket, &format!("cpu-plain-{i}")),
+            )
+        })
+        .collect();
+    for (i, (a, p)) in cpu_repos.iter().enumerate() {
+        init(&mut client, a, &format!("init-cpu-{i}")).await?;
+        plain.repo = p.clone();
+        plain.run(&["init"], &view)?;
+    }
+    let (mut a, mut p, mut dry) = (Vec::new(), Vec::new(), Vec::new());
+    let cpu_backup = ["backup", "--host", "app", "--tag", "e2e", "."];
+    let cpu_dry = ["backup", "--dry-run", "--host", "app", "--tag", "e2e", "."];
+    // Warm: read once before the first measured run.
+    plain.repo = cpu_repos[0].1.clone();
+    plain.run(&cpu_dry, &cpu)?;
+    for (agent_repo, plain_repo) in &cpu_repos {
+        n += 1;
+        let t = Instant::now();
+        let mut req = cached(&format!("bench-cpu-{n}"), &uid, agent_repo);
+        req.volume.as_mut().unwrap().volume_name = "cpu".into();
+        let (_, r) = collect(client.backup(req).await?.into_inner()).await?;
+        ensure!(r.outcome == Outcome::Succeeded as i32, "{r:?}");
+        a.push(t.elapsed());
+        plain.repo = plain_repo.clone();
+        dry.push(plain.run(&cpu_dry, &cpu)?);
+        p.push(plain.run(&cpu_backup, &cpu)?);
+    }
+    plain.peak_kib = 0;
+    let (cpu_agent, cpu_plain, cpu_dry) = (median(&mut a), median(&mut p), median(&mut dry));
+    let rate = |d: Duration| cpu_mib as f64 / d.as_secs_f64();
+    rows.push(Row {
+        label: "CPU-bound first backup (warm data)",
+        agent: cpu_agent,
+        plain: cpu_plain,
+        note: format!(
+            "{cpu_mib} MiB of incompressible data in the page cache, medians of 3 into new repositories: \
+             {:.0} MiB/s through the agent, {:.0} MiB/s plain restic, {:.0} MiB/s restic's chunker and hash \
+             alone (`--dry-run`)",
+            rate(cpu_agent),
+            rate(cpu_plain),
+            rate(cpu_dry)
+        ),
+    });
+
+    // The fixed cost of a run: one small file, unchanged, so restic has almost nothing to do.
+    let tiny = agent.volume(&uid, EMPTY_DIR, "tiny")?;
+    std::fs::write(tiny.join("file"), b"small")?;
+    let tiny_repo = (
+        s3_repository(&bucket, "tiny-agent"),
+        s3_repository(&bucket, "tiny-plain"),
+    );
+    init(&mut client, &tiny_repo.0, "init-tiny").await?;
+    plain.repo = tiny_repo.1.clone();
+    plain.run(&["init"], &view)?;
+    let (mut a, mut p) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        n += 1;
+        let t = Instant::now();
+        let mut req = cached(&format!("bench-tiny-{n}"), &uid, &tiny_repo.0);
+        req.volume.as_mut().unwrap().volume_name = "tiny".into();
+        let (_, r) = collect(client.backup(req).await?.into_inner()).await?;
+        ensure!(r.outcome == Outcome::Succeeded as i32, "{r:?}");
+        let took = t.elapsed();
+        let plain_took = plain.run(&cpu_backup, &tiny)?;
+        // The first of each makes the repository's first snapshot: not measured.
+        if round > 0 {
+            a.push(took);
+            p.push(plain_took);
+        }
+    }
+    plain.peak_kib = 0;
+    rows.push(Row {
+        label: "fixed cost: a one-file volume, unchanged",
+        agent: median(&mut a),
+        plain: median(&mut p),
+        note: "medians of 5; the difference is what a run through the agent adds: the gRPC call, \
+               the run's record, the cgroup, the sandbox's two helper processes and mounts, and the result"
+            .into(),
+    });
+
+    // Restores of the latest snapshot into empty directories on the same disk, from the
+    // repositories of the backups above.
+    plain.repo = plain_repos.last().unwrap().clone();
     let (mut a, mut p) = (Vec::new(), Vec::new());
     for round in 0..5 {
         let target_uid = pod_uid(100 + round);
@@ -404,6 +503,11 @@ async fn main() -> Result<()> {
             snapshot_id: "latest".into(),
             ..Default::default()
         };
+        let mut request = request;
+        request.options.as_mut().unwrap().restic = Some(pb::ResticOptions {
+            use_cache: true,
+            ..Default::default()
+        });
         let (_, r) = collect(client.restore(request).await?.into_inner()).await?;
         a.push(t.elapsed());
         agent_peak_kib = agent_peak_kib.max(sampler.finish());
@@ -419,7 +523,7 @@ async fn main() -> Result<()> {
         label: "restore",
         agent: median(&mut a),
         plain: median(&mut p),
-        note: "medians of 5 each, alternated; the agent restores without a cache".into(),
+        note: "medians of 5 each, alternated; the agent's restores read the cache, never change it".into(),
     });
     phase("restore", &mut agent_peak_kib, &mut plain);
 
@@ -459,6 +563,7 @@ async fn main() -> Result<()> {
     let plain_peak_kib = peaks.iter().map(|p| p.2).max().unwrap_or(0);
     // The goals (issue 14), each with its verdict.
     let time = |i: usize| rows[i].agent.as_secs_f64() / rows[i].plain.as_secs_f64();
+    let restore_row = rows.len() - 1;
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let overhead = rows[1].agent.as_secs_f64() - rows[1].plain.as_secs_f64();
     let peak_ratio = agent_peak_kib as f64 / plain_peak_kib.max(1) as f64;
@@ -481,8 +586,8 @@ async fn main() -> Result<()> {
         ),
         (
             "restore ≥ 0.95× plain restic's speed",
-            format!("{:.2}×", 1.0 / time(4)),
-            1.0 / time(4) >= 0.95,
+            format!("{:.2}×", 1.0 / time(restore_row)),
+            1.0 / time(restore_row) >= 0.95,
         ),
         (
             "agent RSS idle ≤ 30 MiB",
