@@ -6,8 +6,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
-use restic_operator_api::repository::ResticRepository;
-
 use crate::agents::Agents;
 use crate::config::Config;
 use crate::locks::{RepositoryLocks, Tasks};
@@ -38,10 +36,6 @@ pub struct Context {
     /// Runs asked to stop (`concurrencyPolicy: Replace`) that no agent may be running yet: a
     /// run between attempts, or being placed, ends before its next attempt is sent.
     cancels: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Events on their way to the API server.
-    events: EventQueues,
-    /// The repository controllers' copies of the repositories (set once they run).
-    pub repositories: std::sync::OnceLock<Vec<kube::runtime::reflector::Store<ResticRepository>>>,
 }
 
 impl Context {
@@ -66,16 +60,7 @@ impl Context {
             failures: Default::default(),
             hooks_ran: Default::default(),
             cancels: Default::default(),
-            events: Default::default(),
-            repositories: Default::default(),
         }
-    }
-
-    /// The repository controllers' copy of repository `ns/name`, if they have one. It may be
-    /// behind the API server: see [`crate::resolve::blocked`].
-    pub fn known_repository(&self, ns: &str, name: &str) -> Option<Arc<ResticRepository>> {
-        let key = kube::runtime::reflector::ObjectRef::new(name).within(ns);
-        self.repositories.get()?.iter().find_map(|s| s.get(&key))
     }
 
     /// Sends a run to the agent at `address` and follows it (re-attaching for up to
@@ -175,12 +160,9 @@ impl Context {
     }
 }
 
-/// Publishes an event about `object` with `recorder` (the note is cut to 1,000 bytes), without
-/// waiting for the API server: a run waits for no event on its way to its agent. Each object's
-/// events go out in the order they were published (see [`EventQueues`]); a failure to publish
-/// is logged, never fatal.
+/// Publishes an event about `object` with `recorder` (the note is cut to 1,000 bytes); a
+/// failure to publish is logged, never fatal.
 pub async fn publish<K: Resource<DynamicType = ()>>(
-    ctx: &Context,
     recorder: &Recorder,
     object: &K,
     type_: EventType,
@@ -194,46 +176,8 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
         action: reason.into(),
         secondary: None,
     };
-    ctx.events.send(recorder.clone(), event, object.object_ref(&()));
-}
-
-/// A few queues of events, each published one after another by a task of its own. An object's
-/// events always take the same queue (by its uid), so they reach the API server in order.
-/// What is queued when the process exits is lost, like an event the API server refuses.
-#[derive(Default)]
-pub struct EventQueues(std::sync::OnceLock<Vec<tokio::sync::mpsc::UnboundedSender<Queued>>>);
-
-type Queued = (Recorder, Event, k8s_openapi::api::core::v1::ObjectReference);
-
-const EVENT_QUEUES: usize = 4;
-
-impl EventQueues {
-    fn send(&self, recorder: Recorder, event: Event, reference: k8s_openapi::api::core::v1::ObjectReference) {
-        let queues = self.0.get_or_init(|| {
-            (0..EVENT_QUEUES)
-                .map(|_| {
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
-                    tokio::spawn(async move {
-                        while let Some((recorder, event, reference)) = rx.recv().await {
-                            if let Err(e) = recorder.publish(&event, &reference).await {
-                                tracing::warn!(error = %e, reason = %event.reason, "could not publish an event");
-                            }
-                        }
-                    });
-                    tx
-                })
-                .collect()
-        });
-        let key = reference
-            .uid
-            .as_deref()
-            .or(reference.name.as_deref())
-            .unwrap_or_default();
-        let shard = key
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
-            % EVENT_QUEUES;
-        let _ = queues[shard].send((recorder, event, reference));
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
     }
 }
 

@@ -221,21 +221,9 @@ pub async fn access(client: &Client, backup: &ResticBackup) -> Result<Access, Re
 /// failure to read the API is an error.
 pub async fn blocked(
     client: &Client,
-    known: Option<&ResticRepository>,
     ns: &str,
     repo_ref: &RepositoryReference,
 ) -> Result<Option<crate::plan::Blocked>, kube::Error> {
-    // A copy the controllers keep (`known`) may only say yes: it can be behind the event that
-    // brought the caller, so what it would block is read again, live. Repositories of other
-    // namespaces are always read live (their Namespace's labels are matched live).
-    if let Some(repo) = known
-        && repo_ref.namespace_or(ns) == ns
-        && repo.metadata.name.as_deref() == Some(repo_ref.name.as_str())
-        && let Ok(access) = check_namespace(repo, ns, &BTreeMap::new())
-        && crate::plan::not_ready(&access).is_none()
-    {
-        return Ok(None);
-    }
     match access_for(client, ns, repo_ref).await {
         Ok(access) => Ok(crate::plan::not_ready(&access)),
         Err(ResolveError::Api { source, .. }) => Err(source),

@@ -71,7 +71,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ctx = build_context(&client, &config, &metrics).await?;
     spawn_background_tasks(&ctx);
     let controllers = spawn_controllers(&client, &config, &ctx);
-    let _ = ctx.repositories.set(controllers.repositories.clone());
     tracing::info!(identity = %identity, "coordinator running");
     // Metric series of deleted objects go with them (deletions do not wake a reconcile).
     spawn_metric_sweep(

@@ -155,9 +155,7 @@ async fn reconcile_inner(backup: &ResticBackup, ctx: &Arc<Context>) -> Result<Ac
 /// resolves is what it checks and sends. Only an API failure is an error.
 async fn repository_blocked(ctx: &Context, backup: &ResticBackup) -> Result<Option<Blocked>> {
     let ns = backup.namespace().unwrap_or_default();
-    let repo_ref = &backup.spec.repository_ref;
-    let known = ctx.known_repository(repo_ref.namespace_or(&ns), &repo_ref.name);
-    Ok(resolve::blocked(&ctx.client, known.as_deref(), &ns, repo_ref).await?)
+    Ok(resolve::blocked(&ctx.client, &ns, &backup.spec.repository_ref).await?)
 }
 
 /// The I/O of a decision: its events, the cancel of a replaced run, the runner of a new one.

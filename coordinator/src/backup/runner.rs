@@ -48,7 +48,7 @@ pub fn ensure_running(ctx: &Arc<Context>, ns: &str, name: &str, run_id: &str) {
 }
 
 pub async fn publish(ctx: &Context, backup: &ResticBackup, type_: EventType, reason: &str, note: String) {
-    crate::context::publish(ctx, &ctx.backup_events, backup, type_, reason, note).await;
+    crate::context::publish(&ctx.backup_events, backup, type_, reason, note).await;
 }
 
 async fn run(ctx: Arc<Context>, ns: String, name: String, run_id: String) {

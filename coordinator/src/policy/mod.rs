@@ -127,7 +127,7 @@ async fn reconcile_inner(policy: &GlobalRetentionPolicy, ctx: &Arc<Context>) -> 
     };
     let blocked = match confined(policy) {
         Some(b) => Some(b),
-        None => resolve::blocked(&ctx.client, None, &ns, &policy.spec.repository_ref).await?,
+        None => resolve::blocked(&ctx.client, &ns, &policy.spec.repository_ref).await?,
     };
     let deadline = ctx.config.starting_deadline;
     let mut decided = None;
@@ -161,7 +161,7 @@ pub async fn publish(
     reason: &str,
     note: String,
 ) {
-    crate::context::publish(ctx, &ctx.policy_events, policy, type_, reason, note).await;
+    crate::context::publish(&ctx.policy_events, policy, type_, reason, note).await;
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ pub fn watching<'a>(
 }
 
 pub async fn publish(ctx: &Context, repo: &ResticRepository, type_: EventType, reason: &str, note: String) {
-    crate::context::publish(ctx, &ctx.repository_events, repo, type_, reason, note).await;
+    crate::context::publish(&ctx.repository_events, repo, type_, reason, note).await;
 }
 
 #[cfg(test)]

@@ -221,7 +221,7 @@ async fn reconcile_inner(restore: &ResticRestore, ctx: &Arc<Context>) -> Result<
 }
 
 pub async fn publish(ctx: &Context, restore: &ResticRestore, type_: EventType, reason: &str, note: String) {
-    crate::context::publish(ctx, &ctx.restore_events, restore, type_, reason, note).await;
+    crate::context::publish(&ctx.restore_events, restore, type_, reason, note).await;
 }
 
 #[cfg(test)]
