@@ -300,12 +300,11 @@ impl Executor {
         // there could send restic's writes anywhere writable in the sandbox, and the cache is
         // shared with the repository's other runs. So a restore reads the cache through a
         // layer of its own that takes every write and goes with the run.
-        let layered = use_cache.then(|| CacheLayer {
+        let layered = (use_cache && inv.access == Access::WriteVolume).then(|| CacheLayer {
             lower: cache.clone(),
             upper: layer.join("upper"),
             work: layer.join("work"),
         });
-        let layered = layered.filter(|_| inv.access == Access::WriteVolume);
         if use_cache {
             std::fs::create_dir_all(&cache)?;
         }
